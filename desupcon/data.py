@@ -1,0 +1,327 @@
+"""Datasets held in memory as uint8 tensors, and batched two-view augmentation (SPEC section 3).
+
+Datasets: `cifar100`, `cifar10` (read from torchvision's on-disk pickles, downloaded through
+torchvision when allowed), `npz:<dir>` (train.npz / test.npz / classes.json) and the embedded
+`digits` (scikit-learn, no download).
+
+Augmentation runs on whole batches on the training device with per-sample random parameters drawn
+from a CPU generator (so a seed gives the same batches on every device and the GPU never waits on
+the host): random crop with zero padding, horizontal flip, brightness/contrast/saturation jitter,
+normalisation. No PIL and no per-image Python loop.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("cifar100", "cifar10", "digits", "npz:<dir>")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset is neither on disk nor downloadable; the message says where to put it."""
+
+
+@dataclass
+class ImageDataset:
+    """Train and test splits as uint8 (N, 3, H, W) tensors with int64 labels."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+    train_coarse_labels: torch.Tensor | None = None
+    test_coarse_labels: torch.Tensor | None = None
+    coarse_classes: list[str] | None = None
+    mean: torch.Tensor = field(init=False)
+    std: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+            if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"{self.name} {split} images must be uint8 (N, 3, H, W), got "
+                                 f"{images.dtype} {tuple(images.shape)}")
+            if labels.shape != (images.shape[0],):
+                raise ValueError(f"{self.name} {split}: {images.shape[0]} images but "
+                                 f"{labels.shape[0]} labels")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= len(self.classes)):
+                raise ValueError(f"{self.name} {split} labels must lie in [0, {len(self.classes)}), "
+                                 f"got [{int(labels.min())}, {int(labels.max())}]")
+        pixels = self.train_images.to(torch.float64).div_(255)
+        self.mean = pixels.mean(dim=(0, 2, 3)).float()
+        self.std = pixels.std(dim=(0, 2, 3)).clamp(min=1e-3).float()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[-1]
+
+    def to(self, device: torch.device | str) -> "ImageDataset":
+        """Move the image and label tensors (not a copy when already there)."""
+        for name in ("train_images", "train_labels", "test_images", "test_labels",
+                     "train_coarse_labels", "test_coarse_labels", "mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+
+def _hwc_to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def _labels(values) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values), dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------------------------
+
+def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.25, seed: int = 0) -> ImageDataset:
+    """scikit-learn's 1,797 8x8 digits as uint8 RGB, resized, with a stratified seeded split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    gray = torch.from_numpy(digits.images).float().mul(255.0 / 16.0)[:, None]
+    gray = F.interpolate(gray, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = gray.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.as_tensor(digits.target, dtype=torch.long)
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction,
+                                           stratify=digits.target, random_state=seed)
+    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    return ImageDataset("digits", images[train_idx], labels[train_idx], images[test_idx],
+                        labels[test_idx], [str(d) for d in range(10)])
+
+
+def load_npz_dataset(directory: str | Path) -> ImageDataset:
+    """The folder format: train.npz / test.npz (`images` uint8 NHWC, `labels`, optional
+    `coarse_labels`) and an optional classes.json ({"classes": [...]})."""
+    directory = Path(directory)
+    splits = {}
+    for split in ("train", "test"):
+        path = directory / f"{split}.npz"
+        if not path.is_file():
+            raise DatasetNotFoundError(
+                f"{path} not found: an npz dataset folder needs train.npz and test.npz with arrays "
+                "`images` (uint8, N x H x W x 3) and `labels` (int64, N)")
+        with np.load(path) as npz:
+            if "images" not in npz or "labels" not in npz:
+                raise ValueError(f"{path} must hold arrays `images` and `labels`, has {list(npz.keys())}")
+            splits[split] = {k: npz[k] for k in npz.files}
+    n_classes = int(max(splits["train"]["labels"].max(), splits["test"]["labels"].max())) + 1
+    classes = [str(i) for i in range(n_classes)]
+    classes_file = directory / "classes.json"
+    if classes_file.is_file():
+        classes = list(json.loads(classes_file.read_text())["classes"])
+    coarse = {s: _labels(splits[s]["coarse_labels"]) if "coarse_labels" in splits[s] else None
+              for s in splits}
+    return ImageDataset(f"npz:{directory}", _hwc_to_tensor(splits["train"]["images"]),
+                        _labels(splits["train"]["labels"]), _hwc_to_tensor(splits["test"]["images"]),
+                        _labels(splits["test"]["labels"]), classes,
+                        coarse["train"], coarse["test"],
+                        [f"superclass_{i}" for i in range(int(coarse["train"].max()) + 1)]
+                        if coarse["train"] is not None else None)
+
+
+# torchvision's on-disk layout of the CIFAR pickles.
+_CIFAR_LAYOUT = {
+    "cifar10": {"folder": "cifar-10-batches-py",
+                "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
+                "meta": "batches.meta", "label_key": "labels", "names_key": "label_names"},
+    "cifar100": {"folder": "cifar-100-python", "train": ["train"], "test": ["test"],
+                 "meta": "meta", "label_key": "fine_labels", "names_key": "fine_label_names"},
+}
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _cifar_files_present(root: Path, layout: dict) -> bool:
+    folder = root / layout["folder"]
+    return all((folder / name).is_file() for name in layout["train"] + layout["test"] + [layout["meta"]])
+
+
+def load_cifar_dataset(name: str, root: str | Path, download: bool = True) -> ImageDataset:
+    """CIFAR-10/100 from torchvision's pickles under `root`, downloading them when allowed."""
+    layout = _CIFAR_LAYOUT[name]
+    root = Path(root)
+    if not _cifar_files_present(root, layout) and download:
+        import torchvision
+        cls = torchvision.datasets.CIFAR100 if name == "cifar100" else torchvision.datasets.CIFAR10
+        try:
+            cls(str(root), train=True, download=True)
+        except Exception as exc:  # offline, proxy, disk
+            raise DatasetNotFoundError(
+                f"{name} is not under {root} and downloading it failed ({type(exc).__name__}: {exc}). "
+                f"Place the extracted '{layout['folder']}' folder (from the official "
+                f"{name.upper()} python archive) in {root}, or pass --data-root to where it is.") from exc
+    if not _cifar_files_present(root, layout):
+        raise DatasetNotFoundError(
+            f"{name} not found: expected {root / layout['folder']} with files "
+            f"{', '.join(layout['train'] + layout['test'] + [layout['meta']])}. Run with --download "
+            f"(needs internet) or place the extracted official python archive there "
+            "(--data-root sets the folder).")
+    folder = root / layout["folder"]
+    meta = _unpickle(folder / layout["meta"])
+    parts = {}
+    for split in ("train", "test"):
+        batches = [_unpickle(folder / f) for f in layout[split]]
+        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+        images = data.reshape(-1, 3, 32, 32)
+        labels = np.concatenate([np.asarray(b[layout["label_key"]]) for b in batches])
+        coarse = (np.concatenate([np.asarray(b["coarse_labels"]) for b in batches])
+                  if "coarse_labels" in batches[0] else None)
+        parts[split] = (torch.from_numpy(images.copy()), _labels(labels),
+                        _labels(coarse) if coarse is not None else None)
+    return ImageDataset(name, parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1],
+                        list(meta[layout["names_key"]]), parts["train"][2], parts["test"][2],
+                        list(meta["coarse_label_names"]) if "coarse_label_names" in meta else None)
+
+
+def load_dataset(name: str, root: str | Path = "data", download: bool = True) -> ImageDataset:
+    """Dispatch on the dataset name: cifar100, cifar10, digits or npz:<dir>."""
+    if name == "digits":
+        return load_digits_dataset()
+    if name in _CIFAR_LAYOUT:
+        return load_cifar_dataset(name, root, download)
+    if name.startswith("npz:"):
+        return load_npz_dataset(name[len("npz:"):])
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+
+
+def subsample(dataset: ImageDataset, train: int | None, test: int | None, seed: int = 0) -> ImageDataset:
+    """A seeded random subset of each split (for CPU-sized runs on big datasets)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(n_total, n):
+        return torch.randperm(n_total, generator=g)[:n] if n and n < n_total else None
+
+    out = ImageDataset.__new__(ImageDataset)
+    out.__dict__.update(dataset.__dict__)
+    for split, n in (("train", train), ("test", test)):
+        idx = pick(getattr(dataset, f"{split}_labels").shape[0], n)
+        if idx is None:
+            continue
+        for key in (f"{split}_images", f"{split}_labels", f"{split}_coarse_labels"):
+            value = getattr(dataset, key)
+            setattr(out, key, value[idx.to(value.device)] if value is not None else None)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class AugmentParams:
+    """Per-sample random parameters of one augmented view."""
+
+    offsets: torch.Tensor  # (B, 2) int64 crop offsets (row, col) in [0, 2 * padding]
+    flip: torch.Tensor  # (B,) bool
+    jitter: torch.Tensor  # (B, 3) brightness, contrast, saturation factors
+
+
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 standardised with the dataset's channel mean/std."""
+    x = images.float().div_(255)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+class TwoViewAugment:
+    """Random crop (zero padding), horizontal flip and colour jitter on a batch, per sample."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, padding: int = 4,
+                 flip_prob: float = 0.5, jitter: float = 0.2):
+        self.mean, self.std = mean, std
+        self.padding, self.flip_prob, self.jitter = padding, flip_prob, jitter
+
+    def sample_params(self, batch: int, generator: torch.Generator) -> AugmentParams:
+        offsets = torch.randint(0, 2 * self.padding + 1, (batch, 2), generator=generator)
+        flip = torch.rand(batch, generator=generator) < self.flip_prob
+        jitter = 1 + self.jitter * (2 * torch.rand(batch, 3, generator=generator) - 1)
+        return AugmentParams(offsets, flip, jitter)
+
+    def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """uint8 (B, 3, H, W) on any device -> normalised float32 augmented batch."""
+        device = images.device
+        b, _, h, w = images.shape
+        p = self.padding
+        padded = F.pad(images, (p, p, p, p))
+        offsets = params.offsets.to(device, non_blocking=True)
+        flip = params.flip.to(device, non_blocking=True)
+        rows = offsets[:, :1] + torch.arange(h, device=device)  # (B, H)
+        cols_forward = torch.arange(w, device=device)
+        cols = offsets[:, 1:] + torch.where(flip[:, None], w - 1 - cols_forward, cols_forward)
+        batch_idx = torch.arange(b, device=device)[:, None, None]
+        # Advanced indexing gathers every sample's own crop (and flip) in one call: (B, H, W, 3).
+        crops = padded.permute(0, 2, 3, 1)[batch_idx, rows[:, :, None], cols[:, None, :]]
+        x = crops.permute(0, 3, 1, 2).float().div_(255)
+        x = self._colour_jitter(x, params.jitter.to(device, non_blocking=True))
+        return (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+
+    @staticmethod
+    def _colour_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """Brightness, then contrast, then saturation (torchvision's formulas, fixed order)."""
+        brightness, contrast, saturation = (f.view(-1, 1, 1, 1) for f in factors.unbind(1))
+        x = (x * brightness).clamp_(0, 1)
+        grey_mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = (contrast * x + (1 - contrast) * grey_mean).clamp_(0, 1)
+        return (saturation * x + (1 - saturation) * _grayscale(x)).clamp_(0, 1)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.apply(images, self.sample_params(images.shape[0], generator))
+
+
+def epoch_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                  augment: TwoViewAugment, generator: torch.Generator,
+                  drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One shuffled epoch of `(indices, view1, view2, labels)`; indices stay on the CPU.
+
+    The order and the augmentation parameters come from the CPU `generator`, so the same seed
+    yields the same batches on any device. A dataset smaller than one batch gives one batch.
+    """
+    n = labels.shape[0]
+    order = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        idx_dev = idx.to(images.device, non_blocking=True)
+        batch = images[idx_dev]
+        view1 = augment(batch, generator)
+        view2 = augment(batch, generator)
+        yield idx, view1, view2, labels[idx_dev]
+
+
+def batches_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
+    if drop_last and n >= batch_size:
+        return n // batch_size
+    return -(-n // batch_size)
+
+
+def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 mean: torch.Tensor, std: torch.Tensor):
+    """Test-time batches: normalisation only, in order."""
+    for start in range(0, labels.shape[0], batch_size):
+        yield normalise(images[start:start + batch_size], mean, std), labels[start:start + batch_size]

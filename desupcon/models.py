@@ -1,0 +1,253 @@
+"""Encoders, the student and teacher wrappers, and teacher weight loading (SPEC section 2).
+
+Every encoder exposes `forward_features(x) -> (B, feature_dim)` and a linear classifier `fc`, and
+keeps the torchvision/timm state-dict layout (`conv1`, `bn1`, `layer1..`, `fc`), so public
+checkpoints load directly.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoders
+# ----------------------------------------------------------------------------------------------
+
+class CifarTorchvisionResNet(torchvision.models.ResNet):
+    """torchvision ResNet with the CIFAR stem: 3x3 stride-1 first conv and no max-pool."""
+
+    def __init__(self, block, layers, num_classes: int):
+        super().__init__(block, layers, num_classes=num_classes)
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.maxpool = nn.Identity()
+        self.feature_dim = self.fc.in_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual; 1x1 projection shortcut when the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class SmallCifarResNet(nn.Module):
+    """The KD literature's CIFAR ResNets: 3 stages of basic blocks, (depth - 2) / 6 blocks each."""
+
+    def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int):
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
+        blocks = (depth - 2) // 6
+        stem, *stages = widths
+        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        in_planes = stem
+        for i, (planes, stride) in enumerate(zip(stages, (1, 2, 2)), start=1):
+            layer = []
+            for b in range(blocks):
+                layer.append(BasicBlock(in_planes, planes, stride if b == 0 else 1))
+                in_planes = planes
+            setattr(self, f"layer{i}", nn.Sequential(*layer))
+        self.feature_dim = in_planes
+        self.fc = nn.Linear(in_planes, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))
+
+
+def _torchvision(block, layers):
+    return lambda num_classes: CifarTorchvisionResNet(block, layers, num_classes)
+
+
+def _small(depth: int, widths=(16, 16, 32, 64)):
+    return lambda num_classes: SmallCifarResNet(depth, widths, num_classes)
+
+
+ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
+    "resnet18": _torchvision(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
+    "resnet34": _torchvision(torchvision.models.resnet.BasicBlock, [3, 4, 6, 3]),
+    "resnet50": _torchvision(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),
+    **{f"resnet{d}": _small(d) for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": _small(8, (32, 64, 128, 256)),
+    "resnet32x4": _small(32, (32, 64, 128, 256)),
+}
+
+
+def build_encoder(arch: str, num_classes: int) -> nn.Module:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[arch](num_classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads and wrappers
+# ----------------------------------------------------------------------------------------------
+
+def mlp(dims: list[int]) -> nn.Sequential:
+    """Linear layers through `dims` with ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        if i:
+            layers.append(nn.ReLU(inplace=True))
+        layers.append(nn.Linear(d_in, d_out))
+    return nn.Sequential(*layers)
+
+
+class Student(nn.Module):
+    """Encoder + projector (feat -> 128 -> 64) + linear classifier (the encoder's `fc`).
+
+    `forward` returns (features, normalised projection, logits). With `detach_classifier` the
+    classifier sees detached features: the online linear classifier of the contrastive methods,
+    trained next to the encoder without shaping it.
+    """
+
+    def __init__(self, encoder: nn.Module, proj_hidden: int = 128, proj_dim: int = 64):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = mlp([encoder.feature_dim, proj_hidden, proj_dim])
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return self.encoder.fc
+
+    def forward(self, x: torch.Tensor, detach_classifier: bool = False):
+        features = self.encoder.forward_features(x)
+        projection = F.normalize(self.projector(features), dim=1)
+        logits = self.classifier(features.detach() if detach_classifier else features)
+        return features, projection, logits
+
+
+class Teacher(nn.Module):
+    """Frozen encoder and classifier, trainable projection head (feat -> 512 -> 128 -> 64).
+
+    The encoder stays in eval mode (BatchNorm statistics fixed) whatever `.train()` is asked.
+    """
+
+    def __init__(self, encoder: nn.Module, head_dims: tuple[int, ...] = (512, 128, 64)):
+        super().__init__()
+        self.encoder = encoder
+        self.head = mlp([encoder.feature_dim, *head_dims])
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One backbone pass giving (features, logits), both detached."""
+        features = self.encoder.forward_features(x)
+        return features, self.encoder.fc(features)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Normalised head output; gradients reach the head only."""
+        return F.normalize(self.head(features.detach()), dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight loading
+# ----------------------------------------------------------------------------------------------
+
+CLASSIFIER_ALIASES = ("classifier.", "final_classifier.")
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that does not fit the model; the message lists what differs."""
+
+
+def normalise_state_dict_layout(state: dict) -> "OrderedDict[str, torch.Tensor]":
+    """Unwrap `state_dict`/`model` containers, strip `module.`, rename classifier keys to `fc.`."""
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    out = OrderedDict()
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        while name.startswith("module."):
+            name = name[len("module."):]
+        for alias in CLASSIFIER_ALIASES:
+            if name.startswith(alias):
+                name = "fc." + name[len(alias):]
+        out[name] = value
+    return out
+
+
+def load_matching_state_dict(model: nn.Module, state: dict, source: str = "state dict") -> None:
+    """Load `state` strictly; on mismatch raise listing missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        def show(items):
+            return ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
+        parts = [f"{source} does not match the model ({type(model).__name__})"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {show(unexpected)}")
+        if misshaped:
+            parts.append(f"shape mismatches ({len(misshaped)}): {show(misshaped)}")
+        parts.append("check the architecture (--teacher-arch) and the number of classes of the dataset")
+        raise CheckpointMismatchError("\n  ".join(parts))
+    model.load_state_dict(state)
+
+
+def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
+    """Load torchvision/timm-layout weights (possibly wrapped or DataParallel-prefixed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher weights not found: {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, random bytes, pickled objects
+        raise CheckpointMismatchError(
+            f"{path} is not a readable PyTorch state dict ({type(exc).__name__}: {exc}); "
+            "expected a file saved with torch.save(model.state_dict(), path)") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointMismatchError(f"{path} holds a {type(raw).__name__}, expected a state dict")
+    load_matching_state_dict(encoder, normalise_state_dict_layout(raw), source=str(path))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
