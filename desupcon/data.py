@@ -295,10 +295,11 @@ class TwoViewAugment:
 
 
 def epoch_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                  augment: TwoViewAugment, generator: torch.Generator,
-                  drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+                  augment: TwoViewAugment, generator: torch.Generator, drop_last: bool = True,
+                  views: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """One shuffled epoch of `(indices, view1, view2, labels)`; indices stay on the CPU.
 
+    With `views=1` (teacher training, probes) view2 is None and not computed.
     The order and the augmentation parameters come from the CPU `generator`, so the same seed
     yields the same batches on any device. A dataset smaller than one batch gives one batch.
     """
@@ -310,7 +311,7 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
         idx_dev = idx.to(images.device, non_blocking=True)
         batch = images[idx_dev]
         view1 = augment(batch, generator)
-        view2 = augment(batch, generator)
+        view2 = augment(batch, generator) if views == 2 else None
         yield idx, view1, view2, labels[idx_dev]
 
 

@@ -1,0 +1,120 @@
+"""Training methods: each turns one batch's model outputs into a dict of named losses.
+
+The training loop sums the dict. Adding a method means writing its loss in `losses.py` and one
+small class here, then registering it in `METHODS`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import losses
+from .config import MethodConfig
+
+
+@dataclass
+class StepOutputs:
+    """What a method sees of one step. Views are stacked [view1; view2] (M = 2B rows)."""
+
+    labels: torch.Tensor  # (M,) labels of the stacked views (or (B,) for single-view methods)
+    student_projection: torch.Tensor  # (M, D) normalised
+    student_logits: torch.Tensor  # (M, C); rows :B are view 1
+    teacher_projection: torch.Tensor | None = None  # (M, D) normalised, head trainable
+    teacher_logits: torch.Tensor | None = None  # (M, C), detached
+    bank_embeddings: torch.Tensor | None = None  # (K, D) teacher embeddings from the memory bank
+    bank_labels: torch.Tensor | None = None  # (K,)
+
+
+class Method(abc.ABC):
+    """Base: contrastive methods train an online linear classifier on detached view-1 features."""
+
+    uses_teacher = True
+    views = 2
+    online_classifier = True  # classifier sees detached features and trains beside the encoder
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    @property
+    def uses_bank(self) -> bool:
+        return False
+
+    def losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        result = self.representation_losses(out)
+        if self.online_classifier:
+            batch = out.student_logits.shape[0] // self.views
+            result["online_classifier"] = F.cross_entropy(out.student_logits[:batch],
+                                                          out.labels[:batch])
+        return result
+
+    @abc.abstractmethod
+    def representation_losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        """The method's own losses (the online classifier's is added by `losses`)."""
+
+
+class CrossEntropyMethod(Method):
+    """The undistilled student: cross-entropy on its own classifier, one view."""
+
+    uses_teacher = False
+    views = 1
+    online_classifier = False
+
+    def representation_losses(self, out):
+        return {"ce": F.cross_entropy(out.student_logits, out.labels)}
+
+
+class SupConMethod(Method):
+    uses_teacher = False
+
+    def representation_losses(self, out):
+        return {"supcon": losses.supcon_loss(out.student_projection, out.labels, self.cfg.temperature)}
+
+
+class BankMixin:
+    @property
+    def uses_bank(self) -> bool:
+        return self.cfg.bank_size > 0
+
+
+class CRDMethod(BankMixin, Method):
+    def representation_losses(self, out):
+        return {"crd": losses.crd_loss(out.student_projection, out.teacher_projection,
+                                       self.cfg.temperature, bank=out.bank_embeddings)}
+
+
+class LWSupCRDMethod(BankMixin, Method):
+    def lw_kwargs(self, out: StepOutputs) -> dict:
+        c = self.cfg
+        return dict(alpha=c.alpha, beta=c.beta, temperature=c.temperature,
+                    adaptive_beta=c.adaptive_beta, kd_temperature=c.kd_temperature,
+                    bank=out.bank_embeddings, bank_labels=out.bank_labels)
+
+    def representation_losses(self, out):
+        return {"lw_supcrd": losses.lw_supcrd_loss(out.student_projection, out.teacher_projection,
+                                                   out.teacher_logits, out.labels, **self.lw_kwargs(out))}
+
+
+class HybridMethod(LWSupCRDMethod):
+    def representation_losses(self, out):
+        return {"hybrid": losses.hybrid_loss(out.student_projection, out.teacher_projection,
+                                             out.teacher_logits, out.labels, lam=self.cfg.lam,
+                                             **self.lw_kwargs(out))}
+
+
+METHODS: dict[str, type[Method]] = {
+    "ce": CrossEntropyMethod,
+    "supcon": SupConMethod,
+    "crd": CRDMethod,
+    "lw-supcrd": LWSupCRDMethod,
+    "hybrid": HybridMethod,
+}
+
+
+def build_method(cfg: MethodConfig) -> Method:
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; known: {', '.join(METHODS)}")
+    return METHODS[cfg.method](cfg)

@@ -1,0 +1,52 @@
+"""Checks of a run configuration before any training, with messages naming setting and range."""
+
+from __future__ import annotations
+
+from .config import METHODS, RunConfig
+from .data import DATASETS
+from .models import ARCHITECTURES
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names it, its value and the allowed range."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_config(cfg: RunConfig, dataset=None) -> None:
+    """Raise ConfigError on the first invalid setting. With `dataset`, also check sizes against it."""
+    m, o = cfg.method, cfg.optim
+    _require(m.method in METHODS, f"--method {m.method!r} is unknown; known: {', '.join(METHODS)}")
+    for flag, arch in (("--teacher-arch", cfg.model.teacher_arch), ("--student-arch", cfg.model.student_arch)):
+        _require(arch in ARCHITECTURES,
+                 f"{flag} {arch!r} is unknown; known: {', '.join(sorted(ARCHITECTURES))}")
+    d = cfg.data.dataset
+    _require(d in ("cifar100", "cifar10", "digits") or (d.startswith("npz:") and len(d) > 4),
+             f"--dataset {d!r} is unknown; known: {', '.join(DATASETS)}")
+    _require(m.temperature > 0, f"--temperature must be > 0, got {m.temperature}")
+    _require(m.kd_temperature > 0, f"--kd-temperature must be > 0, got {m.kd_temperature}")
+    _require(m.alpha > 0, f"--alpha must be > 0, got {m.alpha}")
+    _require(m.beta >= 0, f"--beta must be >= 0, got {m.beta}")
+    _require(0 <= m.lam <= 1, f"--lam must be in [0, 1], got {m.lam}")
+    _require(0 <= m.bank_momentum < 1, f"--bank-momentum must be in [0, 1), got {m.bank_momentum}")
+    _require(m.bank_size >= 0, f"--bank-size must be >= 0 (0 = no bank), got {m.bank_size}")
+    _require(o.epochs >= 1, f"--epochs must be >= 1, got {o.epochs}")
+    _require(o.batch_size >= 2, f"--batch-size must be >= 2 (contrastive losses need pairs), got {o.batch_size}")
+    _require(o.lr > 0, f"--lr must be > 0, got {o.lr}")
+    _require(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
+    _require(cfg.teacher.epochs >= 1 or cfg.model.teacher_weights is not None,
+             f"--teacher-epochs must be >= 1 when no --teacher-weights are given, got {cfg.teacher.epochs}")
+    _require(cfg.teacher.probe_epochs >= 0, f"--probe-epochs must be >= 0, got {cfg.teacher.probe_epochs}")
+    for key in ("train_subset", "test_subset"):
+        value = getattr(cfg.data, key)
+        _require(value is None or value > 0, f"--{key.replace('_', '-')} must be > 0, got {value}")
+    if dataset is not None:
+        n_train = len(dataset.train_labels)
+        _require(m.bank_size <= n_train,
+                 f"--bank-size {m.bank_size} is larger than the training set ({n_train} images); "
+                 f"use at most {n_train}")
+        _require(o.batch_size <= n_train,
+                 f"--batch-size {o.batch_size} is larger than the training set ({n_train} images)")
