@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 CHECKPOINT_FORMAT = "desupcon-checkpoint-v1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class CheckpointError(ValueError):
@@ -30,6 +32,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should read like normal files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

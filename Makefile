@@ -1,0 +1,26 @@
+# Two entry points for a fresh clone: `make quickstart` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup quickstart test test-slow bench clean-outputs
+
+$(PY): requirements.txt pyproject.toml
+	./scripts/setup.sh
+	@touch $(PY)
+
+setup: $(PY)
+
+quickstart: $(PY)
+	$(PY) desupcon.py quickstart --output-dir .
+
+test: $(PY)
+	$(PY) -m pytest -q
+
+test-slow: $(PY)
+	$(PY) -m pytest -q --run-slow
+
+bench: $(PY)
+	$(PY) desupcon.py bench --preset quick
+
+clean-outputs:
+	rm -rf pth_models json_results plots

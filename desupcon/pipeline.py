@@ -1,0 +1,121 @@
+"""High-level workflow shared by the CLI and the notebook: data, teacher and runs in one session.
+
+A `Session` loads the dataset and the teacher once and trains (or loads from cache) any number of
+student runs on them; the quick start is a session on the `quick` preset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import train
+from .checkpoint import atomic_write_json, atomic_write_text
+from .config import RunConfig, default_bank_size
+from .data import ImageDataset
+from .methods import build_method
+from .models import Teacher
+
+log = logging.getLogger("desupcon")
+
+
+class Session:
+    """Dataset, device and teacher for runs that share them (same data and teacher identity)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.device = train.select_device(cfg.device)
+        self.paths = train.OutputPaths(cfg.output_dir)
+        self._dataset: ImageDataset | None = None
+        self._teacher: tuple[Teacher, dict] | None = None
+
+    @property
+    def dataset(self) -> ImageDataset:
+        if self._dataset is None:
+            self._dataset = train.prepare_dataset(self.cfg, self.device)
+        return self._dataset
+
+    def teacher(self, force: bool = False) -> tuple[Teacher, dict]:
+        if self._teacher is None or force:
+            from .validation import validate_config
+            validate_config(self.cfg, self.dataset)
+            self._teacher = train.load_or_train_teacher(self.cfg, self.dataset, self.device, force)
+        return self._teacher
+
+    def _check_compatible(self, cfg: RunConfig) -> None:
+        if cfg.teacher_identity() != self.cfg.teacher_identity():
+            raise ValueError("this session's dataset/teacher differ from the run's; start a new "
+                             "Session for that configuration")
+
+    def run_many(self, cfgs: list[RunConfig], force: bool = False, resume: bool = True,
+                 lockstep: bool = True) -> list[train.RunResult]:
+        """Train (or load) several runs; with `lockstep` compatible runs share teacher forwards."""
+        for cfg in cfgs:
+            self._check_compatible(cfg)
+        needs_teacher = any(build_method(c.method).uses_teacher for c in cfgs)
+        teacher = self.teacher()[0] if needs_teacher else None
+        results: dict[int, train.RunResult] = {}
+        if lockstep:
+            groups: dict[tuple, list[int]] = {}
+            for i, cfg in enumerate(cfgs):
+                groups.setdefault(train._lockstep_key(cfg), []).append(i)
+            batches = list(groups.values())
+        else:
+            batches = [[i] for i in range(len(cfgs))]
+        for members in batches:
+            group = train.train_students([cfgs[i] for i in members], self.dataset, teacher,
+                                         self.device, force=force, resume=resume)
+            results.update(zip(members, group))
+        return [results[i] for i in range(len(cfgs))]
+
+    def run(self, cfg: RunConfig, force: bool = False, resume: bool = True) -> train.RunResult:
+        return self.run_many([cfg], force, resume)[0]
+
+
+def quickstart_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+    """One run per method, plus LW-SupCRD with a memory bank."""
+    bank = default_bank_size(cfg.preset)
+    variants = [("ce", {}), ("supcon", {}), ("crd", {}), ("lw-supcrd", {}), ("hybrid", {}),
+                (f"lw-supcrd + bank {bank}", {"method": "lw-supcrd", "bank_size": bank})]
+    out = []
+    for label, changes in variants:
+        method = {"method": changes.get("method", label), "bank_size": changes.get("bank_size", 0)}
+        out.append((label, cfg.replace(method=method)))
+    return out
+
+
+def results_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A Markdown table; `columns` are (key, header) pairs, floats shown with 2 decimals."""
+    def cell(v):
+        return "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def quickstart(cfg: RunConfig, force: bool = False) -> list[dict]:
+    """Teacher, then one student per method, then a results table (printed and saved)."""
+    started = time.perf_counter()
+    session = Session(cfg)
+    _, teacher_metrics = session.teacher(force=force)
+    labelled = quickstart_configs(cfg)
+    results = session.run_many([c for _, c in labelled], force=force)
+    rows = [{"method": "teacher " + cfg.model.teacher_arch, "test_acc": teacher_metrics["test_acc"],
+             "train_acc": teacher_metrics.get("train_acc"), "seconds": None, "run": "teacher"}]
+    for (label, _), result in zip(labelled, results):
+        rows.append({"method": label, "test_acc": result.metrics["test_acc"],
+                     "train_acc": result.metrics["train_acc"], "seconds": result.metrics["seconds"],
+                     "run": result.name})
+    table = results_table(rows, [("method", "method"), ("test_acc", "test acc %"),
+                                 ("train_acc", "train acc %"), ("seconds", "train seconds")])
+    out = session.paths.results
+    atomic_write_json(out / "quickstart_results.json", rows)
+    atomic_write_text(out / "quickstart_results.md", table + "\n")
+    print("\n" + table)
+    print(f"\nquick start finished in {time.perf_counter() - started:.0f} s; "
+          f"outputs under {Path(cfg.output_dir).resolve()}")
+    return rows
