@@ -27,6 +27,7 @@ RUN_FLAGS = {
     "--data-root": ("data", "data_root", str),
     "--train-subset": ("data", "train_subset", int),
     "--test-subset": ("data", "test_subset", int),
+    "--image-size": ("data", "image_size", int),
     "--teacher-arch": ("model", "teacher_arch", str),
     "--student-arch": ("model", "student_arch", str),
     "--teacher-weights": ("model", "teacher_weights", str),
@@ -114,6 +115,28 @@ def cmd_train(args) -> None:
           f"  -> {result.checkpoint}")
 
 
+def cmd_analyze(args) -> None:
+    """Re-analyse a saved student (a checkpoint path or a run name under --output-dir)."""
+    path = Path(args.run)
+    if not path.is_file():
+        path = Path(args.output_dir) / "pth_models" / f"{args.run}.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"{args.run}: neither a checkpoint file nor a run name with a "
+                                f"checkpoint in {Path(args.output_dir) / 'pth_models'}")
+    metrics = pipeline.analyze_checkpoint(path, device=args.device, output_dir=args.output_dir,
+                                          data_root=args.data_root, pictures=not args.no_plots)
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        if not isinstance(value, dict):
+            print(f"{key:<{width}}  {value if value is None else f'{value:.6f}'}")
+
+
+def cmd_report(args) -> None:
+    text, path = pipeline.report(args.output_dir)
+    print(text)
+    print(f"written to {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="desupcon", description="Logit-weighted supervised contrastive representation distillation.")
@@ -131,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help=f"train one student run (methods: {', '.join(METHODS)})")
     add_common_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("analyze", help="re-analyse a saved run (metrics, plots) without retraining")
+    p.add_argument("run", help="a student checkpoint (.pth) or a run name")
+    p.add_argument("--output-dir", default=".", help="where plots/ and json_results/ go")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the run's own)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-plots", action="store_true", help="metrics only")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("report", help="results tables from every run on disk")
+    p.add_argument("--output-dir", default=".")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -30,6 +30,7 @@ class DataConfig:
     download: bool = True
     train_subset: int | None = None  # seeded random subset of the training split (CPU-sized runs)
     test_subset: int | None = None
+    image_size: int | None = None  # resize every image (None: the dataset's own size)
 
 
 @dataclass
@@ -130,10 +131,10 @@ PRESETS = {
     # CPU-sized: the embedded digits, small CIFAR ResNets, a few epochs (quick start, tests).
     "quick": RunConfig(
         preset="quick",
-        data=DataConfig(dataset="digits"),
+        data=DataConfig(dataset="digits", image_size=16),
         model=ModelConfig(teacher_arch="resnet14", student_arch="resnet8"),
         method=MethodConfig(),
-        optim=OptimConfig(epochs=8, batch_size=64, lr=3e-3, weight_decay=1e-4, seed=0),
+        optim=OptimConfig(epochs=16, batch_size=64, lr=3e-3, weight_decay=1e-4, seed=0),
         teacher=TeacherConfig(epochs=10, probe_epochs=3),
     ),
 }
@@ -170,7 +171,7 @@ _TAGS = {
     ("method", "lam"): "lam", ("method", "bank_momentum"): "bankmom",
     ("optim", "epochs"): "ep", ("optim", "batch_size"): "bs", ("optim", "lr"): "lr",
     ("optim", "weight_decay"): "wd", ("optim", "seed"): "seed",
-    ("data", "train_subset"): "ntrain", ("data", "test_subset"): "ntest",
+    ("data", "train_subset"): "ntrain", ("data", "test_subset"): "ntest", ("data", "image_size"): "img",
     ("model", "teacher_arch"): "teacher",
     ("teacher", "epochs"): "tep", ("teacher", "probe_epochs"): "pep",
     ("teacher", "probe_lr"): "plr", ("teacher", "probe_temperature"): "ptemp",
@@ -195,7 +196,7 @@ def teacher_run_name(cfg: RunConfig, with_projection: bool = False) -> str:
             value = getattr(getattr(cfg, section), key)
             if value != getattr(getattr(paper, section), key):
                 tags.append(f"{_TAGS[(section, key)]}{_fmt(value)}")
-    for key in ("train_subset", "test_subset"):
+    for key in ("train_subset", "test_subset", "image_size"):
         if getattr(cfg.data, key) is not None:
             tags.append(f"{_TAGS[('data', key)]}{getattr(cfg.data, key)}")
     name = "_".join([name, *tags])

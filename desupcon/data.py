@@ -195,15 +195,36 @@ def load_cifar_dataset(name: str, root: str | Path, download: bool = True) -> Im
                         list(meta["coarse_label_names"]) if "coarse_label_names" in meta else None)
 
 
-def load_dataset(name: str, root: str | Path = "data", download: bool = True) -> ImageDataset:
-    """Dispatch on the dataset name: cifar100, cifar10, digits or npz:<dir>."""
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size), antialiased bilinear."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for start in range(0, images.shape[0], 4096):  # bounded memory for large datasets
+        x = images[start:start + 4096].float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def load_dataset(name: str, root: str | Path = "data", download: bool = True,
+                 image_size: int | None = None) -> ImageDataset:
+    """Dispatch on the dataset name: cifar100, cifar10, digits or npz:<dir>.
+
+    `image_size` resizes every image (None keeps the dataset's own size; digits default to 32).
+    """
     if name == "digits":
-        return load_digits_dataset()
+        return load_digits_dataset(image_size or 32)
     if name in _CIFAR_LAYOUT:
-        return load_cifar_dataset(name, root, download)
-    if name.startswith("npz:"):
-        return load_npz_dataset(name[len("npz:"):])
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        dataset = load_cifar_dataset(name, root, download)
+    elif name.startswith("npz:"):
+        dataset = load_npz_dataset(name[len("npz:"):])
+    else:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if image_size is not None and image_size != dataset.image_size:
+        dataset.train_images = resize_images(dataset.train_images, image_size)
+        dataset.test_images = resize_images(dataset.test_images, image_size)
+    return dataset
 
 
 def subsample(dataset: ImageDataset, train: int | None, test: int | None, seed: int = 0) -> ImageDataset:
@@ -250,7 +271,14 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 class TwoViewAugment:
-    """Random crop (zero padding), horizontal flip and colour jitter on a batch, per sample."""
+    """Random crop (zero padding), horizontal flip and colour jitter on a batch, per sample.
+
+    The padding is 4 pixels for 32x32 images (SPEC 3); `for_size` scales it with the image.
+    """
+
+    @classmethod
+    def for_size(cls, mean: torch.Tensor, std: torch.Tensor, image_size: int) -> "TwoViewAugment":
+        return cls(mean, std, padding=max(1, image_size // 8))
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, padding: int = 4,
                  flip_prob: float = 0.5, jitter: float = 0.2):

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
-from . import train
+from . import evaluation, train
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import RunConfig, default_bank_size
 from .data import ImageDataset
+from .checkpoint import load_checkpoint
 from .methods import build_method
+from .report import write_report
 from .models import Teacher
 
 log = logging.getLogger("desupcon")
@@ -25,8 +27,9 @@ log = logging.getLogger("desupcon")
 class Session:
     """Dataset, device and teacher for runs that share them (same data and teacher identity)."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, analyze: bool = True, pictures: bool = True):
         self.cfg = cfg
+        self.analyze_runs, self.pictures = analyze, pictures
         self.device = train.select_device(cfg.device)
         self.paths = train.OutputPaths(cfg.output_dir)
         self._dataset: ImageDataset | None = None
@@ -69,10 +72,44 @@ class Session:
             group = train.train_students([cfgs[i] for i in members], self.dataset, teacher,
                                          self.device, force=force, resume=resume)
             results.update(zip(members, group))
-        return [results[i] for i in range(len(cfgs))]
+        ordered = [results[i] for i in range(len(cfgs))]
+        if self.analyze_runs:
+            for result in ordered:
+                self.analyze(result)
+        return ordered
+
+    def analyze(self, result: train.RunResult, force: bool = False) -> dict:
+        """Section 7 metrics (and pictures) of a finished run, computed once and stored."""
+        if result.analysis is None or force:
+            result.analysis = evaluation.analyze_student_checkpoint(
+                result.checkpoint, self.dataset, self.device, self.teacher()[0], self.pictures)
+        return result.analysis
+
+    def analyze_teacher(self) -> dict:
+        teacher, metrics = self.teacher()
+        return evaluation.analyze_teacher(teacher, self.cfg, metrics, self.dataset, self.device,
+                                          self.pictures)
 
     def run(self, cfg: RunConfig, force: bool = False, resume: bool = True) -> train.RunResult:
         return self.run_many([cfg], force, resume)[0]
+
+
+def analyze_checkpoint(path: str | Path, device: str = "auto", output_dir: str | Path = ".",
+                       data_root: str | None = None, pictures: bool = True) -> dict:
+    """Re-analyse a saved student on its own dataset, writing under `output_dir`."""
+    ckpt = load_checkpoint(path, expected_kind="student")
+    cfg = RunConfig.from_dict(ckpt["config"])
+    cfg = cfg.replace(device=device, output_dir=str(output_dir),
+                      data={"data_root": data_root} if data_root else {})
+    dev = train.select_device(device)
+    dataset = train.prepare_dataset(cfg, dev)
+    return evaluation.analyze_student_checkpoint(Path(path), dataset, dev, teacher=None,
+                                                 pictures=pictures, output_root=Path(output_dir))
+
+
+def report(output_dir: str | Path = ".") -> tuple[str, Path]:
+    """Build the Markdown results tables from disk; returns (text, path written)."""
+    return write_report(output_dir)
 
 
 def quickstart_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
@@ -88,9 +125,11 @@ def quickstart_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
 
 
 def results_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """A Markdown table; `columns` are (key, header) pairs, floats shown with 2 decimals."""
+    """A Markdown table; `columns` are (key, header) pairs (percentages 2 decimals, metrics 4)."""
     def cell(v):
-        return "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"
+        return "" if v is None else str(v)
     lines = ["| " + " | ".join(h for _, h in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
@@ -106,16 +145,20 @@ def quickstart(cfg: RunConfig, force: bool = False) -> list[dict]:
     results = session.run_many([c for _, c in labelled], force=force)
     rows = [{"method": "teacher " + cfg.model.teacher_arch, "test_acc": teacher_metrics["test_acc"],
              "train_acc": teacher_metrics.get("train_acc"), "seconds": None, "run": "teacher"}]
+    rows[0].update(session.analyze_teacher())
     for (label, _), result in zip(labelled, results):
         rows.append({"method": label, "test_acc": result.metrics["test_acc"],
                      "train_acc": result.metrics["train_acc"], "seconds": result.metrics["seconds"],
-                     "run": result.name})
+                     "run": result.name, **(result.analysis or {})})
     table = results_table(rows, [("method", "method"), ("test_acc", "test acc %"),
-                                 ("train_acc", "train acc %"), ("seconds", "train seconds")])
+                                 ("train_acc", "train acc %"), ("seconds", "train seconds"),
+                                 ("alignment_class", "alignment (class)"), ("uniformity", "uniformity")])
     out = session.paths.results
     atomic_write_json(out / "quickstart_results.json", rows)
     atomic_write_text(out / "quickstart_results.md", table + "\n")
     print("\n" + table)
+    _, report_path = write_report(cfg.output_dir)
+    print(f"\nfull report (grouped tables, seeds): {report_path}")
     print(f"\nquick start finished in {time.perf_counter() - started:.0f} s; "
           f"outputs under {Path(cfg.output_dir).resolve()}")
     return rows

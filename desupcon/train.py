@@ -12,6 +12,7 @@ over both views, the teacher head and the online classifier trained in the same 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import random
@@ -89,7 +90,8 @@ class OutputPaths:
 
 
 def prepare_dataset(cfg: RunConfig, device: torch.device) -> data_mod.ImageDataset:
-    dataset = data_mod.load_dataset(cfg.data.dataset, cfg.data.data_root, cfg.data.download)
+    dataset = data_mod.load_dataset(cfg.data.dataset, cfg.data.data_root, cfg.data.download,
+                                     cfg.data.image_size)
     if cfg.data.train_subset or cfg.data.test_subset:
         dataset = data_mod.subsample(dataset, cfg.data.train_subset, cfg.data.test_subset,
                                      seed=cfg.optim.seed)
@@ -175,7 +177,7 @@ def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, device
                        "weight_decay": cfg.optim.weight_decay}], device)
     epochs = cfg.teacher.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    augment = data_mod.TwoViewAugment(dataset.mean, dataset.std)
+    augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
     gen = torch.Generator().manual_seed(cfg.optim.seed)
     name = teacher_run_name(cfg)
     entries = []
@@ -223,7 +225,7 @@ def train_projection_probe(teacher: Teacher, cfg: RunConfig, dataset: data_mod.I
     head_dim = teacher.head[-1].out_features
     weight = nn.Parameter(torch.randn(dataset.num_classes, head_dim, device=device) * 0.01)
     opt = torch.optim.Adam([*teacher.head.parameters(), weight], lr=cfg.teacher.probe_lr)
-    augment = data_mod.TwoViewAugment(dataset.mean, dataset.std)
+    augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
     gen = torch.Generator().manual_seed(cfg.optim.seed + 7)
     entries = []
     teacher.train()
@@ -512,10 +514,12 @@ class RunResult:
     metrics: dict
     log: list[dict]
     cached: bool
+    analysis: dict | None = None  # section 7 metrics once analysed
 
 
 def _result_from_checkpoint(cfg: RunConfig, path: Path, ckpt: dict, cached: bool) -> RunResult:
-    return RunResult(ckpt["name"], cfg, path, ckpt["metrics"], ckpt["log"], cached)
+    analysis = (ckpt.get("analysis") or {}).get("metrics")
+    return RunResult(ckpt["name"], cfg, path, ckpt["metrics"], ckpt["log"], cached, analysis)
 
 
 def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teacher: Teacher | None,
@@ -572,6 +576,8 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
             ckpt = run.final_checkpoint(metrics)
             atomic_torch_save(paths.checkpoint(run.name), ckpt)
             paths.partial_checkpoint(run.name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # only removed when no other run is in progress
+                paths.partial_checkpoint(run.name).parent.rmdir()
             results[run.name] = _result_from_checkpoint(run.cfg, paths.checkpoint(run.name), ckpt, False)
     return [results[run_name(c)] for c in cfgs]
 
@@ -580,7 +586,7 @@ def _train_lockstep(runs: list[StudentRun], dataset: data_mod.ImageDataset, teac
                     device: torch.device, generator: torch.Generator, paths: OutputPaths) -> list[StudentRun]:
     cfg = runs[0].cfg
     epochs, batch_size = cfg.optim.epochs, cfg.optim.batch_size
-    augment = data_mod.TwoViewAugment(dataset.mean, dataset.std)
+    augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
     needs_teacher = any(r.method.uses_teacher for r in runs)
     n_steps = data_mod.batches_per_epoch(len(dataset.train_labels), batch_size)
     label = runs[0].name if len(runs) == 1 else f"{len(runs)} students in lockstep"

@@ -40,7 +40,7 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
     _require(cfg.teacher.epochs >= 1 or cfg.model.teacher_weights is not None,
              f"--teacher-epochs must be >= 1 when no --teacher-weights are given, got {cfg.teacher.epochs}")
     _require(cfg.teacher.probe_epochs >= 0, f"--probe-epochs must be >= 0, got {cfg.teacher.probe_epochs}")
-    for key in ("train_subset", "test_subset"):
+    for key in ("train_subset", "test_subset", "image_size"):
         value = getattr(cfg.data, key)
         _require(value is None or value > 0, f"--{key.replace('_', '-')} must be > 0, got {value}")
     if dataset is not None:

@@ -5,7 +5,7 @@ ResNet-50 is built once per module (fixtures) and used only by tests about ResNe
 the small CIFAR ResNets.
 """
 
-import os
+import random
 
 import pytest
 import torch
@@ -385,6 +385,23 @@ def test_mismatch_lists_both_missing_and_unexpected(tmp_path):
     assert "shape mismatches" not in msg
 
 
+def test_only_unexpected_keys_still_rejected(tmp_path):
+    """Strict loading: an otherwise complete state dict with one extra key is refused."""
+    enc = build_encoder("resnet8", 10)
+    state = dict(enc.state_dict())
+    state["projector.0.weight"] = torch.zeros(128, 64)
+    path = tmp_path / "extra.pt"
+    torch.save(state, path)
+    target = build_encoder("resnet8", 10)
+    before = target.conv1.weight.clone()
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_encoder_weights(target, path)
+    msg = str(info.value)
+    assert "unexpected keys (1): projector.0.weight" in msg
+    assert "missing keys" not in msg and "shape mismatches" not in msg
+    assert torch.equal(target.conv1.weight, before)
+
+
 def test_class_count_mismatch_names_fc_shapes(tmp_path):
     path = tmp_path / "ten.pt"
     torch.save(build_encoder("resnet8", 10).state_dict(), path)
@@ -420,7 +437,7 @@ def test_truncated_file_raises_naming_path(tmp_path):
 
 def test_random_bytes_file_raises_naming_path(tmp_path):
     bad = tmp_path / "noise.bin"
-    bad.write_bytes(os.urandom(4096))
+    bad.write_bytes(random.Random(0).randbytes(4096))
     with pytest.raises(CheckpointMismatchError) as info:
         load_encoder_weights(build_encoder("resnet8", 10), bad)
     assert str(bad) in str(info.value)
