@@ -8,12 +8,14 @@ leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,10 +29,78 @@ class CheckpointError(ValueError):
     """A file that is not a usable desupcon checkpoint; the message names the file and why."""
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+class OutputWriteError(OSError):
+    """An output that could not be written (unwritable folder, full disk); names the file."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+# Temporary files are `.<target name>.<pid>.<random>.tmp` beside the target. One left behind by a
+# process killed mid-write is removed by the next write of the same target once that process is
+# gone (and the file is older than _STALE_TMP_SECONDS, in case the folder is shared between hosts).
+_STALE_TMP_SECONDS = 600.0
+_TMP_NAME_CHARS = 120  # keeps the temporary name under the 255-byte file-name limit
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name[:_TMP_NAME_CHARS]}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | Path, min_age: float = _STALE_TMP_SECONDS) -> list[Path]:
+    """Delete temporary files of `path` left by writers that died mid-write; returns them."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, removed, now = _tmp_prefix(path), [], time.time()
+    with contextlib.suppress(OSError):
+        for tmp in path.parent.iterdir():
+            name = tmp.name
+            if not (name.startswith(prefix) and name.endswith(".tmp")):
+                continue
+            pid_text = name[len(prefix):].split(".", 1)[0]
+            if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+                continue
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime >= min_age:
+                    tmp.unlink()
+                    removed.append(tmp)
+    return removed
+
+
+def _write_error(path: Path, exc: OSError) -> OutputWriteError:
+    reason = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+            errno.EACCES: "no permission to write there", errno.EPERM: "no permission to write there",
+            errno.EROFS: "the file system is read-only",
+            errno.ENOTDIR: "a parent of it is a file, not a folder"}.get(exc.errno)
+    detail = f"{reason}; {hint}" if hint and hint.lower() != reason.lower() else reason
+    return OutputWriteError(exc.errno, f"cannot write {path} ({detail}). Nothing was changed: the "
+                                       "previous version of the file, if any, is intact; choose "
+                                       "another --output-dir or free space and rerun")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, flush, fsync, rename over `path`.
+
+    A crash, a kill or a full disk leaves either the old file or the new one, never part of one;
+    on an error the temporary file is removed and an `OutputWriteError` names `path`.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}.", suffix=".tmp",
+                                   dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should read like normal files
         with os.fdopen(fd, "wb") as f:
@@ -38,9 +108,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
+            raise _write_error(path, exc) from exc
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -48,6 +120,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    remove_stale_temporaries(path)
+
+
+def check_writable(directory: str | Path) -> None:
+    """Prove a file can be written in `directory` (or, when it does not exist yet, could be
+    created in its nearest existing parent), creating nothing that stays behind.
+
+    Called before any training, so that an unwritable output folder fails in seconds, not after
+    hours of training; raises `OutputWriteError` naming the folder.
+    """
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a parent of it is a file, not a folder",
+                                     str(existing))
+        fd, probe = tempfile.mkstemp(prefix=f".write_test.{os.getpid()}.", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OutputWriteError(exc.errno, f"output directory {directory} is not writable "
+                                          f"({reason}: {exc.filename or existing}); choose another "
+                                          "--output-dir") from exc
 
 
 def _reject_non_finite(obj, where: str = "$"):
@@ -78,11 +176,25 @@ def atomic_torch_save(path: str | Path, obj) -> None:
 
 
 def read_json(path: str | Path):
+    """Parse a JSON file; a corrupted one is a `CheckpointError` naming it (never silently replaced)."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); delete or restore it") from exc
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); it is left untouched: restore it "
+                              "from a backup, or delete it to start a new one") from exc
+
+
+def describe_load_failure(path: Path, exc: Exception) -> str:
+    """Why `torch.load(path, weights_only=True)` failed, in words naming the file."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    if "Weights only load failed" in str(exc):
+        return (f"{path} holds pickled Python objects that the safe loader (weights_only=True) "
+                "refuses to run; expected a desupcon checkpoint or a plain state dict of tensors")
+    size = path.stat().st_size if path.is_file() else 0
+    return (f"{path} is not a readable PyTorch checkpoint ({size} bytes; truncated, corrupted or "
+            f"not a PyTorch file: {type(exc).__name__}: {first})")
 
 
 def load_checkpoint(path: str | Path, expected_kind: str | None = None) -> dict:
@@ -93,8 +205,7 @@ def load_checkpoint(path: str | Path, expected_kind: str | None = None) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a PyTorch file: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        raise CheckpointError(describe_load_failure(path, exc)) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a desupcon checkpoint (expected a dict with "
                               f"format={CHECKPOINT_FORMAT!r}); for plain teacher weights use "
@@ -108,8 +219,12 @@ def load_checkpoint(path: str | Path, expected_kind: str | None = None) -> dict:
 def locked(path: str | Path):
     """An exclusive advisory lock on `path`.lock, for read-modify-write of shared result files."""
     lock_path = Path(str(path) + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")
+    except OSError as exc:
+        raise _write_error(lock_path, exc) from exc
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -118,10 +233,27 @@ def locked(path: str | Path):
 
 
 def update_json_records(path: str | Path, key: str, record: dict) -> dict:
-    """Insert/replace one record of a JSON object file under a lock, keeping everyone else's."""
+    """Insert/replace one record of a JSON object file under a lock, keeping everyone else's.
+
+    A corrupted or non-object file raises `CheckpointError` and is left as it is, so that the
+    other runs' records in it are never silently lost.
+    """
     path = Path(path)
     with locked(path):
         records = read_json(path) if path.is_file() else {}
+        if not isinstance(records, dict):
+            raise CheckpointError(f"{path} holds a JSON {type(records).__name__}, expected an object "
+                                  "keyed by run name; it is left untouched: restore or delete it")
         records[key] = record
         atomic_write_json(path, records)
     return records
+
+
+def check_json_records(path: str | Path) -> None:
+    """Raise `CheckpointError` now if an existing records file could not be updated later."""
+    path = Path(path)
+    if path.is_file():
+        records = read_json(path)
+        if not isinstance(records, dict):
+            raise CheckpointError(f"{path} holds a JSON {type(records).__name__}, expected an object "
+                                  "keyed by run name; restore or delete it")

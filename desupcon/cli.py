@@ -12,12 +12,12 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import pipeline
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, check_json_records, check_writable
 from .config import METHODS, PRESETS, RunConfig, preset
 from .data import DatasetNotFoundError
 from .models import CheckpointMismatchError
-from .train import NonFiniteLossError
-from .validation import ConfigError
+from .train import NonFiniteLossError, OutputPaths
+from .validation import ConfigError, validate_config
 
 log = logging.getLogger("desupcon")
 
@@ -88,18 +88,35 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg.replace(device=args.device, output_dir=str(args.output_dir), compile=args.compile)
 
 
+def preflight(cfgs: list[RunConfig]) -> None:
+    """Everything that can be checked before loading data or training: the settings, that the
+    output folders are writable and that the results files the runs will update are readable
+    (a corrupted one is reported now, not after hours of training)."""
+    from .evaluation import comprehensive_results_path
+    for cfg in cfgs:
+        validate_config(cfg)
+    for cfg in cfgs:
+        paths = OutputPaths(cfg.output_dir)
+        for folder in (paths.models, paths.results):
+            check_writable(folder)
+        check_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset))
+
+
 # ----------------------------------------------------------------------------------------------
 # Commands
 # ----------------------------------------------------------------------------------------------
 
 def cmd_quickstart(args) -> None:
-    pipeline.quickstart(config_from_args(args), force=args.force)
+    cfg = config_from_args(args)
+    preflight([c for _, c in pipeline.quickstart_configs(cfg)])
+    pipeline.quickstart(cfg, force=args.force)
 
 
 def cmd_teacher(args) -> None:
     cfg = config_from_args(args)
     if args.weights:
         cfg = cfg.replace(model={"teacher_weights": args.weights})
+    preflight([cfg])
     session = pipeline.Session(cfg)
     _, metrics = session.teacher(force=args.force)
     print(f"teacher {cfg.model.teacher_arch} on {cfg.data.dataset}: test accuracy {metrics['test_acc']:.2f}%")
@@ -107,6 +124,7 @@ def cmd_teacher(args) -> None:
 
 def cmd_train(args) -> None:
     cfg = config_from_args(args)
+    preflight([cfg])
     session = pipeline.Session(cfg)
     result = session.run(cfg, force=args.force, resume=not args.no_resume)
     m = result.metrics
@@ -137,6 +155,14 @@ def cmd_report(args) -> None:
     print(f"written to {path}")
 
 
+def cmd_sweep(args) -> None:
+    from . import experiments
+    base = config_from_args(args)
+    _, text = experiments.sweep(base, args.group, seeds=args.seeds, force=args.force,
+                                force_bank=args.force_bank, lockstep=args.lockstep)
+    print(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="desupcon", description="Logit-weighted supervised contrastive representation distillation.")
@@ -154,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help=f"train one student run (methods: {', '.join(METHODS)})")
     add_common_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run a group of the published plan (missing runs only)")
+    p.add_argument("group", choices=["alpha", "beta", "temp", "lambda", "bank", "baselines", "all"])
+    add_common_flags(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run every configuration once per seed (default: the preset's seed)")
+    p.add_argument("--force-bank", action="store_true", help="retrain only the bank ablation")
+    p.add_argument("--lockstep", action="store_true",
+                   help="train runs that share a seed together (one teacher forward per batch)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("analyze", help="re-analyse a saved run (metrics, plots) without retraining")
     p.add_argument("run", help="a student checkpoint (.pth) or a run name")
@@ -175,11 +211,12 @@ USER_ERRORS = (ConfigError, CheckpointError, CheckpointMismatchError, DatasetNot
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        # No command: the whole plan (paper preset unless --preset), like the notebook top to bottom.
+        argv = ["sweep", "all", *argv]
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command is None:
-        parser.print_help()
-        return 0
     try:
         with logging_redirect_tqdm():
             args.func(args)

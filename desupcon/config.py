@@ -71,6 +71,7 @@ class TeacherConfig:
     probe_epochs: int = 10  # cosine-probe epochs of the projection head
     probe_lr: float = 1e-3
     probe_temperature: float = 0.07
+    seed: int = 42  # the teacher's own seed: student seeds (--seeds) share one teacher
 
 
 @dataclass
@@ -114,7 +115,9 @@ class RunConfig:
         trained = self.model.teacher_weights is None
         return {"data": self.data_identity(), "arch": self.model.teacher_arch,
                 "weights": self.model.teacher_weights,
-                "training": {**dataclasses.asdict(self.optim), "epochs": self.teacher.epochs}
+                "training": {**{k: v for k, v in dataclasses.asdict(self.optim).items()
+                                if k not in ("epochs", "seed")},
+                             "epochs": self.teacher.epochs, "seed": self.teacher.seed}
                 if trained else None,
                 "probe": {k: v for k, v in dataclasses.asdict(self.teacher).items() if k != "epochs"}}
 
@@ -135,7 +138,7 @@ PRESETS = {
         model=ModelConfig(teacher_arch="resnet14", student_arch="resnet8"),
         method=MethodConfig(),
         optim=OptimConfig(epochs=16, batch_size=64, lr=3e-3, weight_decay=1e-4, seed=0),
-        teacher=TeacherConfig(epochs=10, probe_epochs=3),
+        teacher=TeacherConfig(epochs=10, probe_epochs=3, seed=0),
     ),
 }
 PAPER_BANK_SIZE = 4096
@@ -175,6 +178,7 @@ _TAGS = {
     ("model", "teacher_arch"): "teacher",
     ("teacher", "epochs"): "tep", ("teacher", "probe_epochs"): "pep",
     ("teacher", "probe_lr"): "plr", ("teacher", "probe_temperature"): "ptemp",
+    ("teacher", "seed"): "tseed",
 }
 
 
@@ -192,7 +196,7 @@ def teacher_run_name(cfg: RunConfig, with_projection: bool = False) -> str:
         tags.append("weights-" + cfg.model.teacher_weights.rstrip("/").split("/")[-1].rsplit(".", 1)[0])
     else:
         for section, key in (("teacher", "epochs"), ("optim", "batch_size"), ("optim", "lr"),
-                             ("optim", "weight_decay"), ("optim", "seed")):
+                             ("optim", "weight_decay"), ("teacher", "seed")):
             value = getattr(getattr(cfg, section), key)
             if value != getattr(getattr(paper, section), key):
                 tags.append(f"{_TAGS[(section, key)]}{_fmt(value)}")
@@ -201,7 +205,8 @@ def teacher_run_name(cfg: RunConfig, with_projection: bool = False) -> str:
             tags.append(f"{_TAGS[('data', key)]}{getattr(cfg.data, key)}")
     name = "_".join([name, *tags])
     if with_projection:
-        for key in ("probe_epochs", "probe_lr", "probe_temperature"):
+        for key in ("probe_epochs", "probe_lr", "probe_temperature") + (
+                ("seed",) if cfg.model.teacher_weights else ()):
             value = getattr(cfg.teacher, key)
             if value != getattr(paper.teacher, key):
                 name += f"_{_TAGS[('teacher', key)]}{_fmt(value)}"

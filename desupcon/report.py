@@ -233,8 +233,11 @@ def render_table(table: str, title: str, key: str | None, configs: list[Configur
     return "\n".join(lines)
 
 
-def build_report(root: str | Path) -> str:
-    """The Markdown report of every run under `root`, one section per student/dataset."""
+def build_report(root: str | Path, tables: list[str] | None = None) -> str:
+    """The Markdown report of every run under `root`, one section per student/dataset.
+
+    `tables` restricts it to some of: main, alpha, beta, temp, lambda, bank.
+    """
     records = load_records(root)
     if not records:
         return "No runs found under " + str(Path(root).resolve()) + " (train some first).\n"
@@ -249,11 +252,14 @@ def build_report(root: str | Path) -> str:
     for (student, dataset, preset_name), configs in sorted(by_setting.items()):
         out += [f"## {student} on {dataset} ({preset_name} preset)", ""]
         for table, title, key, member in TABLES:
+            if tables is not None and table not in tables:
+                continue
             chosen = [c for c in configs if member(c)]
             if chosen:
                 out += [render_table(table, title, key, chosen), ""]
-        out += ["### Every run", ""] + [f"- `{name}`" for c in configs for name in
-                                        sorted(r["run"] for r in c.records.values())] + [""]
+        if tables is None:
+            out += ["### Every run", ""] + [f"- `{name}`" for c in configs for name in
+                                            sorted(r["run"] for r in c.records.values())] + [""]
     return "\n".join(out)
 
 

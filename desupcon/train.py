@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, atomic_write_json,
-                         load_checkpoint)
+                         check_writable, describe_load_failure, load_checkpoint)
 from .config import RunConfig, run_name, teacher_run_name
 from .memory_bank import MomentumMemoryBank
 from .methods import Method, StepOutputs, build_method
-from .models import Student, Teacher, build_encoder, load_encoder_weights, load_matching_state_dict
+from .models import (CheckpointMismatchError, Student, Teacher, build_encoder, load_matching_state_dict,
+                     normalise_state_dict_layout)
 from .validation import validate_config
 
 log = logging.getLogger("desupcon")
@@ -42,6 +43,10 @@ EVAL_BATCH = 512
 
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN/inf; the message names the run, epoch and step."""
+
+    def __init__(self, message: str, name: str = "", epoch: int = 0, step: int = 0):
+        super().__init__(message)
+        self.name, self.epoch, self.step = name, epoch, step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +99,7 @@ def prepare_dataset(cfg: RunConfig, device: torch.device) -> data_mod.ImageDatas
                                      cfg.data.image_size)
     if cfg.data.train_subset or cfg.data.test_subset:
         dataset = data_mod.subsample(dataset, cfg.data.train_subset, cfg.data.test_subset,
-                                     seed=cfg.optim.seed)
+                                     seed=0)  # one subset for every seed
     return dataset.to(device)
 
 
@@ -151,12 +156,35 @@ def set_global_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
-def _check_finite(value: torch.Tensor, name: str, epoch: int, step: int) -> None:
-    if not bool(torch.isfinite(value)):
-        raise NonFiniteLossError(
-            f"run {name}: non-finite loss ({float(value)}) at epoch {epoch}, step {step}. Likely "
-            "causes: learning rate too high (--lr), temperature too small (--temperature), or a "
-            "large alpha (--alpha). The last good epoch checkpoint is kept; fix the setting and rerun.")
+LIKELY_CAUSES = ("Likely causes: learning rate too high (--lr), temperature too small "
+                 "(--temperature), or a large alpha (--alpha).")
+
+
+def _non_finite(name: str, what: str, epoch: int, step: int) -> NonFiniteLossError:
+    return NonFiniteLossError(f"run {name}: non-finite {what} at epoch {epoch}, step {step}. "
+                              f"{LIKELY_CAUSES}", name, epoch, step)
+
+
+def _check_finite(value: torch.Tensor, name: str, epoch: int, step: int, what: str = "loss") -> None:
+    value = value.detach()
+    if not bool(torch.isfinite(value).all()):
+        shown = f" ({float(value)})" if value.numel() == 1 else ""
+        raise _non_finite(name, f"{what}{shown}", epoch, step)
+
+
+def _grads_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """A device bool: every gradient of the optimiser's parameters is finite (no host sync)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return torch.ones((), dtype=torch.bool)
+    # The max-norm is finite iff every element is (NaN propagates; no overflow as with the 2-norm).
+    return torch.isfinite(torch.stack(torch._foreach_norm(grads, float("inf")))).all()
+
+
+def _params_finite(modules) -> bool:
+    tensors = [t for m in modules if m is not None for t in m.state_dict().values()
+               if t.is_floating_point()]
+    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,9 +196,13 @@ def _save_log(paths: OutputPaths, name: str, entries: list[dict]) -> None:
 
 
 def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, device: torch.device,
-                          paths: OutputPaths) -> tuple[nn.Module, list[dict]]:
-    """Cross-entropy training of the teacher backbone + classifier (single augmented view)."""
-    torch.manual_seed(cfg.optim.seed)
+                          paths: OutputPaths, resume: bool = True) -> tuple[nn.Module, list[dict]]:
+    """Cross-entropy training of the teacher backbone + classifier (single augmented view).
+
+    Like a student run, it writes an epoch checkpoint (`pth_models/in_progress/<teacher>.pth`) and
+    resumes from one bit-identically unless `resume` is False.
+    """
+    torch.manual_seed(cfg.teacher.seed)
     encoder = build_encoder(cfg.model.teacher_arch, dataset.num_classes).to(device)
     encoder = encoder.to(memory_format=_memory_format(device))
     opt = _make_adam([{"params": encoder.parameters(), "lr": cfg.optim.lr,
@@ -178,10 +210,22 @@ def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, device
     epochs = cfg.teacher.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
     augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
-    gen = torch.Generator().manual_seed(cfg.optim.seed)
+    gen = torch.Generator().manual_seed(cfg.teacher.seed)
     name = teacher_run_name(cfg)
-    entries = []
-    for epoch in range(1, epochs + 1):
+    identity = _teacher_backbone_identity(cfg)
+    partial = paths.partial_checkpoint(name)
+    entries: list[dict] = []
+    done = 0
+    state = _load_partial(partial, identity, name) if resume else None
+    if state is not None:
+        encoder.load_state_dict(state["encoder"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["rng"]["data"])
+        set_global_rng_state(state["rng"])
+        entries, done = list(state["log"]), state["epoch"]
+        log.info(f"[{name}] resuming after epoch {done}")
+    for epoch in range(done + 1, epochs + 1):
         encoder.train()
         start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -190,22 +234,29 @@ def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, device
         n_steps = data_mod.batches_per_epoch(len(dataset.train_labels), cfg.optim.batch_size)
         batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels,
                                          cfg.optim.batch_size, augment, gen, views=1)
-        for step, (_, x, _, y) in enumerate(tqdm(batches, total=n_steps, leave=False,
-                                                 desc=f"{name} {epoch}/{epochs}"), 1):
-            with autocast_for(device):
-                logits = encoder(x.contiguous(memory_format=_memory_format(device)))
-            loss = F.cross_entropy(logits.float(), y)
-            if device.type == "cpu":
-                _check_finite(loss, name, epoch, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * y.shape[0]
-            correct += (logits.argmax(1) == y).sum()
-            seen += y.shape[0]
+        try:
+            for step, (_, x, _, y) in enumerate(tqdm(batches, total=n_steps, leave=False,
+                                                     desc=f"{name} {epoch}/{epochs}"), 1):
+                with autocast_for(device):
+                    logits = encoder(x.contiguous(memory_format=_memory_format(device)))
+                loss = F.cross_entropy(logits.float(), y)
+                if device.type == "cpu":
+                    _check_finite(loss, name, epoch, step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if device.type == "cpu" and not bool(_grads_finite(opt)):
+                    raise _non_finite(name, "gradients", epoch, step)
+                opt.step()
+                loss_sum += loss.detach() * y.shape[0]
+                correct += (logits.argmax(1) == y).sum()
+                seen += y.shape[0]
+            _check_finite(loss_sum, name, epoch, n_steps)
+            if not _params_finite([encoder]):
+                raise _non_finite(name, "weights", epoch, n_steps)
+        except NonFiniteLossError as exc:
+            raise _with_kept_state(exc, partial, epoch - 1) from None
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        _check_finite(loss_sum, name, epoch, n_steps)
         encoder.eval()
         entry = {"epoch": epoch, "loss": loss_sum.item() / seen, "train_acc": 100.0 * correct.item() / seen,
                  "test_acc": evaluate_accuracy(encoder, dataset.test_images, dataset.test_labels,
@@ -213,20 +264,51 @@ def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, device
                  "lr": lr, "seconds": time.perf_counter() - start}
         entries.append(entry)
         _save_log(paths, name, entries)
+        if epoch < epochs:
+            atomic_torch_save(partial, {
+                "format": CHECKPOINT_FORMAT, "kind": "in_progress", "name": name, "identity": identity,
+                "epoch": epoch, "log": entries, "encoder": encoder.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": {"data": gen.get_state(), **global_rng_state()}})
         log.info(_summary_line(name, entry, epochs))
     return encoder, entries
+
+
+def _load_partial(path: Path, identity: dict, name: str) -> dict | None:
+    """The epoch checkpoint of a run in progress, if there is one of this configuration."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path, expected_kind="in_progress")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. It is the epoch checkpoint of run {name} in progress: delete "
+                              "it, or rerun with --no-resume to start this run over") from exc
+    if state.get("identity") != identity:
+        log.warning(f"[{name}] ignoring an epoch checkpoint of another configuration ({path})")
+        return None
+    return state
+
+
+def _with_kept_state(exc: NonFiniteLossError, partial: Path, last_good_epoch: int) -> NonFiniteLossError:
+    """The error, completed with where the last good state of the run is."""
+    if last_good_epoch >= 1 and partial.is_file():
+        kept = (f"The last good state (after epoch {last_good_epoch}) is kept in {partial}; nothing "
+                "non-finite was saved.")
+    else:
+        kept = "No epoch of this run had finished, so nothing was saved for it."
+    return NonFiniteLossError(f"{exc} {kept}", exc.name, exc.epoch, exc.step)
 
 
 def train_projection_probe(teacher: Teacher, cfg: RunConfig, dataset: data_mod.ImageDataset,
                            device: torch.device) -> list[dict]:
     """Cosine probe: logits = cos(head(f), W_c) / T with L2-normalised, bias-free rows W_c; Adam;
     the frozen backbone's features come from augmented views. W is discarded afterwards."""
-    torch.manual_seed(cfg.optim.seed)
+    torch.manual_seed(cfg.teacher.seed)
     head_dim = teacher.head[-1].out_features
     weight = nn.Parameter(torch.randn(dataset.num_classes, head_dim, device=device) * 0.01)
     opt = torch.optim.Adam([*teacher.head.parameters(), weight], lr=cfg.teacher.probe_lr)
     augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
-    gen = torch.Generator().manual_seed(cfg.optim.seed + 7)
+    gen = torch.Generator().manual_seed(cfg.teacher.seed + 7)
     entries = []
     teacher.train()
     for epoch in range(1, cfg.teacher.probe_epochs + 1):
@@ -248,6 +330,8 @@ def train_projection_probe(teacher: Teacher, cfg: RunConfig, dataset: data_mod.I
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.argmax(1) == y).sum()
             seen += y.shape[0]
+        _check_finite(loss_sum, f"{teacher_run_name(cfg, with_projection=True)} (projection probe)",
+                      epoch, data_mod.batches_per_epoch(len(dataset.train_labels), cfg.optim.batch_size))
         entry = {"epoch": epoch, "loss": loss_sum.item() / seen,
                  "train_acc": 100.0 * correct.item() / seen, "lr": cfg.teacher.probe_lr,
                  "seconds": time.perf_counter() - start}
@@ -277,7 +361,11 @@ def _cached(path: Path, kind: str, identity: dict, force: bool) -> dict | None:
     """
     if force or not path.is_file():
         return None
-    ckpt = load_checkpoint(path, expected_kind=kind)
+    try:
+        ckpt = load_checkpoint(path, expected_kind=kind)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. Rerun with --force to retrain and replace it, or restore it "
+                              "from a backup") from exc
     if ckpt.get("identity") != identity:
         diffs = _identity_diff(ckpt.get("identity") or {}, identity)
         raise CheckpointError(f"{path} exists but was trained with another configuration "
@@ -297,14 +385,62 @@ def _identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _teacher_backbone_identity(cfg: RunConfig) -> dict:
+    return {k: v for k, v in cfg.teacher_identity().items() if k != "probe"}
+
+
+def check_output_dirs(paths: OutputPaths) -> None:
+    """Fail before any training when the outputs could not be written."""
+    for folder in (paths.models, paths.results):
+        check_writable(folder)
+
+
+def load_teacher_weights(encoder: nn.Module, path: str | Path, dataset: data_mod.ImageDataset,
+                         arch: str) -> None:
+    """Teacher weights from a file: a torchvision/timm-layout state dict (possibly wrapped or
+    DataParallel-prefixed) or a desupcon teacher checkpoint. Errors name the file and what was
+    expected: a readable file, `arch` weights, a classifier for the dataset's number of classes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--teacher-weights {path}: file not found")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, random bytes, pickled objects
+        raise CheckpointMismatchError(
+            f"--teacher-weights: {describe_load_failure(path, exc)}; expected a {arch} state dict "
+            "saved with torch.save(model.state_dict(), path)") from exc
+    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
+        if not isinstance(raw.get("encoder"), dict):
+            raise CheckpointMismatchError(f"--teacher-weights {path} is a desupcon {raw.get('kind')!r} "
+                                          "checkpoint without teacher weights; expected a teacher checkpoint")
+        raw = raw["encoder"]
+    if not isinstance(raw, dict):
+        raise CheckpointMismatchError(f"--teacher-weights {path} holds a {type(raw).__name__}, "
+                                      f"expected a {arch} state dict (a dict of tensors)")
+    state = normalise_state_dict_layout(raw)
+    if not state:
+        raise CheckpointMismatchError(f"--teacher-weights {path} holds no tensors, expected a {arch} "
+                                      "state dict")
+    fc = state.get("fc.weight")
+    if fc is not None and fc.ndim == 2 and fc.shape[0] != dataset.num_classes:
+        raise CheckpointMismatchError(
+            f"--teacher-weights {path} has a classifier for {fc.shape[0]} classes, but the dataset "
+            f"{dataset.name} has {dataset.num_classes} classes; use teacher weights trained on "
+            f"{dataset.name} (or train the teacher: leave out --teacher-weights)")
+    load_matching_state_dict(encoder, state, source=f"--teacher-weights {path} (expected {arch} weights)")
+
+
 def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, device: torch.device,
-                          force: bool = False) -> tuple[Teacher, dict]:
+                          force: bool = False, resume: bool = True) -> tuple[Teacher, dict]:
     """The frozen teacher with its probe-trained projection head, from cache when possible.
 
     Returns (teacher, metrics) and writes `pth_models/teacher_<arch>_<dataset>[...].pth` and
-    `..._with_projection.pth`.
+    `..._with_projection.pth`. Cross-entropy training resumes from its epoch checkpoint unless
+    `resume` is False (or `force`).
     """
+    validate_config(cfg, dataset)
     paths = OutputPaths(cfg.output_dir)
+    check_output_dirs(paths)
     identity = cfg.teacher_identity()
     name, proj_name = teacher_run_name(cfg), teacher_run_name(cfg, with_projection=True)
     encoder = build_encoder(cfg.model.teacher_arch, dataset.num_classes)
@@ -317,25 +453,27 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, device
         log.info(f"[{proj_name}] loaded from cache (test acc {cached_proj['metrics']['test_acc']:.2f}%)")
         return teacher.to(device).to(memory_format=_memory_format(device)).eval(), cached_proj["metrics"]
 
-    backbone_identity = {k: v for k, v in identity.items() if k != "probe"}
+    backbone_identity = _teacher_backbone_identity(cfg)
     cached = _cached(paths.checkpoint(name), "teacher", backbone_identity, force)
     if cached is not None:
         load_matching_state_dict(encoder, cached["encoder"], source=name)
         entries = cached["log"]
         log.info(f"[{name}] loaded from cache")
     elif cfg.model.teacher_weights:
-        load_encoder_weights(encoder, cfg.model.teacher_weights)
+        load_teacher_weights(encoder, cfg.model.teacher_weights, dataset, cfg.model.teacher_arch)
         entries = []
     else:
-        encoder, entries = train_teacher_encoder(cfg, dataset, device, paths)
+        encoder, entries = train_teacher_encoder(cfg, dataset, device, paths,
+                                                 resume=resume and not force)
     encoder = encoder.to(device).to(memory_format=_memory_format(device))
-    torch.manual_seed(cfg.optim.seed)  # the projection head's initialisation
+    torch.manual_seed(cfg.teacher.seed)  # the projection head's initialisation
     teacher = Teacher(encoder).to(device)
     test_acc = evaluate_accuracy(teacher.encoder, dataset.test_images, dataset.test_labels, dataset, device)
     metrics = {"test_acc": test_acc, "train_acc": entries[-1]["train_acc"] if entries else None}
     if cached is None:
         atomic_torch_save(paths.checkpoint(name), _teacher_checkpoint(
             "teacher", name, backbone_identity, cfg, teacher, metrics, entries))
+        _remove_partial(paths, name)
     log.info(f"[{name}] teacher test accuracy {test_acc:.2f}%")
 
     probe_log = train_projection_probe(teacher, cfg, dataset, device)
@@ -376,6 +514,7 @@ class StudentRun:
         self._correct = torch.zeros((), dtype=torch.long, device=self.device)
         self._seen = 0
         self._steps = 0
+        self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)
         self._started = time.perf_counter()
 
     def step(self, indices: torch.Tensor, view1: torch.Tensor, views: torch.Tensor,
@@ -407,6 +546,13 @@ class StudentRun:
             _check_finite(total, self.name, self.epoch + 1, self._steps)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        finite = _grads_finite(self.optimizer)
+        if device.type == "cpu":
+            if not bool(finite):
+                raise _non_finite(self.name, "gradients", self.epoch + 1, self._steps)
+        else:  # remember the first bad step on the device; finish_epoch reports it
+            bad = ~(finite & torch.isfinite(total.detach())) & (self._first_bad == 0)
+            self._first_bad = torch.where(bad, self._steps, self._first_bad)
         self.optimizer.step()
         if self.bank is not None:
             self.bank.update(torch.cat([indices, indices]), outputs.teacher_projection.detach())
@@ -417,8 +563,15 @@ class StudentRun:
         self._seen += batch
 
     def finish_epoch(self, dataset: data_mod.ImageDataset, seconds: float | None = None) -> dict:
-        self.epoch += 1
-        _check_finite(self._total, self.name, self.epoch, self._steps)
+        """Close the epoch (raising NonFiniteLossError before anything is recorded if it went bad)."""
+        epoch = self.epoch + 1
+        first_bad = int(self._first_bad)
+        if first_bad:
+            raise _non_finite(self.name, "loss or gradients", epoch, first_bad)
+        _check_finite(self._total, self.name, epoch, self._steps)
+        if not _params_finite([self.student, self.teacher_head]):
+            raise _non_finite(self.name, "weights", epoch, self._steps)
+        self.epoch = epoch
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.student.eval()
@@ -538,6 +691,7 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
     for cfg in cfgs:
         validate_config(cfg, dataset)
     paths = OutputPaths(cfgs[0].output_dir)
+    check_output_dirs(paths)
     results: dict[str, RunResult] = {}
     pending: list[RunConfig] = []
     for cfg in cfgs:
@@ -555,13 +709,10 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
     for cfg in pending:
         run = make_student_run(cfg, dataset, teacher, device)
         state = None
-        partial = paths.partial_checkpoint(run.name)
-        if resume and not force and partial.is_file():
-            state = load_checkpoint(partial, expected_kind="in_progress")
-            if state["identity"] != cfg.identity():
-                log.warning(f"[{run.name}] ignoring an epoch checkpoint of another configuration")
-                state = None
+        if resume and not force:
+            state = _load_partial(paths.partial_checkpoint(run.name), cfg.identity(), run.name)
         groups.setdefault(state["epoch"] if state else 0, []).append((run, state))
+    failures: list[NonFiniteLossError] = []
     for start_epoch in sorted(groups):
         members = groups[start_epoch]
         generator = torch.Generator().manual_seed(cfgs[0].optim.seed)
@@ -569,31 +720,59 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
             if state is not None:
                 run.load_training_state(state, generator)
                 log.info(f"[{run.name}] resuming after epoch {run.epoch}")
-        for run in _train_lockstep([r for r, _ in members], dataset, teacher, device, generator, paths):
+        finished, failed = _train_lockstep([r for r, _ in members], dataset, teacher, device,
+                                           generator, paths)
+        failures += failed
+        for run in finished:
             metrics = {"test_acc": run.log[-1]["test_acc"], "train_acc": run.log[-1]["train_acc"],
                        "train_test_gap": run.log[-1]["train_acc"] - run.log[-1]["test_acc"],
                        "seconds": sum(e["seconds"] for e in run.log), "epochs": run.epoch}
             ckpt = run.final_checkpoint(metrics)
             atomic_torch_save(paths.checkpoint(run.name), ckpt)
-            paths.partial_checkpoint(run.name).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # only removed when no other run is in progress
-                paths.partial_checkpoint(run.name).parent.rmdir()
+            _remove_partial(paths, run.name)
             results[run.name] = _result_from_checkpoint(run.cfg, paths.checkpoint(run.name), ckpt, False)
+    if failures:  # the other runs are finished and saved; report every run that went bad
+        if len(failures) == 1:
+            raise failures[0]
+        raise NonFiniteLossError("\n".join(str(f) for f in failures), failures[0].name,
+                                 failures[0].epoch, failures[0].step)
     return [results[run_name(c)] for c in cfgs]
 
 
+def _remove_partial(paths: OutputPaths, name: str) -> None:
+    """The final checkpoint replaces the epoch checkpoint of a run in progress."""
+    paths.partial_checkpoint(name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # only removed when no other run is in progress
+        paths.partial_checkpoint(name).parent.rmdir()
+
+
 def _train_lockstep(runs: list[StudentRun], dataset: data_mod.ImageDataset, teacher: Teacher | None,
-                    device: torch.device, generator: torch.Generator, paths: OutputPaths) -> list[StudentRun]:
+                    device: torch.device, generator: torch.Generator, paths: OutputPaths
+                    ) -> tuple[list[StudentRun], list[NonFiniteLossError]]:
+    """Train `runs` over the same batches to their last epoch, writing logs and epoch checkpoints.
+
+    A run whose loss, gradients or weights become non-finite stops there (its last good epoch
+    checkpoint stays on disk); the others go on. Returns (finished runs, errors of stopped runs).
+    """
     cfg = runs[0].cfg
     epochs, batch_size = cfg.optim.epochs, cfg.optim.batch_size
     augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
-    needs_teacher = any(r.method.uses_teacher for r in runs)
     n_steps = data_mod.batches_per_epoch(len(dataset.train_labels), batch_size)
     label = runs[0].name if len(runs) == 1 else f"{len(runs)} students in lockstep"
     fmt = _memory_format(device)
+    active, failures = list(runs), []
+
+    def stop(run: StudentRun, exc: NonFiniteLossError) -> None:
+        active.remove(run)
+        failures.append(_with_kept_state(exc, paths.partial_checkpoint(run.name), run.epoch))
+        if active:
+            log.warning(f"{failures[-1]} The other runs in lockstep go on.")
+
     for epoch in range(runs[0].epoch + 1, epochs + 1):
+        if not active:
+            break
         started = time.perf_counter()
-        for run in runs:
+        for run in active:
             run.start_epoch()
         batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels, batch_size,
                                          augment, generator)
@@ -602,19 +781,26 @@ def _train_lockstep(runs: list[StudentRun], dataset: data_mod.ImageDataset, teac
             views = torch.cat([view1, view2]).contiguous(memory_format=fmt)
             view1 = view1.contiguous(memory_format=fmt)
             teacher_out = None
-            if needs_teacher:
+            if any(r.method.uses_teacher for r in active):
                 with autocast_for(device):
                     teacher_out = teacher(views)
-            for run in runs:
-                run.step(indices, view1, views, labels, teacher_out)
-        seconds = (time.perf_counter() - started) / len(runs)
-        for run in runs:
-            entry = run.finish_epoch(dataset, seconds)
+            for run in list(active):
+                try:
+                    run.step(indices, view1, views, labels, teacher_out)
+                except NonFiniteLossError as exc:
+                    stop(run, exc)
+        seconds = (time.perf_counter() - started) / max(len(active), 1)
+        for run in list(active):
+            try:
+                entry = run.finish_epoch(dataset, seconds)
+            except NonFiniteLossError as exc:
+                stop(run, exc)
+                continue
             _save_log(paths, run.name, run.log)
             if epoch < epochs:
                 atomic_torch_save(paths.partial_checkpoint(run.name), run.training_state(generator))
             log.info(_summary_line(run.name, entry, epochs))
-    return runs
+    return active, failures
 
 
 def train_student(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Teacher | None,

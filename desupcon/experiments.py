@@ -1,0 +1,154 @@
+"""The published experiment plan as data (SPEC section 6), sweeps over it, and seeds.
+
+Each group is a list of run configurations derived from one base configuration (a preset plus
+any overrides). Running a group trains only the runs that are missing: finished runs load from
+their checkpoints, interrupted ones resume from their epoch checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import plots
+from .config import RunConfig, dataset_tag, default_bank_size, run_name
+from .pipeline import Session
+from .report import write_report
+from .train import RunResult
+
+log = logging.getLogger("desupcon")
+
+ALPHAS = (1.0, 2.0, 5.0, 10.0)
+BETAS = (1.0, 5.0, 10.0, 12.0)
+TEMPERATURES = (0.05, 0.07)
+LAMBDAS = (0.3, 0.5, 0.7, 0.9)
+GROUPS = ("baselines", "alpha", "beta", "temp", "lambda", "bank")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One planned run: its group, the swept setting's label and value, and the configuration."""
+
+    group: str
+    label: str
+    value: float | str
+    cfg: RunConfig
+
+
+def _lw(base: RunConfig, **method) -> RunConfig:
+    return base.replace(method={"method": "lw-supcrd", "alpha": 1.0, "beta": 10.0,
+                                "temperature": 0.07, "bank_size": 0, **method})
+
+
+def group_plan(base: RunConfig, group: str) -> list[Experiment]:
+    """The runs of one group of the published plan, derived from `base`."""
+    bank = default_bank_size(base.preset)
+    if group == "baselines":
+        return [Experiment(group, "CE student", "ce", base.replace(method={"method": "ce", "bank_size": 0})),
+                Experiment(group, "CRD", "crd", base.replace(method={"method": "crd", "bank_size": 0,
+                                                                       "temperature": 0.07})),
+                Experiment(group, "SupCon", "supcon", base.replace(method={"method": "supcon",
+                                                                             "temperature": 0.07})),
+                Experiment(group, "LW-SupCRD", "lw-supcrd", _lw(base))]
+    if group == "alpha":
+        return [Experiment(group, f"alpha {a}", a, _lw(base, alpha=a)) for a in ALPHAS]
+    if group == "beta":
+        return [Experiment(group, f"beta {b}", b, _lw(base, beta=b)) for b in BETAS]
+    if group == "temp":
+        return [Experiment(group, f"tau {t}", t, _lw(base, temperature=t)) for t in TEMPERATURES]
+    if group == "lambda":
+        return [Experiment(group, f"lambda {lam}", lam,
+                           _lw(base, lam=lam).replace(method={"method": "hybrid"})) for lam in LAMBDAS]
+    if group == "bank":
+        return [Experiment(group, f"{name}{' + bank' if k else ''}", f"{method}/{k}",
+                           base.replace(method={"method": method, "bank_size": k, "temperature": 0.07,
+                                                "alpha": 1.0, "beta": 10.0}))
+                for method, name in (("crd", "CRD"), ("lw-supcrd", "LW-SupCRD")) for k in (0, bank)]
+    raise ValueError(f"unknown sweep group {group!r}; known: {', '.join(GROUPS)}, all")
+
+
+def with_seeds(experiments: list[Experiment], seeds: list[int] | None) -> list[Experiment]:
+    """Every experiment once per seed (None keeps each configuration's own seed)."""
+    if not seeds:
+        return experiments
+    return [Experiment(e.group, e.label, e.value, e.cfg.replace(optim={"seed": s}))
+            for s in seeds for e in experiments]
+
+
+def plan(base: RunConfig, groups: list[str] | str = "all", seeds: list[int] | None = None) -> list[Experiment]:
+    """The experiments of the requested groups (duplicates across groups appear once each group)."""
+    names = list(GROUPS) if groups == "all" else [groups] if isinstance(groups, str) else list(groups)
+    return with_seeds([e for g in names for e in group_plan(base, g)], seeds)
+
+
+def run_experiments(base: RunConfig, experiments: list[Experiment], force: bool = False,
+                    force_groups: tuple[str, ...] = (), lockstep: bool = False,
+                    session: Session | None = None) -> list[tuple[Experiment, RunResult]]:
+    """Train the missing runs (each distinct run once), analyse them and return results in order.
+
+    `force` retrains everything; `force_groups` retrains only those groups (e.g. the bank ablation).
+    With `lockstep`, runs sharing a seed train together so the teacher forward is shared.
+    """
+    session = session or Session(base)
+    session.teacher(force=force)
+    session.analyze_teacher()
+    by_name: dict[str, RunResult] = {}
+    unique: dict[str, tuple[RunConfig, bool]] = {}
+    for e in experiments:
+        name = run_name(e.cfg)
+        forced = force or e.group in force_groups
+        prev = unique.get(name)
+        unique[name] = (e.cfg, forced or (prev[1] if prev else False))
+    for forced in (True, False):
+        cfgs = [cfg for cfg, f in unique.values() if f is forced]
+        if not cfgs:
+            continue
+        if lockstep:
+            results = session.run_many(cfgs, force=forced, lockstep=True)
+        else:
+            results = [session.run(cfg, force=forced) for cfg in cfgs]
+        by_name.update({r.name: r for r in results})
+    return [(e, by_name[run_name(e.cfg)]) for e in experiments]
+
+
+def plot_group(base: RunConfig, group: str, results: list[tuple[Experiment, RunResult]]) -> str | None:
+    """Accuracy, class alignment and uniformity against the swept value (mean over seeds)."""
+    if group in ("baselines", "bank"):
+        return None
+    points: dict[float, list[RunResult]] = {}
+    for e, r in results:
+        if e.group == group:
+            points.setdefault(float(e.value), []).append(r)
+    values = sorted(points)
+
+    def series(key, source):
+        out = []
+        for v in values:
+            vals = [source(r).get(key) for r in points[v]]
+            vals = [x for x in vals if x is not None]
+            out.append(sum(vals) / len(vals) if vals else None)
+        return out
+
+    accuracy = series("test_acc", lambda r: r.metrics)
+    alignment = series("alignment_class", lambda r: r.analysis or {})
+    uniformity = series("uniformity", lambda r: r.analysis or {})
+    xlabel = {"alpha": "alpha", "beta": "beta", "temp": "temperature tau", "lambda": "lambda"}[group]
+    name = f"sweep_{group}_{base.model.student_arch}_{dataset_tag(base.data.dataset)}_{base.preset}"
+    path = plots.plot_sweep(values, {"test accuracy %": accuracy, "alignment (class)": alignment,
+                                     "uniformity": uniformity},
+                            Path(base.output_dir) / "plots" / f"{name}.png",
+                            xlabel=xlabel, title=f"{group} sweep ({base.preset} preset)")
+    return str(path)
+
+
+def sweep(base: RunConfig, groups: str | list[str] = "all", seeds: list[int] | None = None,
+          force: bool = False, force_bank: bool = False, lockstep: bool = False) -> tuple[list, str]:
+    """Run sweep groups (`all` = the whole plan), plot them and write the report."""
+    experiments = plan(base, groups, seeds)
+    results = run_experiments(base, experiments, force=force,
+                              force_groups=("bank",) if force_bank else (), lockstep=lockstep)
+    for group in sorted({e.group for e in experiments}):
+        plot_group(base, group, results)
+    text, _ = write_report(base.output_dir)
+    return results, text

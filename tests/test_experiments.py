@@ -1,0 +1,103 @@
+"""The experiment plan, sweeps with seeds, the report's statistics, interrupted sweeps."""
+
+import math
+
+import pytest
+
+from desupcon import experiments, report, train
+from desupcon.config import preset, run_name
+from desupcon.report import mean_sd, paired_difference
+
+
+def tiny_base(output_dir):
+    return preset("quick").replace(
+        data={"train_subset": 128, "test_subset": 48},
+        model={"teacher_arch": "resnet8", "student_arch": "resnet8"},
+        optim={"epochs": 1, "batch_size": 32},
+        teacher={"epochs": 1, "probe_epochs": 1},
+        device="cpu", output_dir=str(output_dir))
+
+
+def test_plan_follows_the_published_protocol():
+    base = preset("paper")
+    values = {g: [e.value for e in experiments.group_plan(base, g)] for g in experiments.GROUPS}
+    assert values["alpha"] == [1.0, 2.0, 5.0, 10.0]
+    assert values["beta"] == [1.0, 5.0, 10.0, 12.0]
+    assert values["temp"] == [0.05, 0.07]
+    assert values["lambda"] == [0.3, 0.5, 0.7, 0.9]
+    assert values["bank"] == ["crd/0", "crd/4096", "lw-supcrd/0", "lw-supcrd/4096"]
+    assert {e.cfg.method.method for e in experiments.group_plan(base, "baselines")} == \
+        {"ce", "crd", "supcon", "lw-supcrd"}
+    for e in experiments.group_plan(base, "beta"):
+        assert e.cfg.method.alpha == 1.0 and e.cfg.method.bank_size == 0
+    names = {run_name(e.cfg) for e in experiments.plan(base, "all")}
+    # alpha 1 / beta 10 / tau 0.07 / the bank ablation's no-bank LW-SupCRD are one run
+    assert len(names) == 17
+    assert "student_alpha_1.0_beta_10.0_temp_0.07_resnet18_cifar100" in names
+    assert "student_lwsupcrd_bank4096_resnet18_cifar100" in names
+
+
+def test_seeds_multiply_runs_but_share_the_teacher():
+    base = preset("quick")
+    runs = experiments.plan(base, "alpha", seeds=[0, 1])
+    assert len(runs) == 8 and len({run_name(e.cfg) for e in runs}) == 8
+    assert len({repr(e.cfg.teacher_identity()) for e in runs}) == 1
+    with pytest.raises(ValueError, match="unknown sweep group"):
+        experiments.group_plan(base, "gamma")
+
+
+def test_statistics():
+    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_sd([5.0]) == (5.0, None)
+    d, se, n = paired_difference({0: 3.0, 1: 5.0, 2: 10.0}, {0: 1.0, 1: 2.0, 3: 99.0})
+    assert (d, n) == (2.5, 2) and se == pytest.approx(math.sqrt(0.5) / math.sqrt(2))
+
+
+def test_alpha_sweep_with_two_seeds_then_nothing_retrains(tmp_path, monkeypatch):
+    base = tiny_base(tmp_path)
+    results, text = experiments.sweep(base, "alpha", seeds=[0, 1])
+    assert len({r.name for _, r in results}) == 8
+    assert len(list((tmp_path / "pth_models").glob("student_*.pth"))) == 8
+    alpha_table = report.build_report(tmp_path, tables=["alpha"])
+    rows = [line for line in alpha_table.splitlines() if line.startswith("| alpha = ")]
+    assert len(rows) == 4
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "2"  # seeds
+        assert "±" in cells[2]  # mean ± sd of test accuracy
+    assert (tmp_path / "plots").glob("sweep_alpha_*.png")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached run was retrained")
+    monkeypatch.setattr(train, "_train_lockstep", no_training)
+    again, _ = experiments.sweep(base, "alpha", seeds=[0, 1])
+    assert all(r.cached for _, r in again)
+
+
+def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch):
+    base = tiny_base(tmp_path)
+    finished = []
+    original = train.StudentRun.finish_epoch
+
+    def stop_on_third_run(self, *args, **kwargs):
+        if len(finished) == 2:
+            raise KeyboardInterrupt  # as if the process were stopped during the third run
+        entry = original(self, *args, **kwargs)
+        finished.append(self.name)
+        return entry
+    monkeypatch.setattr(train.StudentRun, "finish_epoch", stop_on_third_run)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.sweep(base, "beta")
+    assert len(list((tmp_path / "pth_models").glob("student_*.pth"))) == 2
+
+    monkeypatch.setattr(train.StudentRun, "finish_epoch", original)
+    trained = []
+    original_lockstep = train._train_lockstep
+
+    def counting(runs, *args, **kwargs):
+        trained.extend(r.name for r in runs)
+        return original_lockstep(runs, *args, **kwargs)
+    monkeypatch.setattr(train, "_train_lockstep", counting)
+    results, _ = experiments.sweep(base, "beta")
+    assert len(trained) == 2 and not set(trained) & set(finished)
+    assert sum(r.cached for _, r in results) == 2
