@@ -188,10 +188,16 @@ def read_json(path: str | Path):
 
 def describe_load_failure(path: Path, exc: Exception) -> str:
     """Why `torch.load(path, weights_only=True)` failed, in words naming the file."""
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    if "Weights only load failed" in str(exc):
-        return (f"{path} holds pickled Python objects that the safe loader (weights_only=True) "
-                "refuses to run; expected a desupcon checkpoint or a plain state dict of tensors")
+    text = str(exc)
+    if "Unsupported global" in text:
+        i = text.find("GLOBAL ")
+        what = text[i + 7:].split()[0] if i >= 0 else "Python objects"
+        return (f"{path} holds pickled Python objects ({what}) that the safe loader "
+                "(weights_only=True) refuses to run; expected a desupcon checkpoint or a plain state "
+                "dict of tensors")
+    if "WeightsUnpickler error:" in text:  # garbage that happens to start like a pickle
+        text = text[text.find("WeightsUnpickler error:"):].split("Check the documentation")[0]
+    first = " ".join(text.split()).split(". ")[0][:200]
     size = path.stat().st_size if path.is_file() else 0
     return (f"{path} is not a readable PyTorch checkpoint ({size} bytes; truncated, corrupted or "
             f"not a PyTorch file: {type(exc).__name__}: {first})")

@@ -159,7 +159,8 @@ def cmd_sweep(args) -> None:
     from . import experiments
     base = config_from_args(args)
     _, text = experiments.sweep(base, args.group, seeds=args.seeds, force=args.force,
-                                force_bank=args.force_bank, lockstep=args.lockstep)
+                                force_bank=args.force_bank, lockstep=args.lockstep,
+                                pictures=not args.no_plots)
     print(text)
 
 
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-bank", action="store_true", help="retrain only the bank ablation")
     p.add_argument("--lockstep", action="store_true",
                    help="train runs that share a seed together (one teacher forward per batch)")
+    p.add_argument("--no-plots", action="store_true", help="metrics only, no per-run pictures")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("analyze", help="re-analyse a saved run (metrics, plots) without retraining")

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import to_device
+
 DATASETS = ("cifar100", "cifar10", "digits", "npz:<dir>")
 
 
@@ -297,8 +299,8 @@ class TwoViewAugment:
         b, _, h, w = images.shape
         p = self.padding
         padded = F.pad(images, (p, p, p, p))
-        offsets = params.offsets.to(device, non_blocking=True)
-        flip = params.flip.to(device, non_blocking=True)
+        offsets = to_device(params.offsets, device)
+        flip = to_device(params.flip, device)
         rows = offsets[:, :1] + torch.arange(h, device=device)  # (B, H)
         cols_forward = torch.arange(w, device=device)
         cols = offsets[:, 1:] + torch.where(flip[:, None], w - 1 - cols_forward, cols_forward)
@@ -306,7 +308,7 @@ class TwoViewAugment:
         # Advanced indexing gathers every sample's own crop (and flip) in one call: (B, H, W, 3).
         crops = padded.permute(0, 2, 3, 1)[batch_idx, rows[:, :, None], cols[:, None, :]]
         x = crops.permute(0, 3, 1, 2).float().div_(255)
-        x = self._colour_jitter(x, params.jitter.to(device, non_blocking=True))
+        x = self._colour_jitter(x, to_device(params.jitter, device))
         return (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
 
     @staticmethod
@@ -336,7 +338,7 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
-        idx_dev = idx.to(images.device, non_blocking=True)
+        idx_dev = to_device(idx, images.device)
         batch = images[idx_dev]
         view1 = augment(batch, generator)
         view2 = augment(batch, generator) if views == 2 else None

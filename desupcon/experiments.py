@@ -143,11 +143,16 @@ def plot_group(base: RunConfig, group: str, results: list[tuple[Experiment, RunR
 
 
 def sweep(base: RunConfig, groups: str | list[str] = "all", seeds: list[int] | None = None,
-          force: bool = False, force_bank: bool = False, lockstep: bool = False) -> tuple[list, str]:
-    """Run sweep groups (`all` = the whole plan), plot them and write the report."""
+          force: bool = False, force_bank: bool = False, lockstep: bool = False,
+          pictures: bool = True) -> tuple[list, str]:
+    """Run sweep groups (`all` = the whole plan), plot them and write the report.
+
+    `pictures=False` skips the per-run pictures (metrics are always computed).
+    """
     experiments = plan(base, groups, seeds)
     results = run_experiments(base, experiments, force=force,
-                              force_groups=("bank",) if force_bank else (), lockstep=lockstep)
+                              force_groups=("bank",) if force_bank else (), lockstep=lockstep,
+                              session=Session(base, pictures=pictures))
     for group in sorted({e.group for e in experiments}):
         plot_group(base, group, results)
     text, _ = write_report(base.output_dir)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .devices import to_device
+
 
 class MomentumMemoryBank:
     def __init__(self, size: int, dim: int, labels: torch.Tensor, momentum: float = 0.5,
@@ -45,17 +47,18 @@ class MomentumMemoryBank:
     def update(self, indices: torch.Tensor, embeddings: torch.Tensor) -> None:
         """Momentum-update the slots of `indices`; repeated indices (two views) are averaged."""
         device = self.embeddings.device
-        idx = indices.to(device)
+        # Group repeated indices on the CPU: torch.unique on the GPU would wait for the device.
+        unique, inverse = torch.unique(indices.cpu(), return_inverse=True)
+        counts = torch.bincount(inverse, minlength=unique.shape[0]).to(self.embeddings.dtype)
+        unique_dev = to_device(unique, device)
         emb = embeddings.detach().to(device=device, dtype=self.embeddings.dtype)
-        unique, inverse = torch.unique(idx, return_inverse=True)
         sums = torch.zeros(unique.shape[0], emb.shape[1], device=device, dtype=emb.dtype)
-        sums.index_add_(0, inverse, emb)
-        counts = torch.zeros(unique.shape[0], device=device, dtype=emb.dtype)
-        counts.index_add_(0, inverse, torch.ones_like(inverse, dtype=emb.dtype))
+        sums.index_add_(0, to_device(inverse, device), emb)
+        counts = to_device(counts, device)
         mean = sums / counts[:, None]
         m = self.momentum
-        self.embeddings[unique] = F.normalize(m * self.embeddings[unique] + (1 - m) * mean, dim=1)
-        self.written[indices.cpu()] = True
+        self.embeddings[unique_dev] = F.normalize(m * self.embeddings[unique_dev] + (1 - m) * mean, dim=1)
+        self.written[unique] = True
 
     def sample(self, k: int, exclude: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +70,7 @@ class MomentumMemoryBank:
         order = torch.randperm(candidates.shape[0], generator=generator)[:k]
         chosen = candidates[order]
         self.last_sampled_indices = chosen
-        chosen_dev = chosen.to(self.embeddings.device, non_blocking=True)
+        chosen_dev = to_device(chosen, self.embeddings.device)
         return self.embeddings[chosen_dev], self.labels[chosen_dev]
 
     def state_dict(self) -> dict:

@@ -55,7 +55,7 @@ def test_statistics():
 
 def test_alpha_sweep_with_two_seeds_then_nothing_retrains(tmp_path, monkeypatch):
     base = tiny_base(tmp_path)
-    results, text = experiments.sweep(base, "alpha", seeds=[0, 1])
+    results, text = experiments.sweep(base, "alpha", seeds=[0, 1], pictures=False)
     assert len({r.name for _, r in results}) == 8
     assert len(list((tmp_path / "pth_models").glob("student_*.pth"))) == 8
     alpha_table = report.build_report(tmp_path, tables=["alpha"])
@@ -65,12 +65,12 @@ def test_alpha_sweep_with_two_seeds_then_nothing_retrains(tmp_path, monkeypatch)
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == "2"  # seeds
         assert "±" in cells[2]  # mean ± sd of test accuracy
-    assert (tmp_path / "plots").glob("sweep_alpha_*.png")
+    assert list((tmp_path / "plots").glob("sweep_alpha_*.png"))
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached run was retrained")
     monkeypatch.setattr(train, "_train_lockstep", no_training)
-    again, _ = experiments.sweep(base, "alpha", seeds=[0, 1])
+    again, _ = experiments.sweep(base, "alpha", seeds=[0, 1], pictures=False)
     assert all(r.cached for _, r in again)
 
 
@@ -87,7 +87,7 @@ def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch):
         return entry
     monkeypatch.setattr(train.StudentRun, "finish_epoch", stop_on_third_run)
     with pytest.raises(KeyboardInterrupt):
-        experiments.sweep(base, "beta")
+        experiments.sweep(base, "beta", pictures=False)
     assert len(list((tmp_path / "pth_models").glob("student_*.pth"))) == 2
 
     monkeypatch.setattr(train.StudentRun, "finish_epoch", original)
@@ -98,6 +98,6 @@ def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch):
         trained.extend(r.name for r in runs)
         return original_lockstep(runs, *args, **kwargs)
     monkeypatch.setattr(train, "_train_lockstep", counting)
-    results, _ = experiments.sweep(base, "beta")
+    results, _ = experiments.sweep(base, "beta", pictures=False)
     assert len(trained) == 2 and not set(trained) & set(finished)
     assert sum(r.cached for _, r in results) == 2
