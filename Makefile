@@ -20,7 +20,8 @@ test-slow: $(PY)
 	$(PY) -m pytest -q --run-slow
 
 bench: $(PY)
-	$(PY) desupcon.py bench --preset quick
+	$(PY) benchmarks/bench_training.py --preset paper --method lw-supcrd --device cpu --batch-size 32
+	$(PY) benchmarks/bench_analysis.py
 
 clean-outputs:
 	rm -rf pth_models json_results plots

@@ -118,7 +118,7 @@ def cmd_teacher(args) -> None:
         cfg = cfg.replace(model={"teacher_weights": args.weights})
     preflight([cfg])
     session = pipeline.Session(cfg)
-    _, metrics = session.teacher(force=args.force)
+    _, metrics = session.teacher(force=args.force, resume=not args.no_resume)
     print(f"teacher {cfg.model.teacher_arch} on {cfg.data.dataset}: test accuracy {metrics['test_acc']:.2f}%")
 
 
@@ -158,6 +158,7 @@ def cmd_report(args) -> None:
 def cmd_sweep(args) -> None:
     from . import experiments
     base = config_from_args(args)
+    preflight([base])
     _, text = experiments.sweep(base, args.group, seeds=args.seeds, force=args.force,
                                 force_bank=args.force_bank, lockstep=args.lockstep,
                                 pictures=not args.no_plots)

@@ -233,21 +233,5 @@ def load_matching_state_dict(model: nn.Module, state: dict, source: str = "state
     model.load_state_dict(state)
 
 
-def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
-    """Load torchvision/timm-layout weights (possibly wrapped or DataParallel-prefixed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher weights not found: {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, random bytes, pickled objects
-        raise CheckpointMismatchError(
-            f"{path} is not a readable PyTorch state dict ({type(exc).__name__}: {exc}); "
-            "expected a file saved with torch.save(model.state_dict(), path)") from exc
-    if not isinstance(raw, dict):
-        raise CheckpointMismatchError(f"{path} holds a {type(raw).__name__}, expected a state dict")
-    load_matching_state_dict(encoder, normalise_state_dict_layout(raw), source=str(path))
-
-
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -19,6 +19,7 @@ from .data import ImageDataset
 from .checkpoint import load_checkpoint
 from .methods import build_method
 from .report import write_report
+from .validation import validate_config
 from .models import Teacher
 
 log = logging.getLogger("desupcon")
@@ -41,11 +42,11 @@ class Session:
             self._dataset = train.prepare_dataset(self.cfg, self.device)
         return self._dataset
 
-    def teacher(self, force: bool = False) -> tuple[Teacher, dict]:
+    def teacher(self, force: bool = False, resume: bool = True) -> tuple[Teacher, dict]:
         if self._teacher is None or force:
-            from .validation import validate_config
             validate_config(self.cfg, self.dataset)
-            self._teacher = train.load_or_train_teacher(self.cfg, self.dataset, self.device, force)
+            self._teacher = train.load_or_train_teacher(self.cfg, self.dataset, self.device, force,
+                                                        resume)
         return self._teacher
 
     def _check_compatible(self, cfg: RunConfig) -> None:
@@ -56,10 +57,11 @@ class Session:
     def run_many(self, cfgs: list[RunConfig], force: bool = False, resume: bool = True,
                  lockstep: bool = True) -> list[train.RunResult]:
         """Train (or load) several runs; with `lockstep` compatible runs share teacher forwards."""
-        for cfg in cfgs:
+        for cfg in cfgs:  # every setting checked before anything trains
             self._check_compatible(cfg)
+            validate_config(cfg, self.dataset)
         needs_teacher = any(build_method(c.method).uses_teacher for c in cfgs)
-        teacher = self.teacher()[0] if needs_teacher else None
+        teacher = self.teacher(resume=resume)[0] if needs_teacher else None
         results: dict[int, train.RunResult] = {}
         if lockstep:
             groups: dict[tuple, list[int]] = {}

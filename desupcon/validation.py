@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from .config import METHODS, RunConfig
 from .data import DATASETS
 from .models import ARCHITECTURES
@@ -26,6 +29,13 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
     d = cfg.data.dataset
     _require(d in ("cifar100", "cifar10", "digits") or (d.startswith("npz:") and len(d) > 4),
              f"--dataset {d!r} is unknown; known: {', '.join(DATASETS)}")
+    for section, prefix in ((m, "--"), (o, "--"), (cfg.teacher, "teacher.")):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float):  # NaN/inf would pass every range check below
+                _require(math.isfinite(value),
+                         f"{prefix}{f.name.replace('_', '-') if prefix == '--' else f.name} must be a "
+                         f"finite number, got {value}")
     _require(m.temperature > 0, f"--temperature must be > 0, got {m.temperature}")
     _require(m.kd_temperature > 0, f"--kd-temperature must be > 0, got {m.kd_temperature}")
     _require(m.alpha > 0, f"--alpha must be > 0, got {m.alpha}")
@@ -40,6 +50,9 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
     _require(cfg.teacher.epochs >= 1 or cfg.model.teacher_weights is not None,
              f"--teacher-epochs must be >= 1 when no --teacher-weights are given, got {cfg.teacher.epochs}")
     _require(cfg.teacher.probe_epochs >= 0, f"--probe-epochs must be >= 0, got {cfg.teacher.probe_epochs}")
+    _require(cfg.teacher.probe_lr > 0, f"teacher.probe_lr must be > 0, got {cfg.teacher.probe_lr}")
+    _require(cfg.teacher.probe_temperature > 0,
+             f"teacher.probe_temperature must be > 0, got {cfg.teacher.probe_temperature}")
     for key in ("train_subset", "test_subset", "image_size"):
         value = getattr(cfg.data, key)
         _require(value is None or value > 0, f"--{key.replace('_', '-')} must be > 0, got {value}")

@@ -2,8 +2,10 @@
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see desupcon/__init__.py
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -20,3 +22,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def tiny_run_config(output_dir, train_images: int = 160, test_images: int = 64, epochs: int = 2):
+    """The quick preset shrunk to seconds: 16x16 digits subset, resnet8 teacher and student."""
+    from desupcon.config import preset
+    return preset("quick").replace(
+        data={"train_subset": train_images, "test_subset": test_images},
+        model={"teacher_arch": "resnet8", "student_arch": "resnet8"},
+        optim={"epochs": epochs, "batch_size": 32},
+        teacher={"epochs": 1, "probe_epochs": 1},
+        device="cpu", output_dir=str(output_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """Factory: `tiny_config(output_dir, train_images=..., epochs=...)` -> RunConfig."""
+    return tiny_run_config

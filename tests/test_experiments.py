@@ -9,15 +9,6 @@ from desupcon.config import preset, run_name
 from desupcon.report import mean_sd, paired_difference
 
 
-def tiny_base(output_dir):
-    return preset("quick").replace(
-        data={"train_subset": 128, "test_subset": 48},
-        model={"teacher_arch": "resnet8", "student_arch": "resnet8"},
-        optim={"epochs": 1, "batch_size": 32},
-        teacher={"epochs": 1, "probe_epochs": 1},
-        device="cpu", output_dir=str(output_dir))
-
-
 def test_plan_follows_the_published_protocol():
     base = preset("paper")
     values = {g: [e.value for e in experiments.group_plan(base, g)] for g in experiments.GROUPS}
@@ -53,8 +44,8 @@ def test_statistics():
     assert (d, n) == (2.5, 2) and se == pytest.approx(math.sqrt(0.5) / math.sqrt(2))
 
 
-def test_alpha_sweep_with_two_seeds_then_nothing_retrains(tmp_path, monkeypatch):
-    base = tiny_base(tmp_path)
+def test_alpha_sweep_with_two_seeds_then_nothing_retrains(tmp_path, monkeypatch, tiny_config):
+    base = tiny_config(tmp_path, train_images=128, test_images=48, epochs=1)
     results, text = experiments.sweep(base, "alpha", seeds=[0, 1], pictures=False)
     assert len({r.name for _, r in results}) == 8
     assert len(list((tmp_path / "pth_models").glob("student_*.pth"))) == 8
@@ -74,8 +65,8 @@ def test_alpha_sweep_with_two_seeds_then_nothing_retrains(tmp_path, monkeypatch)
     assert all(r.cached for _, r in again)
 
 
-def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch):
-    base = tiny_base(tmp_path)
+def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch, tiny_config):
+    base = tiny_config(tmp_path, train_images=128, test_images=48, epochs=1)
     finished = []
     original = train.StudentRun.finish_epoch
 

@@ -6,18 +6,21 @@ the small CIFAR ResNets.
 """
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
 
+from desupcon.train import load_teacher_weights
+
 from desupcon.models import (
+    load_matching_state_dict,
     ARCHITECTURES,
     CheckpointMismatchError,
     Student,
     Teacher,
     build_encoder,
-    load_encoder_weights,
 )
 
 FEATURE_DIMS = {
@@ -25,6 +28,12 @@ FEATURE_DIMS = {
     "resnet8": 64, "resnet14": 64, "resnet20": 64, "resnet32": 64, "resnet44": 64,
     "resnet56": 64, "resnet110": 64, "resnet8x4": 256, "resnet32x4": 256,
 }
+
+
+def load_encoder_weights(encoder, path):
+    """The toolkit's --teacher-weights loader, for a dataset with the encoder's class count."""
+    dataset = SimpleNamespace(num_classes=encoder.fc.out_features, name="test-data")
+    load_teacher_weights(encoder, path, dataset, type(encoder).__name__)
 
 
 def _x(b=2, seed=0):
@@ -407,6 +416,10 @@ def test_class_count_mismatch_names_fc_shapes(tmp_path):
     torch.save(build_encoder("resnet8", 10).state_dict(), path)
     with pytest.raises(CheckpointMismatchError) as info:
         load_encoder_weights(build_encoder("resnet8", 100), path)
+    msg = str(info.value)
+    assert "classifier for 10 classes" in msg and "has 100 classes" in msg
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_matching_state_dict(build_encoder("resnet8", 100), torch.load(path), source=str(path))
     msg = str(info.value)
     assert "fc.weight: file (10, 64) vs model (100, 64)" in msg
     assert "fc.bias: file (10,) vs model (100,)" in msg

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from desupcon import checkpoint, train
-from desupcon.checkpoint import (CheckpointError, OutputWriteError, atomic_torch_save, atomic_write_bytes,
+from desupcon.checkpoint import (CheckpointError, OutputWriteError, atomic_torch_save,
                                  atomic_write_json, load_checkpoint, read_json, update_json_records)
 from desupcon.cli import build_parser, config_from_args, main
 from desupcon.config import run_name, teacher_run_name
@@ -441,6 +441,8 @@ def cli_error(capsys, tmp_path, *extra, args=SMALL) -> str:
     ("--kd-temperature", "0", "--kd-temperature must be > 0"),
     ("--epochs", "0", "--epochs must be >= 1"),
     ("--lr", "0", "--lr must be > 0"),
+    ("--lr", "inf", "--lr must be a finite number"),
+    ("--temperature", "nan", "--temperature must be a finite number"),
 ])
 def test_invalid_setting_is_rejected_before_anything_runs(tmp_path, capsys, flag, value, expected):
     message = cli_error(capsys, tmp_path, flag, value)
@@ -467,12 +469,13 @@ def test_unknown_name_lists_the_known_ones(tmp_path, capsys, flag, value, known)
         assert name in message
 
 
-def test_teacher_weights_with_another_class_count(tmp_path, capsys):
-    weights = tmp_path / "cifar100_resnet8.pth"
-    torch.save(build_encoder("resnet8", 100).state_dict(), weights)
+@pytest.mark.parametrize("classes", [100, 5])
+def test_teacher_weights_with_another_class_count(tmp_path, capsys, classes):
+    weights = tmp_path / f"resnet8_{classes}_classes.pth"
+    torch.save(build_encoder("resnet8", classes).state_dict(), weights)
     message = cli_error(capsys, tmp_path, "--teacher-weights", str(weights))
-    assert str(weights) in message and "100 classes" in message and "10 classes" in message
-    assert "digits" in message
+    assert str(weights) in message and f"for {classes} classes" in message
+    assert "digits has 10 classes" in message
 
 
 def test_missing_dataset_offline_says_where_to_put_it(tmp_path, capsys):

@@ -16,17 +16,8 @@ METHOD_VARIANTS = [("ce", 0), ("supcon", 0), ("crd", 0), ("crd", 64), ("lw-supcr
                    ("lw-supcrd", 64), ("hybrid", 0), ("hybrid", 64)]
 
 
-def tiny_config(output_dir) -> RunConfig:
-    return preset("quick").replace(
-        data={"train_subset": 160, "test_subset": 64},
-        model={"teacher_arch": "resnet8", "student_arch": "resnet8"},
-        optim={"epochs": 2, "batch_size": 32},
-        teacher={"epochs": 1, "probe_epochs": 1},
-        device="cpu", output_dir=str(output_dir))
-
-
 @pytest.fixture(scope="module")
-def session(tmp_path_factory):
+def session(tmp_path_factory, tiny_config):
     return Session(tiny_config(tmp_path_factory.mktemp("runs")))
 
 
@@ -116,8 +107,8 @@ def test_teacher_head_trains_and_backbone_does_not(session):
     assert not any(p.requires_grad for p in teacher.encoder.parameters())
 
 
-def test_lockstep_equals_training_alone(tmp_path):
-    cfg = tiny_config(tmp_path / "solo").replace(optim={"epochs": 1})
+def test_lockstep_equals_training_alone(tmp_path, tiny_config):
+    cfg = tiny_config(tmp_path / "solo", epochs=1)
     variants = [{"method": "lw-supcrd", "bank_size": 64}, {"method": "crd"}, {"method": "ce"},
                 {"method": "hybrid", "lam": 0.3}]
     solo_session = Session(cfg)
