@@ -63,7 +63,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from desupcon import data as data_mod  # noqa: E402
-from desupcon import train  # noqa: E402
+from desupcon import devices, train  # noqa: E402
 from desupcon.analysis import alignment_class, analyze_embeddings, uniformity  # noqa: E402
 from desupcon.config import MethodConfig, preset, run_name  # noqa: E402
 from desupcon.experiments import plan  # noqa: E402
@@ -165,7 +165,7 @@ def make_teacher(arch: str, num_classes: int, device: torch.device, seed: int = 
     """A randomly initialised teacher: timing does not depend on its weights."""
     torch.manual_seed(seed)
     return Teacher(build_encoder(arch, num_classes)).to(device).to(
-        memory_format=train._memory_format(device)).eval()
+        memory_format=devices.memory_format(device)).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def ours_stepper(cfg, dataset, teacher, device):
     run.start_epoch()
     augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
     gen = torch.Generator().manual_seed(cfg.optim.seed)
-    fmt = train._memory_format(device)
+    fmt = devices.memory_format(device)
 
     def batches():
         while True:
@@ -243,7 +243,7 @@ def ours_stepper(cfg, dataset, teacher, device):
         t1 = time.perf_counter()
         teacher_out = None
         if run.method.uses_teacher:
-            with train.autocast_for(device):
+            with devices.autocast_for(device):
                 teacher_out = teacher(views)
         run.step(indices, view1, views, labels, teacher_out)
         sync(device)
@@ -524,7 +524,7 @@ def bench_lockstep(args, dataset, device) -> None:
     for _ in range(3):
         sync(device)
         t0 = time.perf_counter()
-        with train.autocast_for(device):
+        with devices.autocast_for(device):
             out = teacher(views)
         sync(device)
         t1 = time.perf_counter()
@@ -656,7 +656,7 @@ def main() -> None:
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
-    device = train.select_device(args.device)
+    device = devices.select_device(args.device)
     began = time.perf_counter()
     dataset = load_data(args).to(device)  # resident on the device, as train.prepare_dataset does
     cfg = make_cfg(args, dataset)
@@ -696,7 +696,7 @@ def main() -> None:
             ["ours: end to end (epoch_batches + TwoViewAugment + step)", f"{ours['total']:.3f}",
              f"{bs / ours['total']:.1f}", f"{baseline['total'] / ours['total']:.2f}x",
              f"{mem['ours']['extra_mb']:.0f}"],
-            [f"baseline: step only (2 teacher fwd, 2 student fwd), batch ready", f"{baseline['step']:.3f}",
+            ["baseline: step only (2 teacher fwd, 2 student fwd), batch ready", f"{baseline['step']:.3f}",
              f"{bs / baseline['step']:.1f}", "1.00x", "-"],
             [f"baseline: end to end (PIL DataLoader, {args.num_workers} workers + step)",
              f"{baseline['total']:.3f}", f"{bs / baseline['total']:.1f}", "1.00x",

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
 
-import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import pipeline
@@ -16,7 +14,7 @@ from .checkpoint import CheckpointError, check_json_records, check_writable
 from .config import METHODS, PRESETS, RunConfig, preset
 from .data import DatasetNotFoundError
 from .models import CheckpointMismatchError
-from .train import NonFiniteLossError, OutputPaths
+from .runs import NonFiniteLossError, OutputPaths
 from .validation import ConfigError, validate_config
 
 log = logging.getLogger("desupcon")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-METHODS = ("ce", "supcon", "crd", "lw-supcrd", "hybrid")
 # Method settings each method actually reads; the others do not enter its identity.
 METHOD_FIELDS = {
     "ce": (),
@@ -21,6 +20,7 @@ METHOD_FIELDS = {
     "hybrid": ("lam", "alpha", "beta", "temperature", "adaptive_beta", "kd_temperature",
                "bank_size", "bank_momentum"),
 }
+METHODS = tuple(METHOD_FIELDS)
 
 
 @dataclass
@@ -218,7 +218,7 @@ def run_name(cfg: RunConfig) -> str:
     """SPEC 8 names, e.g. student_alpha_1.0_beta_10.0_temp_0.07_resnet18_cifar100, plus a tag for
     every setting that differs from the paper protocol and is not already in the name."""
     m = cfg.method
-    bank = m.bank_size > 0 and m.method in ("crd", "lw-supcrd", "hybrid")
+    bank = m.bank_size > 0 and "bank_size" in METHOD_FIELDS[m.method]
     if m.method == "ce":
         base, named = "student_baseline_ce", set()
     elif m.method == "supcon":
@@ -230,9 +230,12 @@ def run_name(cfg: RunConfig) -> str:
     elif m.method == "lw-supcrd":
         base = f"student_alpha_{_fmt(m.alpha)}_beta_{_fmt(m.beta)}_temp_{_fmt(m.temperature)}"
         named = {"alpha", "beta", "temperature"}
-    else:
+    elif m.method == "hybrid":
         base = f"student_hybrid_lam_{_fmt(m.lam)}" + (f"_bank{m.bank_size}" if bank else "")
         named = {"lam"}
+    else:  # a newly added method: its settings that differ from the defaults become tags
+        base = f"student_{m.method.replace('-', '')}" + (f"_bank{m.bank_size}" if bank else "")
+        named = set()
     paper = PRESETS["paper"]
     tags = []
     for (section, key), tag in _TAGS.items():

@@ -19,7 +19,9 @@ from .checkpoint import atomic_torch_save, load_checkpoint, update_json_records
 from .config import RunConfig, dataset_tag
 from .data import ImageDataset, TwoViewAugment, eval_batches
 from .models import Teacher
-from .train import EVAL_BATCH, OutputPaths, autocast_for, load_student
+from .devices import autocast_for
+from .runs import EVAL_BATCH, OutputPaths
+from .train import load_student
 
 log = logging.getLogger("desupcon")
 ANALYSIS_SEED = 1234  # the augmented views of the test set used for instance alignment

@@ -8,7 +8,6 @@ checkpoints load directly.
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 from typing import Callable
 
 import torch

@@ -10,9 +10,8 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
-from . import evaluation, train
+from . import devices, evaluation, runs, teacher, train
 from .checkpoint import atomic_write_json, atomic_write_text
 from .config import RunConfig, default_bank_size
 from .data import ImageDataset
@@ -31,7 +30,7 @@ class Session:
     def __init__(self, cfg: RunConfig, analyze: bool = True, pictures: bool = True):
         self.cfg = cfg
         self.analyze_runs, self.pictures = analyze, pictures
-        self.device = train.select_device(cfg.device)
+        self.device = devices.select_device(cfg.device)
         self.paths = train.OutputPaths(cfg.output_dir)
         self._dataset: ImageDataset | None = None
         self._teacher: tuple[Teacher, dict] | None = None
@@ -39,13 +38,13 @@ class Session:
     @property
     def dataset(self) -> ImageDataset:
         if self._dataset is None:
-            self._dataset = train.prepare_dataset(self.cfg, self.device)
+            self._dataset = runs.prepare_dataset(self.cfg, self.device)
         return self._dataset
 
     def teacher(self, force: bool = False, resume: bool = True) -> tuple[Teacher, dict]:
         if self._teacher is None or force:
             validate_config(self.cfg, self.dataset)
-            self._teacher = train.load_or_train_teacher(self.cfg, self.dataset, self.device, force,
+            self._teacher = teacher.load_or_train_teacher(self.cfg, self.dataset, self.device, force,
                                                         resume)
         return self._teacher
 
@@ -103,8 +102,8 @@ def analyze_checkpoint(path: str | Path, device: str = "auto", output_dir: str |
     cfg = RunConfig.from_dict(ckpt["config"])
     cfg = cfg.replace(device=device, output_dir=str(output_dir),
                       data={"data_root": data_root} if data_root else {})
-    dev = train.select_device(device)
-    dataset = train.prepare_dataset(cfg, dev)
+    dev = devices.select_device(device)
+    dataset = runs.prepare_dataset(cfg, dev)
     return evaluation.analyze_student_checkpoint(Path(path), dataset, dev, teacher=None,
                                                  pictures=pictures, output_root=Path(output_dir))
 

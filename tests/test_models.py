@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from desupcon.train import load_teacher_weights
+from desupcon.teacher import load_teacher_weights
 
 from desupcon.models import (
     load_matching_state_dict,

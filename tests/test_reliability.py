@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from desupcon import checkpoint, train
+from desupcon import checkpoint, runs, train
+from desupcon import teacher as teacher_mod
 from desupcon.checkpoint import (CheckpointError, OutputWriteError, atomic_torch_save,
                                  atomic_write_json, load_checkpoint, read_json, update_json_records)
 from desupcon.cli import build_parser, config_from_args, main
@@ -102,8 +103,8 @@ def one_thread():
 def teacher_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("teacher")
     cfg = cli_config(ARGS, root)
-    dataset = train.prepare_dataset(cfg, torch.device("cpu"))
-    train.load_or_train_teacher(cfg, dataset, torch.device("cpu"))
+    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
+    teacher_mod.load_or_train_teacher(cfg, dataset, torch.device("cpu"))
     return root
 
 
@@ -111,8 +112,8 @@ def teacher_dir(tmp_path_factory) -> Path:
 def small_teacher_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small_teacher")
     cfg = cli_config(SMALL, root)
-    dataset = train.prepare_dataset(cfg, torch.device("cpu"))
-    train.load_or_train_teacher(cfg, dataset, torch.device("cpu"))
+    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
+    teacher_mod.load_or_train_teacher(cfg, dataset, torch.device("cpu"))
     return root
 
 
@@ -123,13 +124,13 @@ def reference(tmp_path_factory, teacher_dir) -> dict:
     done = run_cli(root)
     assert done.returncode == 0, done.stderr[-3000:]
     cfg = cli_config(ARGS, root)
-    paths = train.OutputPaths(root)
+    paths = runs.OutputPaths(root)
     return {"root": root, "cfg": cfg, "name": run_name(cfg), "paths": paths,
             "ckpt": load_checkpoint(paths.checkpoint(run_name(cfg)), "student")}
 
 
 def assert_equals_reference(root: Path, ref: dict) -> None:
-    paths, name = train.OutputPaths(root), ref["name"]
+    paths, name = runs.OutputPaths(root), ref["name"]
     ckpt = load_checkpoint(paths.checkpoint(name), "student")
     assert_same_tensors(ckpt["student"], ref["ckpt"]["student"], "student")
     assert_same_tensors(ckpt["teacher_head"], ref["ckpt"]["teacher_head"], "teacher head")
@@ -152,7 +153,7 @@ def assert_equals_reference(root: Path, ref: dict) -> None:
 
 def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_run(tmp_path, teacher_dir, reference):
     copy_teacher(teacher_dir, tmp_path)
-    paths, name = train.OutputPaths(tmp_path), reference["name"]
+    paths, name = runs.OutputPaths(tmp_path), reference["name"]
     partial = paths.partial_checkpoint(name)
     with open(tmp_path / "first.log", "w") as out:
         proc = subprocess.Popen(command(tmp_path), cwd=REPO, env=ENV, stdout=out, stderr=out)
@@ -206,7 +207,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, tea
     checkpoint still loads, the run resumes from it and ends identical to the uninterrupted run,
     and the dead writer's temporary file is cleaned by a later write."""
     copy_teacher(teacher_dir, tmp_path)
-    paths, name = train.OutputPaths(tmp_path), reference["name"]
+    paths, name = runs.OutputPaths(tmp_path), reference["name"]
     partial = paths.partial_checkpoint(name)
     argv = ["train", *ARGS, "--output-dir", str(tmp_path)]
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(partial.resolve()), "2", *argv], cwd=REPO,
@@ -269,8 +270,8 @@ def _crash_at(monkeypatch, epoch: int, step: int):
 
 def test_exact_resume_in_process_lockstep_with_bank(tmp_path, small_teacher_dir, monkeypatch):
     cfg = cli_config(SMALL, tmp_path / "a", "--epochs", "3")
-    dataset = train.prepare_dataset(cfg, torch.device("cpu"))
-    teacher, _ = train.load_or_train_teacher(cli_config(SMALL, small_teacher_dir), dataset, torch.device("cpu"))
+    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
+    teacher, _ = teacher_mod.load_or_train_teacher(cli_config(SMALL, small_teacher_dir), dataset, torch.device("cpu"))
     variants = [{"method": "lw-supcrd", "bank_size": 64}, {"method": "hybrid", "bank_size": 64, "lam": 0.3}]
 
     def configs(root):
@@ -282,7 +283,7 @@ def test_exact_resume_in_process_lockstep_with_bank(tmp_path, small_teacher_dir,
         _crash_at(m, epoch=2, step=3)
         with pytest.raises(Crash):
             train.train_students(configs(tmp_path / "b"), dataset, teacher, torch.device("cpu"))
-    paths = train.OutputPaths(tmp_path / "b")
+    paths = runs.OutputPaths(tmp_path / "b")
     for c in configs(tmp_path / "b"):
         assert load_checkpoint(paths.partial_checkpoint(run_name(c)), "in_progress")["epoch"] == 1
     resumed = train.train_students(configs(tmp_path / "b"), dataset, teacher, torch.device("cpu"))
@@ -297,7 +298,7 @@ def test_exact_resume_in_process_lockstep_with_bank(tmp_path, small_teacher_dir,
 
 def test_no_resume_starts_over(tmp_path, small_teacher_dir, monkeypatch):
     cfg = cli_config(SMALL, tmp_path, "--method", "ce")
-    dataset = train.prepare_dataset(cfg, torch.device("cpu"))
+    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
     with monkeypatch.context() as m:
         _crash_at(m, epoch=2, step=2)
         with pytest.raises(Crash):
@@ -312,8 +313,8 @@ def test_no_resume_starts_over(tmp_path, small_teacher_dir, monkeypatch):
 
 def test_teacher_training_resumes_exactly(tmp_path, monkeypatch):
     cfg = cli_config(SMALL, tmp_path / "a", "--teacher-epochs", "3")
-    dataset = train.prepare_dataset(cfg, torch.device("cpu"))
-    ref, ref_log = train.train_teacher_encoder(cfg, dataset, torch.device("cpu"), train.OutputPaths(tmp_path / "a"))
+    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
+    ref, ref_log = teacher_mod.train_teacher_encoder(cfg, dataset, torch.device("cpu"), runs.OutputPaths(tmp_path / "a"))
 
     calls = {"n": 0}
     real_ce = train.F.cross_entropy
@@ -323,18 +324,18 @@ def test_teacher_training_resumes_exactly(tmp_path, monkeypatch):
         if calls["n"] == 8:
             raise Crash()
         return real_ce(*args, **kwargs)
-    paths = train.OutputPaths(tmp_path / "b")
+    paths = runs.OutputPaths(tmp_path / "b")
     with monkeypatch.context() as m:
         m.setattr(train.F, "cross_entropy", crashing_ce)
         with pytest.raises(Crash):
-            train.train_teacher_encoder(cfg, dataset, torch.device("cpu"), paths)
+            teacher_mod.train_teacher_encoder(cfg, dataset, torch.device("cpu"), paths)
     name = teacher_run_name(cfg)
     assert load_checkpoint(paths.partial_checkpoint(name), "in_progress")["epoch"] == 1
-    encoder, log = train.train_teacher_encoder(cfg, dataset, torch.device("cpu"), paths)
+    encoder, log = teacher_mod.train_teacher_encoder(cfg, dataset, torch.device("cpu"), paths)
     assert_same_tensors(encoder.state_dict(), ref.state_dict(), "teacher")
     assert without_seconds(log) == without_seconds(ref_log)
     # The final teacher checkpoint replaces the epoch checkpoint.
-    train.load_or_train_teacher(cfg.replace(output_dir=str(tmp_path / "b")), dataset, torch.device("cpu"))
+    teacher_mod.load_or_train_teacher(cfg.replace(output_dir=str(tmp_path / "b")), dataset, torch.device("cpu"))
     assert not paths.partial_checkpoint(name).exists()
 
 
@@ -355,7 +356,7 @@ def test_absurd_learning_rate_stops_with_a_clear_message(tmp_path, small_teacher
     cfg = cli_config(SMALL, out, "--teacher-weights", str(weights), "--lr", "1e10")
     assert run_name(cfg) in line and "non-finite" in line
     assert "epoch 1, step" in line and "--lr" in line and "--temperature" in line and "--alpha" in line
-    assert not train.OutputPaths(out).checkpoint(run_name(cfg)).exists()
+    assert not runs.OutputPaths(out).checkpoint(run_name(cfg)).exists()
     for path in out.rglob("*.json"):
         strict_json(path)
 
@@ -383,13 +384,13 @@ def _poison_at(monkeypatch, epoch: int, step: int, name_part: str = "", where: s
 def test_non_finite_keeps_last_good_checkpoint_and_writes_no_nan(tmp_path, small_teacher_dir,
                                                                   monkeypatch, where, what):
     cfg = cli_config(SMALL, tmp_path, "--epochs", "3")
-    dataset = train.prepare_dataset(cfg, torch.device("cpu"))
-    teacher, _ = train.load_or_train_teacher(cli_config(SMALL, small_teacher_dir), dataset, torch.device("cpu"))
+    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
+    teacher, _ = teacher_mod.load_or_train_teacher(cli_config(SMALL, small_teacher_dir), dataset, torch.device("cpu"))
     bad, good = cfg.replace(method={"method": "crd"}), cfg.replace(method={"method": "lw-supcrd"})
     _poison_at(monkeypatch, epoch=2, step=3, name_part="crd", where=where)
-    with pytest.raises(train.NonFiniteLossError) as info:
+    with pytest.raises(runs.NonFiniteLossError) as info:
         train.train_students([bad, good], dataset, teacher, torch.device("cpu"))
-    message, paths = str(info.value), train.OutputPaths(tmp_path)
+    message, paths = str(info.value), runs.OutputPaths(tmp_path)
     assert message.startswith(f"run {run_name(bad)}: {what}") and "at epoch 2, step 3" in message
     partial = paths.partial_checkpoint(run_name(bad))
     assert f"after epoch 1) is kept in {partial}" in message
@@ -580,7 +581,7 @@ def test_corrupted_epoch_checkpoint(tmp_path, capsys, small_teacher_dir):
     out = tmp_path / "out"
     copy_teacher(small_teacher_dir, out)
     cfg = cli_config(SMALL, out)
-    partial = train.OutputPaths(out).partial_checkpoint(run_name(cfg))
+    partial = runs.OutputPaths(out).partial_checkpoint(run_name(cfg))
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"PK\x03\x04 not really a zip")
     message = cli_error(capsys, tmp_path)
@@ -591,14 +592,14 @@ def test_corrupted_comprehensive_results_fail_before_training(tmp_path, capsys, 
     out = tmp_path / "out"
     copy_teacher(small_teacher_dir, out)
     cfg = cli_config(SMALL, out)
-    results = comprehensive_results_path(train.OutputPaths(out), "resnet8", "digits")
+    results = comprehensive_results_path(runs.OutputPaths(out), "resnet8", "digits")
     results.parent.mkdir(parents=True)
     results.write_text('{"other_run": {"accuracy": {"test_acc": 51.0}}, "trunc')
     before = results.read_bytes()
     message = cli_error(capsys, tmp_path)
     assert str(results) in message and "not valid JSON" in message
     assert results.read_bytes() == before, "other runs' records must not be overwritten"
-    assert not train.OutputPaths(out).checkpoint(run_name(cfg)).exists(), "failed before training"
+    assert not runs.OutputPaths(out).checkpoint(run_name(cfg)).exists(), "failed before training"
     with pytest.raises(CheckpointError, match="not valid JSON"):
         update_json_records(results, "new_run", {"accuracy": {}})
     assert results.read_bytes() == before

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from desupcon import data, train
+from desupcon import data, runs, train
 from desupcon.checkpoint import CheckpointError, load_checkpoint
 from desupcon.cli import RUN_FLAGS, build_parser, config_from_args
 from desupcon.config import RunConfig, preset, run_name, teacher_run_name
@@ -71,7 +71,7 @@ def test_every_method_trains_reloads_and_caches(session, method, bank):
     assert log_file.is_file()
     student, ckpt = train.load_student(result.checkpoint)
     ds = session.dataset
-    acc = train.evaluate_accuracy(lambda x: student(x)[2], ds.test_images, ds.test_labels, ds,
+    acc = runs.evaluate_accuracy(lambda x: student(x)[2], ds.test_images, ds.test_labels, ds,
                                   torch.device("cpu"))
     assert acc == pytest.approx(result.metrics["test_acc"], abs=1e-9)
     assert ckpt["config"] == cfg.to_dict()
@@ -99,7 +99,7 @@ def test_teacher_head_trains_and_backbone_does_not(session):
     head_before = {k: v.clone() for k, v in run.teacher_head.state_dict().items()}
     gen = torch.Generator().manual_seed(0)
     train._train_lockstep([run], session.dataset, teacher, session.device, gen,
-                          train.OutputPaths(cfg.output_dir + "/scratch"))
+                          runs.OutputPaths(cfg.output_dir + "/scratch"))
     for k, v in teacher.encoder.state_dict().items():  # BN running stats included
         assert torch.equal(v, encoder_before[k]), f"teacher {k} changed"
     changed = [k for k, v in run.teacher_head.state_dict().items() if not torch.equal(v, head_before[k])]
