@@ -10,16 +10,17 @@ import logging
 import time
 from pathlib import Path
 
-
-from . import devices, evaluation, runs, teacher, train
-from .checkpoint import atomic_write_json, atomic_write_text
+from . import evaluation, train
+from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
 from .config import RunConfig, default_bank_size
 from .data import ImageDataset
-from .checkpoint import load_checkpoint
+from .devices import select_device
 from .methods import build_method
-from .report import write_report
-from .validation import validate_config
 from .models import Teacher
+from .report import write_report
+from .runs import OutputPaths, prepare_dataset
+from .teacher import load_or_train_teacher
+from .validation import validate_config
 
 log = logging.getLogger("desupcon")
 
@@ -30,22 +31,21 @@ class Session:
     def __init__(self, cfg: RunConfig, analyze: bool = True, pictures: bool = True):
         self.cfg = cfg
         self.analyze_runs, self.pictures = analyze, pictures
-        self.device = devices.select_device(cfg.device)
-        self.paths = train.OutputPaths(cfg.output_dir)
+        self.device = select_device(cfg.device)
+        self.paths = OutputPaths(cfg.output_dir)
         self._dataset: ImageDataset | None = None
         self._teacher: tuple[Teacher, dict] | None = None
 
     @property
     def dataset(self) -> ImageDataset:
         if self._dataset is None:
-            self._dataset = runs.prepare_dataset(self.cfg, self.device)
+            self._dataset = prepare_dataset(self.cfg, self.device)
         return self._dataset
 
     def teacher(self, force: bool = False, resume: bool = True) -> tuple[Teacher, dict]:
         if self._teacher is None or force:
             validate_config(self.cfg, self.dataset)
-            self._teacher = teacher.load_or_train_teacher(self.cfg, self.dataset, self.device, force,
-                                                        resume)
+            self._teacher = load_or_train_teacher(self.cfg, self.dataset, self.device, force, resume)
         return self._teacher
 
     def _check_compatible(self, cfg: RunConfig) -> None:
@@ -65,7 +65,7 @@ class Session:
         if lockstep:
             groups: dict[tuple, list[int]] = {}
             for i, cfg in enumerate(cfgs):
-                groups.setdefault(train._lockstep_key(cfg), []).append(i)
+                groups.setdefault(train.lockstep_key(cfg), []).append(i)
             batches = list(groups.values())
         else:
             batches = [[i] for i in range(len(cfgs))]
@@ -102,8 +102,8 @@ def analyze_checkpoint(path: str | Path, device: str = "auto", output_dir: str |
     cfg = RunConfig.from_dict(ckpt["config"])
     cfg = cfg.replace(device=device, output_dir=str(output_dir),
                       data={"data_root": data_root} if data_root else {})
-    dev = devices.select_device(device)
-    dataset = runs.prepare_dataset(cfg, dev)
+    dev = select_device(device)
+    dataset = prepare_dataset(cfg, dev)
     return evaluation.analyze_student_checkpoint(Path(path), dataset, dev, teacher=None,
                                                  pictures=pictures, output_root=Path(output_dir))
 

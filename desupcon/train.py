@@ -205,7 +205,7 @@ def make_student_run(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Te
                       torch.Generator().manual_seed(cfg.optim.seed + 1), device, run_name(cfg))
 
 
-def _lockstep_key(cfg: RunConfig) -> tuple:
+def lockstep_key(cfg: RunConfig) -> tuple:
     """Runs that can share batches: same data, data order, batch size, epochs and teacher."""
     return (repr(cfg.data_identity()), cfg.optim.seed, cfg.optim.batch_size, cfg.optim.epochs,
             repr(cfg.teacher_identity()))
@@ -236,7 +236,7 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
     """
     if not cfgs:
         return []
-    keys = {_lockstep_key(c) for c in cfgs}
+    keys = {lockstep_key(c) for c in cfgs}
     if len(keys) != 1:
         raise ValueError("lockstep training needs the same dataset, seed, batch size, epochs and "
                          "teacher for every run; train such groups separately")

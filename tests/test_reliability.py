@@ -99,22 +99,21 @@ def one_thread():
 # Fixtures: a teacher trained once, an uninterrupted reference run of the command line
 # ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("teacher")
-    cfg = cli_config(ARGS, root)
+def _trained_teacher_dir(root: Path, args) -> Path:
+    cfg = cli_config(args, root)
     dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
     teacher_mod.load_or_train_teacher(cfg, dataset, torch.device("cpu"))
     return root
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    return _trained_teacher_dir(tmp_path_factory.mktemp("teacher"), ARGS)
 
 
 @pytest.fixture(scope="module")
 def small_teacher_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("small_teacher")
-    cfg = cli_config(SMALL, root)
-    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
-    teacher_mod.load_or_train_teacher(cfg, dataset, torch.device("cpu"))
-    return root
+    return _trained_teacher_dir(tmp_path_factory.mktemp("small_teacher"), SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,103 @@
+"""Every finished run is analysed and recorded; `analyze` reproduces it elsewhere; `report` lists it."""
+
+import json
+import shutil
+
+import matplotlib.image
+import pytest
+
+from desupcon import report
+from desupcon.checkpoint import load_checkpoint
+from desupcon.cli import main
+from desupcon.config import preset, teacher_run_name
+from desupcon.evaluation import comprehensive_results_path
+from desupcon.pipeline import Session
+
+PICTURES = ("tsne.png", "alignment_uniformity.png", "training_curves.png", "hypersphere.html")
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory, tiny_config):
+    root = tmp_path_factory.mktemp("analysed")
+    cfg = tiny_config(root)
+    session = Session(cfg)
+    session.analyze_teacher()
+    results = session.run_many([cfg.replace(method={"method": m}) for m in ("lw-supcrd", "ce")])
+    return root, cfg, results
+
+
+def test_every_run_is_analysed_recorded_and_drawn(analysed):
+    root, cfg, results = analysed
+    records = json.loads(comprehensive_results_path(
+        Session(cfg).paths, cfg.model.student_arch, cfg.data.dataset).read_text())
+    assert set(records) == {r.name for r in results} | {teacher_run_name(cfg, with_projection=True)}
+    for r in results:
+        ckpt = load_checkpoint(r.checkpoint)
+        metrics = ckpt["analysis"]["metrics"]
+        assert metrics == r.analysis == records[r.name]["metrics"]
+        assert -4.0 < metrics["uniformity"] < 0.0 and 0.0 <= metrics["alignment_class"] <= 4.0
+        assert metrics["semantic_agreement_pearson"] is not None
+        assert records[r.name]["accuracy"]["test_acc"] == r.metrics["test_acc"]
+        for suffix in PICTURES:
+            path = root / "plots" / f"{r.name}_{suffix}"
+            assert path.is_file(), path
+            if suffix.endswith(".png"):
+                image = matplotlib.image.imread(path)
+                assert image.std() > 0.01, f"{path} looks blank"
+
+
+def test_analyze_in_an_empty_directory_reproduces_the_stored_metrics(analysed, tmp_path, capsys):
+    _, _, results = analysed
+    source = results[0].checkpoint
+    stored = load_checkpoint(source)["analysis"]["metrics"]
+    copy = tmp_path / "elsewhere" / source.name
+    copy.parent.mkdir()
+    shutil.copy(source, copy)
+    out_dir = tmp_path / "out"
+    assert main(["analyze", str(copy), "--output-dir", str(out_dir), "--device", "cpu"]) == 0
+    again = load_checkpoint(copy)["analysis"]["metrics"]
+    for key, value in stored.items():
+        if isinstance(value, float):
+            assert again[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        else:
+            assert again[key] == value, key
+    assert "alignment_class" in capsys.readouterr().out
+    assert (out_dir / "plots" / f"{results[0].name}_tsne.png").is_file()
+
+
+def test_report_lists_every_run_on_disk(analysed, tmp_path):
+    root, _, results = analysed
+    text, path = report.write_report(root)
+    assert path == root / "json_results" / "results.md" and path.read_text() == text
+    for r in results:
+        assert f"`{r.name}`" in text
+    assert "### Main results" in text and "CE student" in text and "LW-SupCRD" in text
+    # a checkpoint with no record yet (e.g. copied from another machine) is listed too
+    lonely = tmp_path / "lonely"
+    (lonely / "pth_models").mkdir(parents=True)
+    shutil.copy(results[1].checkpoint, lonely / "pth_models")
+    assert f"`{results[1].name}`" in report.build_report(lonely)
+
+
+def _record(name, cfg, seed, acc, align, unif):
+    return {"run": name, "kind": "student", "method": cfg.method.method, "seed": seed,
+            "config": cfg.replace(optim={"seed": seed}).to_dict(),
+            "accuracy": {"test_acc": acc, "train_acc": acc + 10, "train_test_gap": 10.0},
+            "metrics": {"alignment_class": align, "uniformity": unif}}
+
+
+def test_report_statistics_and_published_figures(tmp_path):
+    paper = preset("paper")
+    lw, ce = paper.replace(method={"method": "lw-supcrd"}), paper.replace(method={"method": "ce"})
+    records = {f"lw{s}": _record(f"lw{s}", lw, s, acc, 1.0, -3.7) for s, acc in ((0, 73.0), (1, 75.0))}
+    records.update({f"ce{s}": _record(f"ce{s}", ce, s, acc, 0.6, -1.7) for s, acc in ((0, 68.0), (1, 69.0))})
+    (tmp_path / "json_results").mkdir()
+    (tmp_path / "json_results" / "comprehensive_results_resnet18_cifar100.json").write_text(json.dumps(records))
+    text = report.build_report(tmp_path, tables=["main"])
+    lw_row = next(line for line in text.splitlines() if line.startswith("| LW-SupCRD |"))
+    cells = [c.strip() for c in lw_row.strip("|").split("|")]
+    assert cells[1] == "2" and cells[2] == "74.00 ± 1.41"
+    assert cells[8] == "5.50 ± 0.50 (n=2)"  # paired vs the CE student: (5 + 6) / 2, se 0.5
+    assert cells[9] == "73.35 / 1.199 / -3.7104"  # SPEC 9, main table
+    ce_row = next(line for line in text.splitlines() if line.startswith("| CE student |"))
+    assert "67.93 / 0.6631 / -1.7332" in ce_row
