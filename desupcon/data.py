@@ -71,14 +71,24 @@ class ImageDataset:
     def image_size(self) -> int:
         return self.train_images.shape[-1]
 
-    def to(self, device: torch.device | str) -> "ImageDataset":
-        """Move the image and label tensors (not a copy when already there)."""
+    def to(self, device: torch.device | str, images: bool = True) -> "ImageDataset":
+        """Compute on `device`: the statistics move there, and the images and labels too unless
+        `images` is False (then they stay on the host, pinned, and travel batch by batch)."""
+        device = torch.device(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
         for name in ("train_images", "train_labels", "test_images", "test_labels",
-                     "train_coarse_labels", "test_coarse_labels", "mean", "std"):
+                     "train_coarse_labels", "test_coarse_labels"):
             value = getattr(self, name)
-            if value is not None:
+            if value is None:
+                continue
+            if images:
                 setattr(self, name, value.to(device))
+            elif device.type == "cuda":
+                setattr(self, name, value.pin_memory())
         return self
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.train_images, self.test_images))
 
 
 def _hwc_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -332,17 +342,20 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
     With `views=1` (teacher training, probes) view2 is None and not computed.
     The order and the augmentation parameters come from the CPU `generator`, so the same seed
     yields the same batches on any device. A dataset smaller than one batch gives one batch.
+    Batches are computed on the device of the normalisation statistics (`augment.mean`); images
+    kept on the host (too large for the GPU) are copied there batch by batch.
     """
     n = labels.shape[0]
+    device = augment.mean.device
     order = torch.randperm(n, generator=generator)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
-        idx_dev = to_device(idx, images.device)
-        batch = images[idx_dev]
+        idx_src = to_device(idx, images.device)
+        batch = to_device(images[idx_src], device)
         view1 = augment(batch, generator)
         view2 = augment(batch, generator) if views == 2 else None
-        yield idx, view1, view2, labels[idx_dev]
+        yield idx, view1, view2, to_device(labels[idx_src], device)
 
 
 def batches_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
@@ -353,6 +366,7 @@ def batches_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
 
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  mean: torch.Tensor, std: torch.Tensor):
-    """Test-time batches: normalisation only, in order."""
+    """Test-time batches on the device of `mean`: normalisation only, in order."""
     for start in range(0, labels.shape[0], batch_size):
-        yield normalise(images[start:start + batch_size], mean, std), labels[start:start + batch_size]
+        yield (normalise(to_device(images[start:start + batch_size], mean.device), mean, std),
+               to_device(labels[start:start + batch_size], mean.device))

@@ -19,7 +19,7 @@ from .checkpoint import atomic_torch_save, load_checkpoint, update_json_records
 from .config import RunConfig, dataset_tag
 from .data import ImageDataset, TwoViewAugment, eval_batches
 from .models import Teacher
-from .devices import autocast_for
+from .devices import autocast_for, to_device
 from .runs import EVAL_BATCH, OutputPaths
 from .train import load_student
 
@@ -44,7 +44,8 @@ def embed(project, images: torch.Tensor, dataset: ImageDataset, device: torch.de
         augment = TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
         for start in range(0, len(images), EVAL_BATCH):
             with autocast_for(device):
-                out.append(project(augment(images[start:start + EVAL_BATCH], gen)).float().cpu())
+                batch = to_device(images[start:start + EVAL_BATCH], dataset.mean.device)
+                out.append(project(augment(batch, gen)).float().cpu())
     return torch.nn.functional.normalize(torch.cat(out), dim=1)
 
 

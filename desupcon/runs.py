@@ -74,7 +74,19 @@ def prepare_dataset(cfg: RunConfig, device: torch.device) -> data_mod.ImageDatas
     if cfg.data.train_subset or cfg.data.test_subset:
         dataset = data_mod.subsample(dataset, cfg.data.train_subset, cfg.data.test_subset,
                                      seed=0)  # one subset for every seed
-    return dataset.to(device)
+    return dataset.to(device, images=fits_on_device(dataset.nbytes(), device))
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether a dataset of `nbytes` can live on `device`, leaving most memory for training."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes > free // 4:
+        log.info(f"dataset ({nbytes / 2**20:.0f} MB) kept in host memory: it would take more than a "
+                 f"quarter of the GPU's free {free / 2**20:.0f} MB; batches are copied as needed")
+        return False
+    return True
 
 
 @torch.no_grad()
