@@ -165,7 +165,9 @@ def cmd_sweep(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="desupcon", description="Logit-weighted supervised contrastive representation distillation.")
+        prog="desupcon", description="Logit-weighted supervised contrastive representation distillation.",
+        epilog="Without a command, runs the whole published plan like the notebook: "
+               "`desupcon [--preset quick] ...` = `desupcon sweep all ...`.")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("quickstart", help="teacher + every method on the embedded digits, with a table")
