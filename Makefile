@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup quickstart test test-slow bench clean-outputs
+.PHONY: setup quickstart test bench clean-outputs
 
 $(PY): requirements.txt pyproject.toml
 	./scripts/setup.sh
@@ -15,9 +15,6 @@ quickstart: $(PY)
 
 test: $(PY)
 	$(PY) -m pytest -q
-
-test-slow: $(PY)
-	$(PY) -m pytest -q --run-slow
 
 bench: $(PY)
 	$(PY) benchmarks/bench_training.py --preset paper --method lw-supcrd --device cpu --batch-size 32

@@ -1,4 +1,4 @@
-"""Shared fixtures; `--run-slow` enables the tests marked slow."""
+"""Shared test settings and the tiny run configuration."""
 
 import os
 
@@ -6,20 +6,6 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", default=False,
-                     help="run tests marked slow (minutes on a 2-core CPU)")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-slow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --run-slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
 
 
 def tiny_run_config(output_dir, train_images: int = 160, test_images: int = 64, epochs: int = 2):
