@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import pipeline
 from .checkpoint import CheckpointError, check_json_records, check_writable
-from .config import METHODS, PRESETS, RunConfig, preset
+from .config import HUB_TEACHER, METHODS, PRESET_HELP, PRESETS, RunConfig, config_json, preset, run_name
 from .data import DatasetNotFoundError
 from .models import CheckpointMismatchError
 from .runs import NonFiniteLossError, OutputPaths
@@ -19,31 +20,60 @@ from .validation import ConfigError, validate_config
 
 log = logging.getLogger("desupcon")
 
-# flag -> (section, field, type); every one overrides the preset only when given.
+# flag -> (section, field, type, help); every one overrides the preset only when given.
 RUN_FLAGS = {
-    "--dataset": ("data", "dataset", str),
-    "--data-root": ("data", "data_root", str),
-    "--train-subset": ("data", "train_subset", int),
-    "--test-subset": ("data", "test_subset", int),
-    "--image-size": ("data", "image_size", int),
-    "--teacher-arch": ("model", "teacher_arch", str),
-    "--student-arch": ("model", "student_arch", str),
-    "--teacher-weights": ("model", "teacher_weights", str),
-    "--method": ("method", "method", str),
-    "--alpha": ("method", "alpha", float),
-    "--beta": ("method", "beta", float),
-    "--temperature": ("method", "temperature", float),
-    "--kd-temperature": ("method", "kd_temperature", float),
-    "--lam": ("method", "lam", float),
-    "--bank-size": ("method", "bank_size", int),
-    "--bank-momentum": ("method", "bank_momentum", float),
-    "--epochs": ("optim", "epochs", int),
-    "--batch-size": ("optim", "batch_size", int),
-    "--lr": ("optim", "lr", float),
-    "--weight-decay": ("optim", "weight_decay", float),
-    "--seed": ("optim", "seed", int),
-    "--teacher-epochs": ("teacher", "epochs", int),
-    "--probe-epochs": ("teacher", "probe_epochs", int),
+    "--dataset": ("data", "dataset", str, "cifar100, cifar10, digits or npz:<folder>"),
+    "--data-root": ("data", "data_root", str, "folder holding (or receiving) the dataset files"),
+    "--train-subset": ("data", "train_subset", int, "train on a seeded random subset of N images"),
+    "--test-subset": ("data", "test_subset", int, "evaluate on a seeded random subset of N images"),
+    "--image-size": ("data", "image_size", int, "resize every image to N x N pixels"),
+    "--teacher-arch": ("model", "teacher_arch", str, "teacher architecture (resnet50, resnet32x4, ...)"),
+    "--student-arch": ("model", "student_arch", str, "student architecture (resnet18, resnet8, ...)"),
+    "--teacher-weights": ("model", "teacher_weights", str,
+                          f"teacher weights: a .pth/.pth.tar/.safetensors/.bin file or {HUB_TEACHER} "
+                          "(the paper presets' default)"),
+    "--init": ("model", "init", str, "convolution initialisation: kaiming (default, as published) or pytorch"),
+    "--method": ("method", "method", str, f"training method: {', '.join(METHODS)}"),
+    "--alpha": ("method", "alpha", float, "LW-SupCRD pull weight alpha (the loss is divided by it)"),
+    "--beta": ("method", "beta", float, "LW-SupCRD push weight beta"),
+    "--temperature": ("method", "temperature", float, "contrastive temperature tau"),
+    "--kd-temperature": ("method", "kd_temperature", float,
+                         "temperature of the teacher softmax that weights LW-SupCRD"),
+    "--lam": ("method", "lam", float, "hybrid mix: lam * SupCon + (1 - lam) * LW-SupCRD"),
+    "--hybrid-scaling": ("method", "hybrid_scaling", str,
+                         "hybrid terms: running (each divided by a running scale, as published) or plain"),
+    "--hybrid-scale-steps": ("method", "hybrid_scale_steps", int,
+                             "steps during which the hybrid's running scales still move (100)"),
+    "--bank-size": ("method", "bank_size", int, "memory-bank entries drawn per step (0: no bank)"),
+    "--bank-momentum": ("method", "bank_momentum", float, "memory-bank momentum m"),
+    "--bank-mode": ("method", "bank_mode", str,
+                    "class-aware (default: written slots, same class positive) or negatives-only "
+                    "(the published README: every entry a negative, drawn from all slots)"),
+    "--epochs": ("optim", "epochs", int, "student training epochs"),
+    "--batch-size": ("optim", "batch_size", int, "images per batch (two views each)"),
+    "--lr": ("optim", "lr", float, "student (encoder and projector) learning rate"),
+    "--weight-decay": ("optim", "weight_decay", float, "student weight decay"),
+    "--schedule": ("optim", "schedule", str, "student learning-rate schedule: constant or cosine"),
+    "--classifier-lr": ("optim", "classifier_lr", float,
+                        "online linear classifier learning rate (constant, no weight decay)"),
+    "--head-lr": ("optim", "head_lr", float, "teacher projection head learning rate during distillation"),
+    "--seed": ("optim", "seed", int, "student seed (data order, initialisation)"),
+    "--teacher-epochs": ("teacher", "epochs", int, "teacher cross-entropy epochs (with --train-teacher)"),
+    "--teacher-lr": ("teacher", "lr", float, "teacher cross-entropy learning rate"),
+    "--teacher-batch-size": ("teacher", "batch_size", int, "teacher training and probe batch size"),
+    "--teacher-weight-decay": ("teacher", "weight_decay", float, "teacher cross-entropy weight decay"),
+    "--teacher-schedule": ("teacher", "schedule", str, "teacher learning-rate schedule: constant or cosine"),
+    "--teacher-seed": ("teacher", "seed", int, "teacher seed (its training and its probe)"),
+    "--probe-epochs": ("teacher", "probe_epochs", int, "cosine-probe epochs of the teacher's projection head"),
+}
+# flag pairs -> (section, field, help of the positive flag, help of the negative flag)
+BOOL_FLAGS = {
+    ("--download", "--no-download"): ("data", "download", "download torchvision datasets when missing "
+                                      "(default)", "never download; fail if the files are missing"),
+    ("--adaptive-beta", "--no-adaptive-beta"): ("method", "adaptive_beta",
+                                                "beta_i = beta / (p_i(y_i) + 0.5) (default)", "constant beta"),
+    ("--drop-last", "--keep-last"): ("optim", "drop_last", "drop the last partial batch of every epoch "
+                                     "(paper-bank)", "keep the last partial batch (paper)"),
 }
 
 
@@ -53,44 +83,55 @@ def _dest(flag: str) -> str:
 
 def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="starting configuration: quick (CPU, digits) or paper (SPEC 6)")
+                   help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
     p.add_argument("--output-dir", default=".", help="root of pth_models/, json_results/, plots/")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--force", action="store_true", help="retrain even when a cached run exists")
+    p.add_argument("--force", action="store_true",
+                   help="retrain student runs even when cached (each once; never the teacher)")
+    p.add_argument("--force-teacher", action="store_true",
+                   help="retrain (or re-probe) the teacher even when cached")
     p.add_argument("--no-resume", action="store_true", help="ignore epoch checkpoints, start over")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (GPU)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the fully resolved configuration(s) as JSON and exit")
     if not with_run_flags:
         return
-    for flag, (_, _, kind) in RUN_FLAGS.items():
-        p.add_argument(flag, type=kind, default=None, dest=_dest(flag))
-    p.add_argument("--download", dest="download", action="store_true", default=None,
-                   help="download torchvision datasets when missing (default)")
-    p.add_argument("--no-download", dest="download", action="store_false")
-    p.add_argument("--adaptive-beta", dest="adaptive_beta", action="store_true", default=None)
-    p.add_argument("--no-adaptive-beta", dest="adaptive_beta", action="store_false")
+    for flag, (_, _, kind, text) in RUN_FLAGS.items():
+        p.add_argument(flag, type=kind, default=None, dest=_dest(flag), help=text)
+    for (yes, no), (_, key, yes_help, no_help) in BOOL_FLAGS.items():
+        p.add_argument(yes, dest=key, action="store_true", default=None, help=yes_help)
+        p.add_argument(no, dest=key, action="store_false", help=no_help)
+    p.add_argument("--train-teacher", action="store_true",
+                   help="train the teacher with cross-entropy (its own --teacher-* settings) instead "
+                        "of loading weights")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The preset with every explicitly given flag applied."""
     cfg = preset(args.preset)
     changes: dict[str, dict] = {}
-    for flag, (section, key, _) in RUN_FLAGS.items():
+    for flag, (section, key, _, _) in RUN_FLAGS.items():
         value = getattr(args, _dest(flag), None)
         if value is not None:
             changes.setdefault(section, {})[key] = value
-    if getattr(args, "download", None) is not None:
-        changes.setdefault("data", {})["download"] = args.download
-    if getattr(args, "adaptive_beta", None) is not None:
-        changes.setdefault("method", {})["adaptive_beta"] = args.adaptive_beta
+    for (section, key, _, _) in BOOL_FLAGS.values():
+        if getattr(args, key, None) is not None:
+            changes.setdefault(section, {})[key] = getattr(args, key)
+    if getattr(args, "train_teacher", False):
+        if getattr(args, "teacher_weights", None):
+            raise ConfigError("--train-teacher and --teacher-weights contradict each other; give one")
+        changes.setdefault("model", {})["teacher_weights"] = None
     cfg = cfg.replace(**changes)
     return cfg.replace(device=args.device, output_dir=str(args.output_dir), compile=args.compile)
 
 
-def preflight(cfgs: list[RunConfig]) -> None:
+def preflight(cfgs: list[RunConfig], teacher: bool = True) -> None:
     """Everything that can be checked before loading data or training: the settings, that the
-    output folders are writable and that the results files the runs will update are readable
-    (a corrupted one is reported now, not after hours of training)."""
+    output folders are writable, that the results files the runs will update are readable (a
+    corrupted one is reported now, not after hours of training) and that the teacher's weights
+    can be had (a missing published teacher is reported before any data is loaded)."""
     from .evaluation import comprehensive_results_path
+    from .teacher import check_teacher_available
     for cfg in cfgs:
         validate_config(cfg)
     for cfg in cfgs:
@@ -98,6 +139,13 @@ def preflight(cfgs: list[RunConfig]) -> None:
         for folder in (paths.models, paths.results):
             check_writable(folder)
         check_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset))
+    if teacher:
+        for cfg in {repr(c.teacher_identity()): c for c in cfgs}.values():
+            check_teacher_available(cfg)
+
+
+def print_config(cfgs) -> None:
+    print(config_json(cfgs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,28 +154,36 @@ def preflight(cfgs: list[RunConfig]) -> None:
 
 def cmd_quickstart(args) -> None:
     cfg = config_from_args(args)
-    preflight([c for _, c in pipeline.quickstart_configs(cfg)])
-    pipeline.quickstart(cfg, force=args.force)
+    cfgs = [c for _, c in pipeline.quickstart_configs(cfg)]
+    if args.print_config:
+        return print_config(cfgs)
+    preflight(cfgs)
+    pipeline.quickstart(cfg, force=args.force, force_teacher=args.force_teacher)
 
 
 def cmd_teacher(args) -> None:
     cfg = config_from_args(args)
-    if args.weights:
-        cfg = cfg.replace(model={"teacher_weights": args.weights})
+    if args.print_config:
+        return print_config(cfg)
     preflight([cfg])
-    session = pipeline.Session(cfg)
-    _, metrics = session.teacher(force=args.force, resume=not args.no_resume)
-    print(f"teacher {cfg.model.teacher_arch} on {cfg.data.dataset}: test accuracy {metrics['test_acc']:.2f}%")
+    session = pipeline.Session(cfg, force_teacher=args.force_teacher)
+    teacher, metrics = session.teacher(resume=not args.no_resume)
+    print(f"teacher {cfg.model.teacher_arch} on {cfg.data.dataset}: test accuracy {metrics['test_acc']:.2f}% "
+          f"(source: {teacher.source}, fingerprint {teacher.fingerprint})")
 
 
 def cmd_train(args) -> None:
     cfg = config_from_args(args)
+    if args.print_config:
+        return print_config(cfg)
     preflight([cfg])
-    session = pipeline.Session(cfg)
+    session = pipeline.Session(cfg, force_teacher=args.force_teacher)
     result = session.run(cfg, force=args.force, resume=not args.no_resume)
     m = result.metrics
-    how = "cached" if result.cached else f"{m['seconds']:.0f} s"
-    print(f"{result.name}: test {m['test_acc']:.2f}%  train {m['train_acc']:.2f}%  ({how})"
+    how = (result.source if result.source != "trained" else "cached") if result.cached \
+        else f"{m['seconds']:.0f} s"
+    train_acc = "" if m.get("train_acc") is None else f"  train {m['train_acc']:.2f}%"
+    print(f"{result.name}: test {m['test_acc']:.2f}% (last epoch){train_acc}  ({how})"
           f"  -> {result.checkpoint}")
 
 
@@ -156,10 +212,15 @@ def cmd_report(args) -> None:
 def cmd_sweep(args) -> None:
     from . import experiments
     base = config_from_args(args)
+    if args.print_config:
+        planned = experiments.plan(base, args.group, args.seeds)
+        print(json.dumps([{"group": e.group, "label": e.label, "run": run_name(e.cfg),
+                           "preset": e.cfg.preset, "config": e.cfg.to_dict()} for e in planned], indent=2))
+        return
     preflight([base])
     _, text = experiments.sweep(base, args.group, seeds=args.seeds, force=args.force,
-                                force_bank=args.force_bank, lockstep=args.lockstep,
-                                pictures=not args.no_plots)
+                                force_bank=args.force_bank, force_teacher=args.force_teacher,
+                                lockstep=args.lockstep, pictures=not args.no_plots)
     print(text)
 
 
@@ -174,9 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(p)
     p.set_defaults(func=cmd_quickstart, preset="quick")
 
-    p = sub.add_parser("teacher", help="train or load the teacher and its projection head")
+    p = sub.add_parser("teacher", help="load (or train) the teacher and probe its projection head")
     add_common_flags(p)
-    p.add_argument("--weights", default=None, help="teacher state dict (torchvision/timm layout)")
     p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("train", help=f"train one student run (methods: {', '.join(METHODS)})")

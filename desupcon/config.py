@@ -1,26 +1,42 @@
-"""Typed configuration: one dataclass per concern, the `quick` and `paper` presets, run names.
+"""Typed configuration: one dataclass per concern, the presets, run identities and run names.
+
+Presets (SPEC 6 and 13): `paper` (the published main table and sweeps: Adam 1e-3, no weight decay,
+constant learning rate, last partial batch kept), `paper-bank` (the memory-bank ablation: weight
+decay 1e-4, cosine, last partial batch dropped) and `quick` (CPU-sized, the embedded digits).
 
 A run's *identity* is the plain-data dict of every setting that can change its result (the device
-and output folder are not part of it). The run cache compares identities; run names encode the
-identity readably, so two different configurations never share a name.
+and output folder are not part of it), plus the content fingerprint of the teacher it was distilled
+from. The run cache compares identities; run names encode the settings readably, so two different
+configurations never share a name.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
+# The published CIFAR-100 ResNet-50 teacher (SPEC 6), a timm-format state dict on the model hub.
+HUB_TEACHER = "hf-hub:edadaltocg/resnet50_cifar100"
+
 # Method settings each method actually reads; the others do not enter its identity.
+_BANK = ("bank_size", "bank_momentum", "bank_mode")
+_LW = ("alpha", "beta", "temperature", "adaptive_beta", "kd_temperature")
 METHOD_FIELDS = {
     "ce": (),
     "supcon": ("temperature",),
-    "crd": ("temperature", "bank_size", "bank_momentum"),
-    "lw-supcrd": ("alpha", "beta", "temperature", "adaptive_beta", "kd_temperature",
-                  "bank_size", "bank_momentum"),
-    "hybrid": ("lam", "alpha", "beta", "temperature", "adaptive_beta", "kd_temperature",
-               "bank_size", "bank_momentum"),
+    "crd": ("temperature", *_BANK),
+    "lw-supcrd": (*_LW, *_BANK),
+    "hybrid": ("lam", "hybrid_scaling", "hybrid_scale_steps", *_LW, *_BANK),
 }
 METHODS = tuple(METHOD_FIELDS)
+# Methods whose result does not depend on the teacher (their identity and name leave it out).
+TEACHERLESS_METHODS = {"ce", "supcon"}
+
+SCHEDULES = ("constant", "cosine")
+INITS = ("kaiming", "pytorch")
+HYBRID_SCALINGS = ("running", "plain")
+BANK_MODES = ("class-aware", "negatives-only")
 
 
 @dataclass
@@ -37,7 +53,11 @@ class DataConfig:
 class ModelConfig:
     teacher_arch: str = "resnet50"
     student_arch: str = "resnet18"
-    teacher_weights: str | None = None  # torchvision/timm state dict; None trains the teacher
+    # A local file, `hf-hub:<repo id>`, or None to train the teacher with cross-entropy.
+    teacher_weights: str | None = HUB_TEACHER
+    # Convolution initialisation of every built encoder: "kaiming" (normal, fan-out: the published
+    # code and the KD literature) or "pytorch" (PyTorch's own default).
+    init: str = "kaiming"
 
 
 @dataclass
@@ -49,29 +69,50 @@ class MethodConfig:
     adaptive_beta: bool = True
     kd_temperature: float = 1.0
     lam: float = 0.5
+    # "running": each hybrid term divided by a running scale of itself (the published runs);
+    # "plain": lam * SupCon + (1 - lam) * LW-SupCRD (SPEC 4).
+    hybrid_scaling: str = "running"
+    hybrid_scale_steps: int = 100  # steps during which the running scales still move
     bank_size: int = 0  # 0 = no memory bank
     bank_momentum: float = 0.5
+    # "class-aware": slots written at least once, the anchor's class positive (SPEC 5);
+    # "negatives-only": every bank entry a negative, drawn from all slots (the published README).
+    bank_mode: str = "class-aware"
 
     def relevant(self) -> dict:
-        return {"method": self.method, **{k: getattr(self, k) for k in METHOD_FIELDS[self.method]}}
+        return {"method": self.method, **{k: getattr(self, k) for k in METHOD_FIELDS.get(self.method, ())}}
 
 
 @dataclass
 class OptimConfig:
+    """The student's optimisation. The online classifier and the teacher head have their own
+    constant-lr Adam without weight decay (SPEC 6); a CE student's classifier is part of it."""
+
     epochs: int = 50
     batch_size: int = 128
     lr: float = 1e-3
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # or "cosine" (annealed to 0 over the epochs)
+    drop_last: bool = False  # drop the last partial batch of every epoch
+    classifier_lr: float = 1e-3
+    head_lr: float = 1e-4
     seed: int = 42
 
 
 @dataclass
 class TeacherConfig:
-    epochs: int = 50  # cross-entropy epochs when no weights are given
+    """The teacher's own settings: cross-entropy training (when no weights are given) and the
+    cosine probe of its projection head. Never borrowed from the student's."""
+
+    epochs: int = 50
+    lr: float = 1e-3
+    batch_size: int = 128
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    seed: int = 42  # student seeds (--seeds) share one teacher
     probe_epochs: int = 10  # cosine-probe epochs of the projection head
     probe_lr: float = 1e-3
     probe_temperature: float = 0.07
-    seed: int = 42  # the teacher's own seed: student seeds (--seeds) share one teacher
 
 
 @dataclass
@@ -91,10 +132,20 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        return cls(preset=d["preset"], data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]),
-                   method=MethodConfig(**d["method"]), optim=OptimConfig(**d["optim"]),
-                   teacher=TeacherConfig(**d["teacher"]), device=d.get("device", "auto"),
-                   output_dir=d.get("output_dir", "."), compile=d.get("compile", False))
+        """Rebuild from `to_dict()`; settings added since a file was written take their defaults."""
+        def section(kind, values):
+            known = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(values) - known
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} settings: {', '.join(sorted(unknown))}")
+            return kind(**values)
+        return cls(preset=d.get("preset", "paper"), data=section(DataConfig, d.get("data", {})),
+                   model=section(ModelConfig, d.get("model", {})),
+                   method=section(MethodConfig, d.get("method", {})),
+                   optim=section(OptimConfig, d.get("optim", {})),
+                   teacher=section(TeacherConfig, d.get("teacher", {})),
+                   device=d.get("device", "auto"), output_dir=d.get("output_dir", "."),
+                   compile=d.get("compile", False))
 
     def replace(self, **sections) -> "RunConfig":
         """Copy with some fields changed: `cfg.replace(method={"alpha": 2.0}, optim={"seed": 1})`."""
@@ -106,40 +157,76 @@ class RunConfig:
                 setattr(out, section, changes)
         return out
 
+    @property
+    def trains_teacher(self) -> bool:
+        return self.model.teacher_weights is None
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.method.method not in TEACHERLESS_METHODS
+
     # -- identities -------------------------------------------------------------------------
     def data_identity(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self.data).items() if k not in ("data_root", "download")}
 
-    def teacher_identity(self) -> dict:
-        """Everything that determines the teacher (backbone, classifier and projection head)."""
-        trained = self.model.teacher_weights is None
+    def teacher_backbone_identity(self) -> dict:
+        """What determines the teacher's backbone and classifier."""
+        t = dataclasses.asdict(self.teacher)
+        training = None
+        if self.trains_teacher:
+            training = {k: t[k] for k in ("epochs", "lr", "batch_size", "weight_decay", "schedule", "seed")}
+            training["init"] = self.model.init
         return {"data": self.data_identity(), "arch": self.model.teacher_arch,
-                "weights": self.model.teacher_weights,
-                "training": {**{k: v for k, v in dataclasses.asdict(self.optim).items()
-                                if k not in ("epochs", "seed")},
-                             "epochs": self.teacher.epochs, "seed": self.teacher.seed}
-                if trained else None,
-                "probe": {k: v for k, v in dataclasses.asdict(self.teacher).items() if k != "epochs"}}
+                "weights": self.model.teacher_weights, "training": training}
 
-    def identity(self) -> dict:
-        """Everything that determines a student run's result."""
-        return {"data": self.data_identity(), "student_arch": self.model.student_arch,
-                "method": self.method.relevant(),
-                "optim": dataclasses.asdict(self.optim),
-                "teacher": self.teacher_identity()}
+    def teacher_identity(self) -> dict:
+        """What determines the teacher with its probe-trained projection head."""
+        t = self.teacher
+        return {**self.teacher_backbone_identity(),
+                "probe": {"epochs": t.probe_epochs, "lr": t.probe_lr, "temperature": t.probe_temperature,
+                          "batch_size": t.batch_size, "seed": t.seed}}
+
+    def identity(self, teacher_fingerprint: str | None = None) -> dict:
+        """Everything that determines a student run's result. The teacher enters by content (its
+        weights' fingerprint), so a retrained or replaced teacher never reuses old students."""
+        out = {"data": self.data_identity(), "student_arch": self.model.student_arch,
+               "init": self.model.init, "method": self.method.relevant(),
+               "optim": dataclasses.asdict(self.optim)}
+        if self.uses_teacher:
+            out["teacher"] = {"arch": self.model.teacher_arch, "fingerprint": teacher_fingerprint}
+        return out
+
+
+def _paper() -> RunConfig:
+    return RunConfig(preset="paper")
+
+
+def _paper_bank() -> RunConfig:
+    return RunConfig(preset="paper-bank", optim=OptimConfig(weight_decay=1e-4, schedule="cosine",
+                                                            drop_last=True))
 
 
 PRESETS = {
-    "paper": RunConfig(preset="paper"),
+    "paper": _paper(),
+    "paper-bank": _paper_bank(),
     # CPU-sized: the embedded digits, small CIFAR ResNets, a few epochs (quick start, tests).
     "quick": RunConfig(
         preset="quick",
         data=DataConfig(dataset="digits", image_size=16),
-        model=ModelConfig(teacher_arch="resnet14", student_arch="resnet8"),
+        model=ModelConfig(teacher_arch="resnet14", student_arch="resnet8", teacher_weights=None),
         method=MethodConfig(),
-        optim=OptimConfig(epochs=16, batch_size=64, lr=3e-3, weight_decay=1e-4, seed=0),
-        teacher=TeacherConfig(epochs=10, probe_epochs=3, seed=0),
+        optim=OptimConfig(epochs=16, batch_size=64, lr=3e-3, weight_decay=1e-4, schedule="cosine",
+                          drop_last=True, classifier_lr=3e-3, head_lr=3e-4, seed=0),
+        teacher=TeacherConfig(epochs=10, lr=3e-3, batch_size=64, weight_decay=1e-4, seed=0,
+                              probe_epochs=3),
     ),
+}
+PRESET_HELP = {
+    "paper": "the published main table and sweeps: CIFAR-100, ResNet-50 -> ResNet-18, Adam 1e-3, "
+             "no weight decay, constant lr, last batch kept, the published teacher",
+    "paper-bank": "the published memory-bank ablation: as paper, with weight decay 1e-4, cosine lr, "
+                  "last batch dropped",
+    "quick": "CPU-sized: the embedded digits at 16 px, resnet14 -> resnet8, a few epochs",
 }
 PAPER_BANK_SIZE = 4096
 QUICK_BANK_SIZE = 512
@@ -152,11 +239,43 @@ def preset(name: str) -> RunConfig:
 
 
 def default_bank_size(preset_name: str) -> int:
-    return PAPER_BANK_SIZE if preset_name == "paper" else QUICK_BANK_SIZE
+    return PAPER_BANK_SIZE if preset_name.startswith("paper") else QUICK_BANK_SIZE
+
+
+def bank_protocol(base: RunConfig) -> RunConfig:
+    """The protocol the memory-bank ablation runs under: `paper-bank` for the paper preset (SPEC 6),
+    the base itself otherwise."""
+    if base.preset != "paper":
+        return base
+    bank = PRESETS["paper-bank"]
+    return base.replace(preset="paper-bank", optim={k: getattr(bank.optim, k)
+                                                    for k in ("weight_decay", "schedule", "drop_last")})
+
+
+def protocol_of(cfg: RunConfig) -> str:
+    """The preset whose protocol the run follows exactly (method and seed aside), else
+    `custom (<preset>)`."""
+    ref = PRESETS.get(cfg.preset)
+    if ref is None:
+        return f"custom ({cfg.preset})"
+    same = (cfg.data_identity() == ref.data_identity() and cfg.model == ref.model
+            and dataclasses.replace(cfg.optim, seed=0) == dataclasses.replace(ref.optim, seed=0)
+            and (cfg.teacher == ref.teacher or not cfg.trains_teacher and dataclasses.replace(
+                cfg.teacher, epochs=ref.teacher.epochs, lr=ref.teacher.lr,
+                batch_size=ref.teacher.batch_size, weight_decay=ref.teacher.weight_decay,
+                schedule=ref.teacher.schedule) == ref.teacher))
+    return cfg.preset if same else f"custom ({cfg.preset})"
+
+
+def config_json(cfgs) -> str:
+    """Resolved configuration(s) as JSON, the form `--config` reads back."""
+    if isinstance(cfgs, RunConfig):
+        return json.dumps(cfgs.to_dict(), indent=2)
+    return json.dumps([c.to_dict() for c in cfgs], indent=2)
 
 
 # ----------------------------------------------------------------------------------------------
-# Run names (SPEC section 8)
+# Run names (SPEC sections 8 and 11)
 # ----------------------------------------------------------------------------------------------
 
 def _fmt(value) -> str:
@@ -167,19 +286,24 @@ def _fmt(value) -> str:
     return str(value)
 
 
-# Short tags for settings that differ from the paper protocol and are not in the base name.
+# Short tags for settings that differ from the reference protocol and are not in the base name.
 _TAGS = {
     ("method", "alpha"): "alpha", ("method", "beta"): "beta", ("method", "temperature"): "temp",
     ("method", "adaptive_beta"): "adaptive", ("method", "kd_temperature"): "kdT",
-    ("method", "lam"): "lam", ("method", "bank_momentum"): "bankmom",
+    ("method", "lam"): "lam", ("method", "bank_momentum"): "bankmom", ("method", "bank_mode"): "bank",
+    ("method", "hybrid_scaling"): "scaling", ("method", "hybrid_scale_steps"): "scalesteps",
     ("optim", "epochs"): "ep", ("optim", "batch_size"): "bs", ("optim", "lr"): "lr",
-    ("optim", "weight_decay"): "wd", ("optim", "seed"): "seed",
+    ("optim", "weight_decay"): "wd", ("optim", "schedule"): "sched", ("optim", "drop_last"): "droplast",
+    ("optim", "classifier_lr"): "clslr", ("optim", "head_lr"): "headlr", ("optim", "seed"): "seed",
     ("data", "train_subset"): "ntrain", ("data", "test_subset"): "ntest", ("data", "image_size"): "img",
-    ("model", "teacher_arch"): "teacher",
-    ("teacher", "epochs"): "tep", ("teacher", "probe_epochs"): "pep",
-    ("teacher", "probe_lr"): "plr", ("teacher", "probe_temperature"): "ptemp",
-    ("teacher", "seed"): "tseed",
+    ("model", "teacher_arch"): "teacher", ("model", "init"): "init",
+    ("teacher", "epochs"): "tep", ("teacher", "lr"): "tlr", ("teacher", "batch_size"): "tbs",
+    ("teacher", "weight_decay"): "twd", ("teacher", "schedule"): "tsched", ("teacher", "seed"): "tseed",
+    ("teacher", "probe_epochs"): "pep", ("teacher", "probe_lr"): "plr",
+    ("teacher", "probe_temperature"): "ptemp",
 }
+_TEACHER_TRAINING = ("epochs", "lr", "batch_size", "weight_decay", "schedule", "seed")
+_TEACHER_PROBE = ("probe_epochs", "probe_lr", "probe_temperature")
 
 
 def dataset_tag(dataset: str) -> str:
@@ -188,65 +312,86 @@ def dataset_tag(dataset: str) -> str:
     return dataset
 
 
-def teacher_run_name(cfg: RunConfig, with_projection: bool = False) -> str:
-    name = f"teacher_{cfg.model.teacher_arch}_{dataset_tag(cfg.data.dataset)}"
-    paper = PRESETS["paper"]
+def _weights_tag(weights: str) -> str:
+    return weights.rstrip("/").split("/")[-1].split(":")[-1].split(".")[0]
+
+
+def _differing(cfg: RunConfig, ref: RunConfig, section: str, keys) -> list[str]:
     tags = []
-    if cfg.model.teacher_weights:
-        tags.append("weights-" + cfg.model.teacher_weights.rstrip("/").split("/")[-1].rsplit(".", 1)[0])
-    else:
-        for section, key in (("teacher", "epochs"), ("optim", "batch_size"), ("optim", "lr"),
-                             ("optim", "weight_decay"), ("teacher", "seed")):
-            value = getattr(getattr(cfg, section), key)
-            if value != getattr(getattr(paper, section), key):
-                tags.append(f"{_TAGS[(section, key)]}{_fmt(value)}")
-    for key in ("train_subset", "test_subset", "image_size"):
-        if getattr(cfg.data, key) is not None:
-            tags.append(f"{_TAGS[('data', key)]}{getattr(cfg.data, key)}")
-    name = "_".join([name, *tags])
+    for key in keys:
+        value = getattr(getattr(cfg, section), key)
+        if value != getattr(getattr(ref, section), key):
+            tags.append(f"{_TAGS[(section, key)]}{_fmt(value)}")
+    return tags
+
+
+def _teacher_tags(cfg: RunConfig, ref: RunConfig) -> list[str]:
+    """Tags naming a teacher other than the reference's (published) one."""
+    if cfg.trains_teacher:
+        return ["ttrained", *_differing(cfg, ref, "teacher", _TEACHER_TRAINING)]
+    if cfg.model.teacher_weights != ref.model.teacher_weights:
+        return ["tweights-" + _weights_tag(cfg.model.teacher_weights)]
+    return []
+
+
+def teacher_run_name(cfg: RunConfig, with_projection: bool = False) -> str:
+    """`teacher_resnet50_cifar100[.._with_projection]` for the published teacher, tagged otherwise."""
+    paper = PRESETS["paper"]
+    tags = _differing(cfg, paper, "data", ("train_subset", "test_subset", "image_size"))
+    if cfg.trains_teacher:
+        tags = ["trained", *_differing(cfg, paper, "teacher", _TEACHER_TRAINING),
+                *_differing(cfg, paper, "model", ("init",)), *tags]
+    elif cfg.model.teacher_weights != HUB_TEACHER:
+        tags = ["weights-" + _weights_tag(cfg.model.teacher_weights), *tags]
+    name = "_".join([f"teacher_{cfg.model.teacher_arch}_{dataset_tag(cfg.data.dataset)}", *tags])
     if with_projection:
-        for key in ("probe_epochs", "probe_lr", "probe_temperature") + (
-                ("seed",) if cfg.model.teacher_weights else ()):
-            value = getattr(cfg.teacher, key)
-            if value != getattr(paper.teacher, key):
-                name += f"_{_TAGS[('teacher', key)]}{_fmt(value)}"
-        name += "_with_projection"
+        probe = _differing(cfg, paper, "teacher", _TEACHER_PROBE)
+        if not cfg.trains_teacher:
+            probe += _differing(cfg, paper, "teacher", ("batch_size", "seed"))
+        name = "_".join([name, *probe, "with_projection"])
     return name
 
 
-def run_name(cfg: RunConfig) -> str:
-    """SPEC 8 names, e.g. student_alpha_1.0_beta_10.0_temp_0.07_resnet18_cifar100, plus a tag for
-    every setting that differs from the paper protocol and is not already in the name."""
+def _base_name(cfg: RunConfig) -> tuple[str, set[str], RunConfig]:
+    """(base name, method settings the base name already says, the protocol tags are relative to)."""
     m = cfg.method
-    bank = m.bank_size > 0 and "bank_size" in METHOD_FIELDS[m.method]
-    if m.method == "ce":
-        base, named = "student_baseline_ce", set()
-    elif m.method == "supcon":
-        base, named = "student_baseline_supcon", set()
-    elif m.method == "crd":
-        base, named = ("student_crd_bank%d" % m.bank_size) if bank else "student_baseline_crd", set()
-    elif m.method == "lw-supcrd" and bank:
-        base, named = f"student_lwsupcrd_bank{m.bank_size}", set()
-    elif m.method == "lw-supcrd":
-        base = f"student_alpha_{_fmt(m.alpha)}_beta_{_fmt(m.beta)}_temp_{_fmt(m.temperature)}"
-        named = {"alpha", "beta", "temperature"}
-    elif m.method == "hybrid":
-        base = f"student_hybrid_lam_{_fmt(m.lam)}" + (f"_bank{m.bank_size}" if bank else "")
-        named = {"lam"}
-    else:  # a newly added method: its settings that differ from the defaults become tags
-        base = f"student_{m.method.replace('-', '')}" + (f"_bank{m.bank_size}" if bank else "")
-        named = set()
+    bank = m.bank_size > 0 and "bank_size" in METHOD_FIELDS.get(m.method, ())
+    bank_part = f"_bank{m.bank_size}" if bank else ""
     paper = PRESETS["paper"]
+    if cfg.preset == "paper-bank" and m.method in ("crd", "lw-supcrd"):
+        # The published bank-ablation names (SPEC 11), relative to the paper-bank protocol.
+        arm = f"bank{m.bank_size}" if bank else "nobank"
+        base = "student_baseline_crd" if m.method == "crd" else "student_lwsupcrd"
+        return f"{base}_{arm}", set(), PRESETS["paper-bank"]
+    if m.method == "ce":
+        return "student_undistilled", set(), paper
+    if m.method == "supcon":
+        return "student_baseline_supcon", set(), paper
+    if m.method == "crd":
+        return "student_baseline_crd" + bank_part, set(), paper
+    if m.method == "lw-supcrd":
+        return (f"student_alpha_{_fmt(m.alpha)}_beta_{_fmt(m.beta)}_temp_{_fmt(m.temperature)}"
+                + bank_part), {"alpha", "beta", "temperature"}, paper
+    if m.method == "hybrid":
+        return f"student_hybrid_lambda_{_fmt(m.lam)}" + bank_part, {"lam"}, paper
+    return f"student_{m.method.replace('-', '')}" + bank_part, set(), paper
+
+
+def run_name(cfg: RunConfig) -> str:
+    """SPEC 8/11 names, e.g. student_alpha_1.0_beta_10.0_temp_0.07_resnet18_cifar100, plus a tag for
+    every setting that differs from the reference protocol and is not already in the name."""
+    base, named, ref = _base_name(cfg)
+    m = cfg.method
     tags = []
-    for (section, key), tag in _TAGS.items():
-        if section == "method" and (key not in METHOD_FIELDS[m.method] or key in named):
-            continue
-        if section == "teacher" and key == "epochs" and cfg.model.teacher_weights:
-            continue
-        value = getattr(getattr(cfg, section), key)
-        if value != getattr(getattr(paper, section), key):
-            tags.append(f"{tag}{_fmt(value)}")
-    if cfg.model.teacher_weights:
-        tags.append("tweights-" + cfg.model.teacher_weights.rstrip("/").split("/")[-1].rsplit(".", 1)[0])
-    parts = [base, cfg.model.student_arch, dataset_tag(cfg.data.dataset), *tags]
-    return "_".join(parts)
+    method_keys = [k for k in METHOD_FIELDS.get(m.method, ()) if k not in named and k != "bank_size"]
+    tags += _differing(cfg, ref, "method", method_keys)
+    tags += _differing(cfg, ref, "optim", [f.name for f in dataclasses.fields(OptimConfig)])
+    tags += _differing(cfg, ref, "data", ("train_subset", "test_subset", "image_size"))
+    tags += _differing(cfg, ref, "model", ("init",))
+    if cfg.uses_teacher:
+        tags += _differing(cfg, ref, "model", ("teacher_arch",))
+        tags += _teacher_tags(cfg, ref)
+        tags += _differing(cfg, ref, "teacher", _TEACHER_PROBE)
+        if not cfg.trains_teacher:  # they also shape a loaded teacher's probe-trained head
+            tags += _differing(cfg, ref, "teacher", ("batch_size", "seed"))
+    return "_".join([base, cfg.model.student_arch, dataset_tag(cfg.data.dataset), *tags])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -34,3 +35,20 @@ def memory_format(device: torch.device):
 def make_adam(groups: list[dict], device: torch.device) -> torch.optim.Adam:
     kwargs = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.Adam(groups, **kwargs)
+
+
+def lr_factor(schedule: str, epochs: int):
+    """Epoch -> learning-rate multiplier: "constant" (1) or "cosine" (annealed to 0 over `epochs`)."""
+    if schedule == "constant":
+        return lambda epoch: 1.0
+    if schedule == "cosine":
+        return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1)))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; known: constant, cosine")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedules: list[str], epochs: int
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """One schedule per parameter group (a single entry applies to every group), stepped per epoch."""
+    if len(schedules) == 1:
+        schedules = schedules * len(optimizer.param_groups)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [lr_factor(s, epochs) for s in schedules])

@@ -16,7 +16,7 @@ import torch
 
 from . import analysis, plots
 from .checkpoint import atomic_torch_save, load_checkpoint, update_json_records
-from .config import RunConfig, dataset_tag
+from .config import RunConfig, dataset_tag, protocol_of
 from .data import ImageDataset, TwoViewAugment, eval_batches
 from .models import Teacher
 from .devices import autocast_for, to_device
@@ -29,24 +29,34 @@ ANALYSIS_SEED = 1234  # the augmented views of the test set used for instance al
 
 @torch.no_grad()
 def embed(project, images: torch.Tensor, dataset: ImageDataset, device: torch.device,
-          augment_seed: int | None = None) -> torch.Tensor:
-    """Normalised float32 embeddings (N, D) on the CPU; `project(normalised_batch) -> (B, D)`.
+          augment_seed: int | None = None):
+    """Normalised float32 embeddings (N, D) on the CPU; `project(normalised_batch) -> (B, D)`, or a
+    tuple of such tensors (then a tuple of embeddings comes back, one per space).
 
     With `augment_seed` the images go through the training augmentation (seeded) first.
     """
-    out = []
+    out: list[list[torch.Tensor]] = []
+
+    def keep(result):
+        parts = result if isinstance(result, tuple) else (result,)
+        for i, part in enumerate(parts):
+            if len(out) <= i:
+                out.append([])
+            out[i].append(part.float().cpu())
+
     if augment_seed is None:
         for x, _ in eval_batches(images, torch.zeros(len(images)), EVAL_BATCH, dataset.mean, dataset.std):
             with autocast_for(device):
-                out.append(project(x).float().cpu())
+                keep(project(x))
     else:
         gen = torch.Generator().manual_seed(augment_seed)
         augment = TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
         for start in range(0, len(images), EVAL_BATCH):
             with autocast_for(device):
                 batch = to_device(images[start:start + EVAL_BATCH], dataset.mean.device)
-                out.append(project(augment(batch, gen)).float().cpu())
-    return torch.nn.functional.normalize(torch.cat(out), dim=1)
+                keep(project(augment(batch, gen)))
+    spaces = tuple(torch.nn.functional.normalize(torch.cat(parts), dim=1) for parts in out)
+    return spaces if len(spaces) > 1 else spaces[0]
 
 
 def named_pairs_for(dataset: ImageDataset):
@@ -58,17 +68,42 @@ def teacher_embeddings(teacher: Teacher, dataset: ImageDataset, device: torch.de
     return embed(lambda x: teacher.project(teacher(x)[0]), dataset.test_images, dataset, device)
 
 
-def compute_metrics(project, dataset: ImageDataset, device: torch.device,
+def teacher_spaces(teacher: Teacher):
+    """(backbone features, projection) of the teacher, for `compute_metrics`."""
+    def both(x):
+        features = teacher(x)[0]
+        return features, teacher.project(features)
+    return both
+
+
+def student_spaces(student):
+    def both(x):
+        features, projection, _ = student(x)
+        return features, projection
+    return both
+
+
+def compute_metrics(spaces, dataset: ImageDataset, device: torch.device,
                     teacher_z: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
-    """(metrics, clean test embeddings) for one model's projection function."""
-    z = embed(project, dataset.test_images, dataset, device)
-    view1 = embed(project, dataset.test_images, dataset, device, augment_seed=ANALYSIS_SEED)
-    view2 = embed(project, dataset.test_images, dataset, device, augment_seed=ANALYSIS_SEED + 1)
+    """(metrics, clean projection-head test embeddings) of one model.
+
+    `spaces(x) -> (backbone features, projection)`. The top-level metrics are in the projection-
+    head space (the published tables); `metrics["backbone"]` holds the same metrics on the
+    normalised backbone features (SPEC 7: a CE student's projector never trains, so its
+    projection-head numbers describe a random projection of its features).
+    """
+    feats, z = embed(spaces, dataset.test_images, dataset, device)
+    f1, view1 = embed(spaces, dataset.test_images, dataset, device, augment_seed=ANALYSIS_SEED)
+    f2, view2 = embed(spaces, dataset.test_images, dataset, device, augment_seed=ANALYSIS_SEED + 1)
     labels = dataset.test_labels.cpu()
     coarse = dataset.test_coarse_labels.cpu() if dataset.test_coarse_labels is not None else None
     metrics = analysis.analyze_embeddings(z, labels, dataset.classes, coarse_labels=coarse,
                                           teacher_z=teacher_z, named_pairs=named_pairs_for(dataset))
     metrics["alignment_instance"] = analysis.alignment_instance(view1, view2)
+    backbone = analysis.analyze_embeddings(feats, labels, dataset.classes, coarse_labels=coarse,
+                                           named_pairs=named_pairs_for(dataset))
+    backbone["alignment_instance"] = analysis.alignment_instance(f1, f2)
+    metrics["backbone"] = backbone
     return metrics, z
 
 
@@ -96,13 +131,14 @@ def comprehensive_results_path(paths: OutputPaths, student_arch: str, dataset: s
 
 
 def _record(kind: str, name: str, cfg: RunConfig, metrics: dict, analysis_metrics: dict,
-            pictures: dict) -> dict:
-    acc = {"test_acc": metrics.get("test_acc"), "train_acc": metrics.get("train_acc")}
-    if acc["test_acc"] is not None and acc["train_acc"] is not None:
-        acc["train_test_gap"] = acc["train_acc"] - acc["test_acc"]
+            pictures: dict, source: str, teacher: dict) -> dict:
+    acc = {k: metrics.get(k) for k in ("test_acc", "train_acc", "best_test_acc", "best_epoch")}
+    acc["train_test_gap"] = (acc["train_acc"] - acc["test_acc"]
+                             if acc["test_acc"] is not None and acc["train_acc"] is not None else None)
     return {"run": name, "kind": kind, "method": cfg.method.method if kind == "student" else "teacher",
-            "seed": cfg.optim.seed, "config": cfg.to_dict(), "accuracy": acc,
-            "seconds": metrics.get("seconds"), "metrics": analysis_metrics, "plots": pictures}
+            "seed": cfg.optim.seed, "protocol": protocol_of(cfg), "source": source, "teacher": teacher,
+            "config": cfg.to_dict(), "accuracy": acc, "seconds": metrics.get("seconds"),
+            "metrics": analysis_metrics, "plots": pictures}
 
 
 def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.device,
@@ -110,25 +146,34 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
                                output_root: Path | None = None) -> dict:
     """Analyse a saved student, store the metrics in its checkpoint and the comprehensive results.
 
-    The teacher's test embeddings come from `teacher` when given (and are then stored in the
-    checkpoint), else from the checkpoint itself.
+    The teacher's test embeddings (and its fingerprint and source) come from `teacher` when given
+    (and are then stored in the checkpoint), else from the checkpoint itself.
     """
     path = Path(path)
     student, ckpt = load_student(path, device)
     cfg = RunConfig.from_dict(ckpt["config"])
-    paths = OutputPaths(output_root if output_root is not None else path.parent.parent)
+    if output_root is None:  # pth_models/<name>.pth or pth_models/imported/<name>.pth
+        output_root = path.parent.parent.parent if path.parent.name == "imported" else path.parent.parent
+    paths = OutputPaths(output_root)
     stored = ckpt.get("analysis") or {}
     teacher_z = stored.get("teacher_test_embeddings")
+    teacher_info = stored.get("teacher") or {"fingerprint": ckpt.get("teacher_fingerprint"), "source": None}
     if teacher is not None:
         teacher_z = teacher_embeddings(teacher, dataset, device)
-    metrics, z = compute_metrics(lambda x: student(x)[1], dataset, device, teacher_z)
+        teacher_info = {"fingerprint": getattr(teacher, "fingerprint", None),
+                        "source": getattr(teacher, "source", None)}
+    metrics, z = compute_metrics(student_spaces(student), dataset, device, teacher_z)
     pics = draw_pictures(ckpt["name"], z, dataset, ckpt["log"], paths) if pictures else {}
-    ckpt["analysis"] = {"metrics": metrics, "teacher_test_embeddings": teacher_z, "plots": pics}
+    ckpt["analysis"] = {"metrics": metrics, "teacher_test_embeddings": teacher_z, "plots": pics,
+                        "teacher": teacher_info}
     atomic_torch_save(path, ckpt)
+    source = (ckpt.get("source") or {}).get("kind", "trained")
     update_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset),
-                        ckpt["name"], _record("student", ckpt["name"], cfg, ckpt["metrics"], metrics, pics))
+                        ckpt["name"], _record("student", ckpt["name"], cfg, ckpt["metrics"], metrics, pics,
+                                              source, teacher_info))
     log.info(f"[{ckpt['name']}] alignment {metrics['alignment_class']:.4f} "
-             f"uniformity {metrics['uniformity']:.4f}")
+             f"uniformity {metrics['uniformity']:.4f} (projection head); backbone alignment "
+             f"{metrics['backbone']['alignment_class']:.4f} uniformity {metrics['backbone']['uniformity']:.4f}")
     return metrics
 
 
@@ -136,19 +181,22 @@ def analyze_teacher(teacher: Teacher, cfg: RunConfig, teacher_metrics: dict, dat
                     device: torch.device, pictures: bool = True) -> dict:
     """Analyse the teacher (probe-trained head) and record it beside the students."""
     from .config import teacher_run_name
+    from .teacher import teacher_checkpoint_path
     paths = OutputPaths(cfg.output_dir)
     name = teacher_run_name(cfg, with_projection=True)
-    ckpt_path = paths.checkpoint(name)
+    ckpt_path = teacher_checkpoint_path(cfg)
     ckpt = load_checkpoint(ckpt_path, "teacher_projection")
-    if ckpt.get("analysis"):
+    if ckpt.get("analysis") and "backbone" in ckpt["analysis"]["metrics"]:
         metrics = ckpt["analysis"]["metrics"]
         pics = ckpt["analysis"]["plots"]
     else:
         teacher.eval()
-        metrics, z = compute_metrics(lambda x: teacher.project(teacher(x)[0]), dataset, device, None)
+        metrics, z = compute_metrics(teacher_spaces(teacher), dataset, device, None)
         pics = draw_pictures(name, z, dataset, [], paths) if pictures else {}
         ckpt["analysis"] = {"metrics": metrics, "plots": pics}
         atomic_torch_save(ckpt_path, ckpt)
+    info = {"fingerprint": getattr(teacher, "fingerprint", None), "source": getattr(teacher, "source", None)}
+    source = (ckpt.get("source") or {}).get("kind", "trained")
     update_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset),
-                        name, _record("teacher", name, cfg, teacher_metrics, metrics, pics))
+                        name, _record("teacher", name, cfg, teacher_metrics, metrics, pics, source, info))
     return metrics

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import plots
-from .config import RunConfig, dataset_tag, default_bank_size, run_name
+from .config import RunConfig, bank_protocol, dataset_tag, default_bank_size, run_name
 from .pipeline import Session
 from .report import write_report
 from .train import RunResult
@@ -60,9 +60,10 @@ def group_plan(base: RunConfig, group: str) -> list[Experiment]:
     if group == "lambda":
         return [Experiment(group, f"lambda {lam}", lam,
                            _lw(base, lam=lam).replace(method={"method": "hybrid"})) for lam in LAMBDAS]
-    if group == "bank":
+    if group == "bank":  # under its own protocol: paper-bank for the paper preset (SPEC 6)
+        bank_base = bank_protocol(base)
         return [Experiment(group, f"{name}{' + bank' if k else ''}", f"{method}/{k}",
-                           base.replace(method={"method": method, "bank_size": k, "temperature": 0.07,
+                           bank_base.replace(method={"method": method, "bank_size": k, "temperature": 0.07,
                                                 "alpha": 1.0, "beta": 10.0}))
                 for method, name in (("crd", "CRD"), ("lw-supcrd", "LW-SupCRD")) for k in (0, bank)]
     raise ValueError(f"unknown sweep group {group!r}; known: {', '.join(GROUPS)}, all")
@@ -87,11 +88,13 @@ def run_experiments(base: RunConfig, experiments: list[Experiment], force: bool 
                     session: Session | None = None) -> list[tuple[Experiment, RunResult]]:
     """Train the missing runs (each distinct run once), analyse them and return results in order.
 
-    `force` retrains everything; `force_groups` retrains only those groups (e.g. the bank ablation).
-    With `lockstep`, runs sharing a seed train together so the teacher forward is shared.
+    `force` retrains every student run; `force_groups` retrains only those groups (e.g. the bank
+    ablation). Either retrains a run at most once per session, and never the teacher (that is the
+    session's `force_teacher`). With `lockstep`, runs sharing a seed train together so the teacher
+    forward is shared.
     """
     session = session or Session(base)
-    session.teacher(force=force)
+    session.teacher()
     session.analyze_teacher()
     by_name: dict[str, RunResult] = {}
     unique: dict[str, tuple[RunConfig, bool]] = {}
@@ -143,7 +146,7 @@ def plot_group(base: RunConfig, group: str, results: list[tuple[Experiment, RunR
 
 
 def sweep(base: RunConfig, groups: str | list[str] = "all", seeds: list[int] | None = None,
-          force: bool = False, force_bank: bool = False, lockstep: bool = False,
+          force: bool = False, force_bank: bool = False, force_teacher: bool = False, lockstep: bool = False,
           pictures: bool = True) -> tuple[list, str]:
     """Run sweep groups (`all` = the whole plan), plot them and write the report.
 
@@ -152,7 +155,7 @@ def sweep(base: RunConfig, groups: str | list[str] = "all", seeds: list[int] | N
     experiments = plan(base, groups, seeds)
     results = run_experiments(base, experiments, force=force,
                               force_groups=("bank",) if force_bank else (), lockstep=lockstep,
-                              session=Session(base, pictures=pictures))
+                              session=Session(base, pictures=pictures, force_teacher=force_teacher))
     for group in sorted({e.group for e in experiments}):
         plot_group(base, group, results)
     text, _ = write_report(base.output_dir)

@@ -96,7 +96,8 @@ def lw_supcrd_loss(s: torch.Tensor, t: torch.Tensor, teacher_logits: torch.Tenso
                    labels: torch.Tensor, alpha: float = 1.0, beta: float = 10.0,
                    temperature: float = 0.07, adaptive_beta: bool = True,
                    kd_temperature: float = 1.0, bank: torch.Tensor | None = None,
-                   bank_labels: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+                   bank_labels: torch.Tensor | None = None, eps: float = 1e-8,
+                   bank_positives: bool = True) -> torch.Tensor:
     """Logit-weighted supervised contrastive representation distillation (the method).
 
     Student anchor s_i against the teacher contrast set {t_k} (plus bank rows), teacher
@@ -109,7 +110,9 @@ def lw_supcrd_loss(s: torch.Tensor, t: torch.Tensor, teacher_logits: torch.Tenso
 
     with w_pull,i = alpha * p_i(y_i), w_push,ij = beta_i * (1 - p_i(y_j)) and adaptive
     beta_i = beta / (p_i(y_i) + 0.5). The division by alpha keeps alpha > 1 from saturating the
-    exponentials. Bank rows of the anchor's class are positives, the rest negatives.
+    exponentials. Bank rows of the anchor's class are positives, the rest negatives; with
+    `bank_positives=False` every bank row is a negative (the published README's reading), pushed
+    with w_push,ij = beta_i * (1 - p_i(y_j)) from its label.
     Computed as (logaddexp(log A_i, log R_i) - log A_i) / alpha with log-sum-exp.
     """
     if (bank is None) != (bank_labels is None):
@@ -121,6 +124,8 @@ def lw_supcrd_loss(s: torch.Tensor, t: torch.Tensor, teacher_logits: torch.Tenso
     log_pull, log_push = teacher_weights(teacher_logits.to(logits.dtype), labels, contrast_labels,
                                          alpha, beta, adaptive_beta, kd_temperature, eps)
     positives = labels[:, None] == contrast_labels[None, :]
+    if not bank_positives and bank is not None:
+        positives[:, labels.shape[0]:] = False
     log_a = log_pull + _masked_logsumexp(logits, positives)
     log_r = _masked_logsumexp(logits + log_push, ~positives)
     per_anchor = (torch.logaddexp(log_a, log_r) - log_a) / alpha
@@ -133,3 +138,305 @@ def hybrid_loss(s: torch.Tensor, t: torch.Tensor, teacher_logits: torch.Tensor,
     temperature = lw_supcrd_kwargs.get("temperature", 0.07)
     return (lam * supcon_loss(s, labels, temperature)
             + (1 - lam) * lw_supcrd_loss(s, t, teacher_logits, labels, **lw_supcrd_kwargs))
+
+
+# CRD as published by Tian et al. (SPEC section 14)
+#
+# Notation: v_s, v_t the L2-normalised student and teacher embeddings of the B anchors (B, D); for
+# each anchor (B, K + 1, D) rows of a momentum bank, row 0 the positive (the anchor's own slot),
+# rows 1..K the negatives; N the number of training images; tau the temperature.
+
+__all__ += ["crd_nce_logits", "crd_nce_normaliser", "crd_nce_loss"]
+
+CRD_NCE_EPS = 1e-7
+
+
+def crd_nce_logits(embed: torch.Tensor, bank_rows: torch.Tensor,
+                   temperature: float = 0.07) -> torch.Tensor:
+    """(B, K + 1) logits l_ij = v_i . m_ij / tau, v_i = normalise(embed_i), bank rows as given.
+
+    Computed in at least float32 (bf16 / fp16 inputs are promoted).
+    """
+    dtype = torch.promote_types(torch.promote_types(embed.dtype, bank_rows.dtype), torch.float32)
+    v = F.normalize(embed.to(dtype), dim=1)
+    return torch.bmm(bank_rows.to(dtype), v[:, :, None]).squeeze(2) / temperature
+
+
+def crd_nce_normaliser(logits: torch.Tensor, n_data: int) -> float:
+    """Z = mean_{i, j}(exp(l_ij)) * N over one batch's (B, K + 1) logits, as a Python float.
+
+    CRD fixes Z_s and Z_t once, from the first batch, and keeps them afterwards.
+    """
+    return float(torch.exp(logits.detach()).mean()) * n_data
+
+
+def _crd_nce_side(logits: torch.Tensor, z: float, n_data: int, eps: float) -> torch.Tensor:
+    """Mean over the batch of -[log P(1|x_i0) + sum_k log P(0|x_ik)], in the log domain."""
+    num_neg = logits.shape[1] - 1
+    noise = num_neg / n_data  # K * Pn
+    log_x = logits - math.log(z)
+    log_denominator = torch.logaddexp(log_x, torch.full_like(log_x, math.log(noise + eps)))
+    log_p_pos = log_x[:, 0] - log_denominator[:, 0]
+    log_p_neg = math.log(noise) - log_denominator[:, 1:]
+    return -(log_p_pos + log_p_neg.sum(dim=1)).mean()
+
+
+def crd_nce_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor,
+                 student_bank_rows: torch.Tensor, teacher_bank_rows: torch.Tensor, n_data: int,
+                 z_student: float, z_teacher: float, temperature: float = 0.07,
+                 eps: float = CRD_NCE_EPS) -> torch.Tensor:
+    """CRD's NCE loss (Tian et al. 2020), both directions summed.
+
+    The student embedding is scored against rows m_t of the TEACHER bank, the teacher embedding
+    against rows m_s of the STUDENT bank (row 0 the positive, rows 1..K the negatives):
+
+        x^s_ij = exp(v_s,i . m_t,ij / tau) / Z_s,      x^t_ij = exp(v_t,i . m_s,ij / tau) / Z_t
+
+    With noise probability Pn = 1 / N and K negatives per anchor:
+
+        P(1 | x) = x / (x + K * Pn + eps),      P(0 | x) = K * Pn / (x + K * Pn + eps)
+        L_side   = -1/B * sum_i [ log P(1 | x_i0) + sum_{k=1..K} log P(0 | x_ik) ]
+        L        = L_s + L_t
+
+    eps = 1e-7. Z_s, Z_t are constants (see `crd_nce_normaliser`); the embeddings are L2-normalised
+    here, the bank rows are used as given and get no gradient. Evaluated in the log domain
+    (log x = l - log Z, log(x + c) = logaddexp(log x, log c)), in at least float32.
+    """
+    student_side = crd_nce_logits(student_embed, teacher_bank_rows.detach(), temperature)
+    teacher_side = crd_nce_logits(teacher_embed, student_bank_rows.detach(), temperature)
+    return (_crd_nce_side(student_side, z_student, n_data, eps)
+            + _crd_nce_side(teacher_side, z_teacher, n_data, eps))
+
+
+# ----------------------------------------------------------------------------------------------
+# Logit distillation (SPEC section 13)
+# ----------------------------------------------------------------------------------------------
+#
+# Notation: z_s, z_t student and teacher logits (B x K), y labels, T temperature,
+# p = softmax(z / T). KL is summed over classes; "mean" reduces over the rows. No CE term and no
+# warm-up here: the trainer adds those. The teacher is not detached inside (the caller passes
+# detached logits), so these stay pure functions. Computation is in float32 (half and bfloat16
+# inputs are cast with .float()); float64 inputs stay float64 (gradcheck).
+
+__all__ += ["kd_loss", "dkd_loss", "standardize_logits", "region_logits", "sdd_loss"]
+
+_REDUCTIONS = ("mean", "none")
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "none":
+        return per_row
+    raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _per_row_factor(value, rows: int, name: str, like: torch.Tensor):
+    """A float, a 0-dim tensor or a (rows,) tensor, ready to multiply a (rows,) loss."""
+    if not torch.is_tensor(value):
+        return value
+    if value.dim() == 0 or (value.dim() == 1 and value.shape[0] == rows):
+        return value.to(like.dtype)
+    raise ValueError(f"{name} must be a float, a 0-dim tensor or a tensor of shape ({rows},) "
+                     f"(one value per sample), got shape {tuple(value.shape)}")
+
+
+def _check_logit_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor, who: str) -> None:
+    if student_logits.dim() != 2 or student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"{who}: student and teacher logits must both be (B, K) with the same shape, "
+                         f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
+            reduction: str = "mean") -> torch.Tensor:
+    """Hinton's KD term (no CE):
+
+        L_i = T^2 * KL(softmax(z_t,i / T) || softmax(z_s,i / T))
+            = T^2 * sum_k p_t,ik * (log p_t,ik - log p_s,ik)
+
+    Log-probabilities come from log_softmax. reduction "mean" averages over the B rows, "none"
+    returns the (B,) per-row values.
+    """
+    _check_logit_pair(student_logits, teacher_logits, "kd_loss")
+    log_ps = F.log_softmax(_at_least_float32(student_logits) / temperature, dim=1)
+    log_pt = F.log_softmax(_at_least_float32(teacher_logits) / temperature, dim=1)
+    per_row = (log_pt.exp() * (log_pt - log_ps)).sum(dim=1) * temperature ** 2
+    return _reduce(per_row, reduction)
+
+
+def _non_target(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The K - 1 non-target columns of x (B, K), in their order: (B, K - 1), by gather."""
+    k = x.shape[1]
+    cols = torch.arange(k - 1, device=x.device)[None, :]
+    index = cols + (cols >= labels[:, None]).long()  # skip the label's column
+    return x.gather(1, index)
+
+
+def _binary_and_non_target_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """(log p_y, log(1 - p_y), log p^) of one model, p^ the softmax over the non-target classes.
+
+        log p_y       = z_y/T - LSE_k(z_k/T)
+        log(1 - p_y)  = LSE_{k != y}(z_k/T) - LSE_k(z_k/T)
+        log p^_j      = z_j/T - LSE_{k != y}(z_k/T)          (j != y)
+
+    Everything is a log-sum-exp over real columns (no -inf masking), so values and gradients stay
+    finite even when p_y rounds to 1.
+    """
+    scaled = _at_least_float32(logits) / temperature
+    lse_all = torch.logsumexp(scaled, dim=1)
+    other = _non_target(scaled, labels)
+    lse_other = torch.logsumexp(other, dim=1)
+    log_p_y = scaled.gather(1, labels[:, None]).squeeze(1) - lse_all
+    log_not_y = lse_other - lse_all
+    log_p_hat = other - lse_other[:, None]
+    return log_p_y, log_not_y, log_p_hat
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+             alpha: float | torch.Tensor = 1.0, beta: float | torch.Tensor = 8.0,
+             temperature: float = 4.0, reduction: str = "mean") -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022), without the CE term and without the warm-up:
+
+        b = (p_y, 1 - p_y),  p^_j = p_j / (1 - p_y) for j != y  (softmax over the K - 1 others)
+        TCKD_i = T^2 * KL(b_t,i || b_s,i)
+        NCKD_i = T^2 * KL(p^_t,i || p^_s,i)
+        L_i    = alpha * TCKD_i + beta * NCKD_i
+
+    alpha and beta are floats or tensors of shape (B,) (per-sample weights; a tensor is used as
+    given, gradients included). Since KL(p_t || p_s) = KL(b_t || b_s) + (1 - p_t,y) KL(p^_t || p^_s),
+    alpha = 1 and beta_i = 1 - p_t,i(y_i) give exactly kd_loss. The non-target terms use
+    log-sum-exp over the K - 1 gathered non-target columns. reduction "mean" | "none" as kd_loss.
+    """
+    _check_logit_pair(student_logits, teacher_logits, "dkd_loss")
+    rows, k = student_logits.shape
+    if k < 2:
+        raise ValueError(f"dkd_loss needs at least 2 classes, got K = {k}")
+    if labels.shape != (rows,):
+        raise ValueError(f"dkd_loss: labels must have shape ({rows},), got {tuple(labels.shape)}")
+    s_y, s_not_y, s_hat = _binary_and_non_target_log_probs(student_logits, labels, temperature)
+    t_y, t_not_y, t_hat = _binary_and_non_target_log_probs(teacher_logits, labels, temperature)
+    tckd = t_y.exp() * (t_y - s_y) + t_not_y.exp() * (t_not_y - s_not_y)
+    nckd = (t_hat.exp() * (t_hat - s_hat)).sum(dim=1)
+    alpha = _per_row_factor(alpha, rows, "alpha", tckd)
+    beta = _per_row_factor(beta, rows, "beta", nckd)
+    per_row = (alpha * tckd + beta * nckd) * temperature ** 2
+    return _reduce(per_row, reduction)
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardisation of LSKD (Sun et al. 2024), per row:
+
+        Z(z) = (z - mean(z)) / (std(z) + eps),   std unbiased (divisor K - 1)
+
+    Invariant (up to eps) to z -> a z + c with a > 0. Needs K >= 2 and a non-constant row (the
+    gradient of std is undefined at zero spread).
+    """
+    z = _at_least_float32(logits)
+    mean = z.mean(dim=-1, keepdim=True)
+    std = z.std(dim=-1, keepdim=True, correction=1)
+    return (z - mean) / (std + eps)
+
+
+def _check_scales(scales) -> tuple[int, ...]:
+    scales = tuple(scales)
+    if not scales:
+        raise ValueError("region_logits: scales is empty; give grid sizes such as (1, 2, 4)")
+    if any(isinstance(s, bool) or int(s) != s or s < 1 for s in scales):
+        raise ValueError(f"region_logits: scales must be positive integers, got {scales}")
+    scales = tuple(int(s) for s in scales)
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"region_logits: scales must not repeat, got {scales}")
+    finest = max(scales)
+    bad = [s for s in scales if finest % s]
+    if bad:
+        raise ValueError(f"region_logits: every scale must divide the largest ({finest}); "
+                         f"{bad} do not (scales {scales})")
+    if 1 not in scales:
+        raise ValueError(f"region_logits: scales must include 1 (region 0 is the global region that "
+                         f"sdd_loss compares against), got {scales}")
+    return tuple(sorted(scales))
+
+
+def region_logits(feature_map: torch.Tensor, classifier: torch.nn.Module,
+                  scales: tuple[int, ...] = (1, 2, 4)) -> torch.Tensor:
+    """Multi-scale region logits of SDD (Wei et al. 2024): (B, C, H, W) -> (B, K, N).
+
+        G = adaptive_avg_pool(F, m x m),  m = max(scales)
+        level s = avg_pool(G, kernel m/s)  (s x s regions, each the mean of its (m/s)^2 cells)
+        R = concat over s in increasing order of the level's regions, row-major;  N = sum s^2
+        logits[:, :, n] = classifier(R[:, :, n])
+
+    `classifier` is the model's own linear layer C -> K (no new parameters). With 1 in scales,
+    region 0 is classifier(mean of G), the global logits whenever H and W are multiples of m; by
+    linearity every level's regions average to it. Scales are sorted, must be distinct positive
+    integers including 1 that each divide m, and H, W must be at least m.
+    """
+    scales = _check_scales(scales)
+    if feature_map.dim() != 4:
+        raise ValueError(f"region_logits: feature_map must be (B, C, H, W), got shape "
+                         f"{tuple(feature_map.shape)}")
+    finest = scales[-1]
+    height, width = feature_map.shape[-2:]
+    if height < finest or width < finest:
+        raise ValueError(f"region_logits: a {height}x{width} feature map is smaller than the finest "
+                         f"grid {finest}x{finest} of scales {scales}")
+    grid = F.adaptive_avg_pool2d(feature_map, finest)
+    levels = [F.avg_pool2d(grid, finest // s).flatten(2) if s != finest else grid.flatten(2)
+              for s in scales]
+    regions = torch.cat(levels, dim=2)  # (B, C, N)
+    return classifier(regions.transpose(1, 2)).transpose(1, 2)
+
+
+def sdd_loss(student_regions: torch.Tensor, teacher_regions: torch.Tensor, labels: torch.Tensor,
+             base: str = "dkd", alpha: float | torch.Tensor = 1.0, beta: float | torch.Tensor = 8.0,
+             temperature: float = 4.0, complementary_weight: float = 2.0,
+             standardize: bool = False) -> torch.Tensor:
+    """Scale-decoupled distillation (Wei et al. 2024) on region logits (B, K, N), no CE, no warm-up:
+
+        rows (b, n), with z~ = Z(z) if standardize else z  (Z = standardize_logits, per row)
+        l_bn = base(z~_s[b, :, n], z~_t[b, :, n], y_b)       (kd_loss or dkd_loss, per row)
+        c_bn = [argmax_k z_t[b, k, n] == y_b]                 (teacher region n right)
+        w_bn = complementary_weight if c_bn != c_b0 else 1    (region 0 = global prediction)
+        L    = sum_{b, n} w_bn * l_bn / (N * B)
+
+    Teacher and student need the same N (not the same map size). alpha and beta go to dkd_loss
+    (ignored by "kd"); a (B,) tensor is a per-sample value shared by all regions of the sample.
+    With N = 1 (scales (1,)) this is the base loss on the global logits.
+    """
+    if base not in ("kd", "dkd"):
+        raise ValueError(f"sdd_loss: base must be 'kd' or 'dkd', got {base!r}")
+    if student_regions.dim() != 3 or teacher_regions.dim() != 3:
+        raise ValueError(f"sdd_loss: region logits must be (B, K, N), got {tuple(student_regions.shape)} "
+                         f"and {tuple(teacher_regions.shape)}")
+    if student_regions.shape[2] != teacher_regions.shape[2]:
+        raise ValueError(f"sdd_loss: student has N = {student_regions.shape[2]} regions, teacher "
+                         f"N = {teacher_regions.shape[2]}; use the same scales for both models")
+    if student_regions.shape != teacher_regions.shape:
+        raise ValueError(f"sdd_loss: student and teacher region logits differ in shape: "
+                         f"{tuple(student_regions.shape)} vs {tuple(teacher_regions.shape)}")
+    batch, k, n = student_regions.shape
+    if labels.shape != (batch,):
+        raise ValueError(f"sdd_loss: labels must have shape ({batch},), got {tuple(labels.shape)}")
+    # (B, K, N) -> (B * N, K); row b * N + n is region n of sample b.
+    zs = student_regions.transpose(1, 2).reshape(batch * n, k)
+    zt = teacher_regions.transpose(1, 2).reshape(batch * n, k)
+    row_labels = labels.repeat_interleave(n)
+    if standardize:
+        zs, zt = standardize_logits(zs), standardize_logits(zt)
+    if base == "kd":
+        per_row = kd_loss(zs, zt, temperature, reduction="none")
+    else:
+        def per_region(value):
+            if torch.is_tensor(value) and value.dim() == 1 and value.shape[0] == batch:
+                return value.repeat_interleave(n)
+            return value
+        per_row = dkd_loss(zs, zt, row_labels, per_region(alpha), per_region(beta), temperature,
+                           reduction="none")
+    correct = teacher_regions.detach().argmax(dim=1) == labels[:, None]  # (B, N)
+    complementary = correct != correct[:, :1]
+    weight = (1.0 + (complementary_weight - 1.0) * complementary.to(per_row.dtype)).reshape(-1)
+    return (weight * per_row).sum() / (batch * n)

@@ -6,7 +6,8 @@ updates its slot with the mean of its views' detached teacher embeddings:
     slot <- normalise(m * slot + (1 - m) * mean_views(t))
 
 Slots start at zero, so the first write stores normalise(mean_views(t)). Each step draws K slots
-uniformly without replacement from the slots written at least once, excluding the current batch.
+uniformly without replacement from the slots written at least once, excluding the current batch
+(or, in the published README's reading, from all slots).
 
 The bookkeeping (which slots are written, which are drawn) lives on the CPU with a CPU generator, so
 sampling never waits for the GPU and is identical on every device; the embeddings stay on the
@@ -61,9 +62,13 @@ class MomentumMemoryBank:
         self.written[unique] = True
 
     def sample(self, k: int, exclude: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw min(k, eligible) written slots outside `exclude`; returns (embeddings, labels)."""
-        eligible = self.written.clone()
+               generator: torch.Generator | None = None,
+               written_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw min(k, eligible) slots outside `exclude`; returns (embeddings, labels).
+
+        Eligible are the slots written at least once (SPEC 5), or with `written_only=False` every
+        slot (the published README's reading: unwritten slots are zero vectors)."""
+        eligible = self.written.clone() if written_only else torch.ones_like(self.written)
         if exclude is not None:
             eligible[exclude.cpu()] = False
         candidates = eligible.nonzero().squeeze(1)

@@ -43,6 +43,13 @@ class Method(abc.ABC):
     def uses_bank(self) -> bool:
         return False
 
+    def state_dict(self) -> dict:
+        """Training state a method keeps between steps (checkpointed with the run)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         result = self.representation_losses(out)
         if self.online_classifier:
@@ -91,7 +98,8 @@ class LWSupCRDMethod(BankMixin, Method):
         c = self.cfg
         return dict(alpha=c.alpha, beta=c.beta, temperature=c.temperature,
                     adaptive_beta=c.adaptive_beta, kd_temperature=c.kd_temperature,
-                    bank=out.bank_embeddings, bank_labels=out.bank_labels)
+                    bank=out.bank_embeddings, bank_labels=out.bank_labels,
+                    bank_positives=c.bank_mode == "class-aware")
 
     def representation_losses(self, out):
         return {"lw_supcrd": losses.lw_supcrd_loss(out.student_projection, out.teacher_projection,
@@ -99,10 +107,48 @@ class LWSupCRDMethod(BankMixin, Method):
 
 
 class HybridMethod(LWSupCRDMethod):
+    """lambda * SupCon + (1 - lambda) * LW-SupCRD, each term divided by a running scale of itself in
+    the published ("running") form, or the plain mix of SPEC 4 ("plain").
+
+    Running form (SPEC 6): for the first `hybrid_scale_steps` steps s <- 0.9 s + 0.1 L (s starts at
+    the first L), then s is frozen; L = lambda * SupCon / s_sc + (1 - lambda) * LW-SupCRD / s_lw.
+    The scales are detached (no gradient) and checkpointed.
+    """
+
+    SCALE_MOMENTUM = 0.9
+
+    def __init__(self, cfg: MethodConfig):
+        super().__init__(cfg)
+        self.scales: torch.Tensor | None = None  # (s_sc, s_lw)
+        self.scale_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scales": None if self.scales is None else self.scales.detach().cpu().clone(),
+                "scale_steps": self.scale_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        scales = state.get("scales")
+        self.scales = None if scales is None else scales.clone()
+        self.scale_steps = int(state.get("scale_steps", 0))
+
     def representation_losses(self, out):
-        return {"hybrid": losses.hybrid_loss(out.student_projection, out.teacher_projection,
-                                             out.teacher_logits, out.labels, lam=self.cfg.lam,
-                                             **self.lw_kwargs(out))}
+        c = self.cfg
+        kwargs = self.lw_kwargs(out)
+        supcon = losses.supcon_loss(out.student_projection, out.labels, c.temperature)
+        lw = losses.lw_supcrd_loss(out.student_projection, out.teacher_projection, out.teacher_logits,
+                                   out.labels, **kwargs)
+        if c.hybrid_scaling == "plain":
+            return {"hybrid": c.lam * supcon + (1 - c.lam) * lw}
+        current = torch.stack([supcon.detach(), lw.detach()])
+        if self.scale_steps < c.hybrid_scale_steps:
+            if self.scales is None:
+                self.scales = current
+            else:
+                self.scales = self.SCALE_MOMENTUM * self.scales.to(current.device) \
+                    + (1 - self.SCALE_MOMENTUM) * current
+            self.scale_steps += 1
+        scales = self.scales.to(current.device)
+        return {"hybrid": c.lam * supcon / scales[0] + (1 - c.lam) * lw / scales[1]}
 
 
 METHODS: dict[str, type[Method]] = {

@@ -29,10 +29,13 @@ class CifarTorchvisionResNet(torchvision.models.ResNet):
         self.maxpool = nn.Identity()
         self.feature_dim = self.fc.in_features
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Final feature map (B, C, H, W): after the last ReLU, before pooling (SPEC section 13)."""
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.forward_feature_map(x)), 1)
 
 
 class BasicBlock(nn.Module):
@@ -80,10 +83,13 @@ class SmallCifarResNet(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Final feature map (B, C, H, W): after the last ReLU, before pooling (SPEC section 13)."""
         x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.forward_feature_map(x), 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
@@ -107,10 +113,20 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def build_encoder(arch: str, num_classes: int) -> nn.Module:
+def build_encoder(arch: str, num_classes: int, init: str = "kaiming") -> nn.Module:
+    """A fresh encoder. `init="kaiming"` keeps the architectures' own Kaiming-normal (fan-out)
+    convolutions (the replaced CIFAR stem of the torchvision ResNets keeps PyTorch's default, as in
+    the published code); `init="pytorch"` gives every convolution PyTorch's default (SPEC 2)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[arch](num_classes)
+    if init not in ("kaiming", "pytorch"):
+        raise ValueError(f"unknown initialisation {init!r}; known: kaiming, pytorch")
+    encoder = ARCHITECTURES[arch](num_classes)
+    if init == "pytorch":
+        for module in encoder.modules():
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+    return encoder
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 from . import evaluation, train
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint
-from .config import RunConfig, default_bank_size
+from .checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
+from .config import RunConfig, default_bank_size, preset, run_name
 from .data import ImageDataset
 from .devices import select_device
 from .methods import build_method
 from .models import Teacher
+from .published import published_config
 from .report import write_report
 from .runs import OutputPaths, prepare_dataset
 from .teacher import load_or_train_teacher
@@ -28,13 +29,18 @@ log = logging.getLogger("desupcon")
 class Session:
     """Dataset, device and teacher for runs that share them (same data and teacher identity)."""
 
-    def __init__(self, cfg: RunConfig, analyze: bool = True, pictures: bool = True):
+    def __init__(self, cfg: RunConfig, analyze: bool = True, pictures: bool = True,
+                 force_teacher: bool = False):
         self.cfg = cfg
         self.analyze_runs, self.pictures = analyze, pictures
+        self.force_teacher = force_teacher  # the teacher's own switch, applied at its first load
         self.device = select_device(cfg.device)
         self.paths = OutputPaths(cfg.output_dir)
         self._dataset: ImageDataset | None = None
         self._teacher: tuple[Teacher, dict] | None = None
+        # Runs retrained by force in this session: forcing retrains each at most once.
+        self.retrained: set[str] = set()
+        self.trained_count = 0  # student runs actually trained (not loaded) in this session
 
     @property
     def dataset(self) -> ImageDataset:
@@ -42,37 +48,45 @@ class Session:
             self._dataset = prepare_dataset(self.cfg, self.device)
         return self._dataset
 
-    def teacher(self, force: bool = False, resume: bool = True) -> tuple[Teacher, dict]:
-        if self._teacher is None or force:
+    def teacher(self, resume: bool = True) -> tuple[Teacher, dict]:
+        """The teacher with its projection head, loaded (or trained) once per session."""
+        if self._teacher is None:
             validate_config(self.cfg, self.dataset)
-            self._teacher = load_or_train_teacher(self.cfg, self.dataset, self.device, force, resume)
+            self._teacher = load_or_train_teacher(self.cfg, self.dataset, self.device,
+                                                  force=self.force_teacher, resume=resume)
         return self._teacher
 
     def _check_compatible(self, cfg: RunConfig) -> None:
-        if cfg.teacher_identity() != self.cfg.teacher_identity():
+        if cfg.teacher_identity() != self.cfg.teacher_identity() or \
+                cfg.data_identity() != self.cfg.data_identity():
             raise ValueError("this session's dataset/teacher differ from the run's; start a new "
                              "Session for that configuration")
 
     def run_many(self, cfgs: list[RunConfig], force: bool = False, resume: bool = True,
                  lockstep: bool = True) -> list[train.RunResult]:
-        """Train (or load) several runs; with `lockstep` compatible runs share teacher forwards."""
+        """Train (or load) several runs; with `lockstep` compatible runs share teacher forwards.
+
+        `force` retrains the runs not already retrained by force in this session (never the
+        teacher: that is `force_teacher`)."""
         for cfg in cfgs:  # every setting checked before anything trains
             self._check_compatible(cfg)
             validate_config(cfg, self.dataset)
-        needs_teacher = any(build_method(c.method).uses_teacher for c in cfgs)
+        # The analysis compares every student with the teacher, so it is loaded even for CE runs.
+        needs_teacher = self.analyze_runs or any(build_method(c.method).uses_teacher for c in cfgs)
         teacher = self.teacher(resume=resume)[0] if needs_teacher else None
+        forced = [force and run_name(c) not in self.retrained for c in cfgs]
         results: dict[int, train.RunResult] = {}
-        if lockstep:
-            groups: dict[tuple, list[int]] = {}
-            for i, cfg in enumerate(cfgs):
-                groups.setdefault(train.lockstep_key(cfg), []).append(i)
-            batches = list(groups.values())
-        else:
-            batches = [[i] for i in range(len(cfgs))]
-        for members in batches:
+        groups: dict[tuple, list[int]] = {}
+        for i, cfg in enumerate(cfgs):
+            key = (train.lockstep_key(cfg), forced[i]) if lockstep else (i,)
+            groups.setdefault(key, []).append(i)
+        for members in groups.values():
             group = train.train_students([cfgs[i] for i in members], self.dataset, teacher,
-                                         self.device, force=force, resume=resume)
+                                         self.device, force=forced[members[0]], resume=resume)
             results.update(zip(members, group))
+            self.trained_count += len({r.name for r in group if not r.cached})
+            if forced[members[0]]:
+                self.retrained.update(r.name for r in group)
         ordered = [results[i] for i in range(len(cfgs))]
         if self.analyze_runs:
             for result in ordered:
@@ -97,15 +111,35 @@ class Session:
 
 def analyze_checkpoint(path: str | Path, device: str = "auto", output_dir: str | Path = ".",
                        data_root: str | None = None, pictures: bool = True) -> dict:
-    """Re-analyse a saved student on its own dataset, writing under `output_dir`."""
-    ckpt = load_checkpoint(path, expected_kind="student")
-    cfg = RunConfig.from_dict(ckpt["config"])
+    """Re-analyse a saved student on its own dataset, writing under `output_dir`.
+
+    `path` is one of our checkpoints or a published student file (SPEC 11): a published one is
+    imported first (or its earlier import reused), an unknown name as an unnamed ResNet-18 student.
+    """
+    path = Path(path)
+    dev = select_device(device)
+    published = not _is_desupcon_checkpoint(path)
+    if published:
+        described = published_config(path.stem)
+        cfg = described or preset("paper")
+    else:
+        cfg = RunConfig.from_dict(load_checkpoint(path, expected_kind="student")["config"])
     cfg = cfg.replace(device=device, output_dir=str(output_dir),
                       data={"data_root": data_root} if data_root else {})
-    dev = select_device(device)
     dataset = prepare_dataset(cfg, dev)
-    return evaluation.analyze_student_checkpoint(Path(path), dataset, dev, teacher=None,
+    if published:
+        models = path.parent if path.parent.name == "pth_models" else Path(output_dir) / "pth_models"
+        path, _ = train.import_published_student(path, described, None, dataset, dev, models)
+    return evaluation.analyze_student_checkpoint(path, dataset, dev, teacher=None,
                                                  pictures=pictures, output_root=Path(output_dir))
+
+
+def _is_desupcon_checkpoint(path: Path) -> bool:
+    try:
+        load_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def report(output_dir: str | Path = ".") -> tuple[str, Path]:
@@ -137,11 +171,11 @@ def results_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def quickstart(cfg: RunConfig, force: bool = False) -> list[dict]:
+def quickstart(cfg: RunConfig, force: bool = False, force_teacher: bool = False) -> list[dict]:
     """Teacher, then one student per method, then a results table (printed and saved)."""
     started = time.perf_counter()
-    session = Session(cfg)
-    _, teacher_metrics = session.teacher(force=force)
+    session = Session(cfg, force_teacher=force_teacher)
+    _, teacher_metrics = session.teacher()
     labelled = quickstart_configs(cfg)
     results = session.run_many([c for _, c in labelled], force=force)
     rows = [{"method": "teacher " + cfg.model.teacher_arch, "test_acc": teacher_metrics["test_acc"],

@@ -1,6 +1,9 @@
-"""The teacher: cross-entropy training (or weights from a file), then the cosine-probe projection
-head (SPEC section 2). Both are cached as `pth_models/teacher_<arch>_<dataset>[...].pth` and
-`..._with_projection.pth`; teacher training writes epoch checkpoints and resumes like a student."""
+"""The teacher: weights (the published hub teacher by default, a file, or a published checkpoint in
+`pth_models/`) or cross-entropy training with its own settings, then the cosine-probe projection
+head (SPEC sections 2 and 6). Both are cached as `pth_models/teacher_<arch>_<dataset>[...].pth` and
+`..._with_projection.pth`; teacher training writes epoch checkpoints and resumes like a student.
+The loaded teacher carries a content fingerprint (backbone and head) that enters every student's
+identity."""
 
 from __future__ import annotations
 
@@ -14,21 +17,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, describe_load_failure
-from .config import RunConfig, teacher_run_name
-from .devices import autocast_for, make_adam, memory_format
-from .models import (CheckpointMismatchError, Teacher, build_encoder, load_matching_state_dict,
-                     normalise_state_dict_layout)
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
+from .config import HUB_TEACHER, RunConfig, teacher_run_name
+from .devices import autocast_for, make_adam, make_scheduler, memory_format
+from .models import Teacher, build_encoder, load_matching_state_dict
+from .published import PUBLISHED_SOURCE, file_sha256, imported_path
+from .teacher_weights import (fingerprint, is_plain_state_dict_file, load_encoder_weights,
+                              read_state_dict, resolve_source, split_projection)
 from .runs import (NonFiniteLossError, OutputPaths, cached_checkpoint, check_finite, check_output_dirs,
                    evaluate_accuracy, global_rng_state, grads_finite, load_partial, non_finite_error,
                    params_finite, remove_partial, save_log, set_global_rng_state, summary_line, with_kept_state)
 from .validation import validate_config
 
 log = logging.getLogger("desupcon")
-
-
-def teacher_backbone_identity(cfg: RunConfig) -> dict:
-    return {k: v for k, v in cfg.teacher_identity().items() if k != "probe"}
 
 
 def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, device: torch.device,
@@ -38,17 +39,17 @@ def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, device
     Like a student run, it writes an epoch checkpoint (`pth_models/in_progress/<teacher>.pth`) and
     resumes from one bit-identically unless `resume` is False.
     """
-    torch.manual_seed(cfg.teacher.seed)
-    encoder = build_encoder(cfg.model.teacher_arch, dataset.num_classes).to(device)
+    t = cfg.teacher
+    torch.manual_seed(t.seed)
+    encoder = build_encoder(cfg.model.teacher_arch, dataset.num_classes, cfg.model.init).to(device)
     encoder = encoder.to(memory_format=memory_format(device))
-    opt = make_adam([{"params": encoder.parameters(), "lr": cfg.optim.lr,
-                       "weight_decay": cfg.optim.weight_decay}], device)
-    epochs = cfg.teacher.epochs
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    opt = make_adam([{"params": encoder.parameters(), "lr": t.lr, "weight_decay": t.weight_decay}], device)
+    epochs = t.epochs
+    sched = make_scheduler(opt, [t.schedule], epochs)
     augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
     gen = torch.Generator().manual_seed(cfg.teacher.seed)
     name = teacher_run_name(cfg)
-    identity = teacher_backbone_identity(cfg)
+    identity = cfg.teacher_backbone_identity()
     partial = paths.partial_checkpoint(name)
     entries: list[dict] = []
     done = 0
@@ -67,9 +68,9 @@ def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, device
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
-        n_steps = data_mod.batches_per_epoch(len(dataset.train_labels), cfg.optim.batch_size)
+        n_steps = data_mod.batches_per_epoch(len(dataset.train_labels), t.batch_size)
         batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels,
-                                         cfg.optim.batch_size, augment, gen, views=1)
+                                         t.batch_size, augment, gen, views=1)
         try:
             for step, (_, x, _, y) in enumerate(tqdm(batches, total=n_steps, leave=False,
                                                      desc=f"{name} {epoch}/{epochs}"), 1):
@@ -128,7 +129,7 @@ def train_projection_probe(teacher: Teacher, cfg: RunConfig, dataset: data_mod.I
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels,
-                                         cfg.optim.batch_size, augment, gen, views=1)
+                                         cfg.teacher.batch_size, augment, gen, views=1)
         for _, x, _, y in batches:
             with autocast_for(device):
                 features, _ = teacher(x.contiguous(memory_format=memory_format(device)))
@@ -142,7 +143,7 @@ def train_projection_probe(teacher: Teacher, cfg: RunConfig, dataset: data_mod.I
             correct += (logits.argmax(1) == y).sum()
             seen += y.shape[0]
         check_finite(loss_sum, f"{teacher_run_name(cfg, with_projection=True)} (projection probe)",
-                      epoch, data_mod.batches_per_epoch(len(dataset.train_labels), cfg.optim.batch_size))
+                      epoch, data_mod.batches_per_epoch(len(dataset.train_labels), cfg.teacher.batch_size))
         entry = {"epoch": epoch, "loss": loss_sum.item() / seen,
                  "train_acc": 100.0 * correct.item() / seen, "lr": cfg.teacher.probe_lr,
                  "seconds": time.perf_counter() - start}
@@ -153,84 +154,109 @@ def train_projection_probe(teacher: Teacher, cfg: RunConfig, dataset: data_mod.I
 
 
 def _teacher_checkpoint(kind: str, name: str, identity: dict, cfg: RunConfig, teacher: Teacher,
-                        metrics: dict, entries: list[dict]) -> dict:
+                        metrics: dict, entries: list[dict], source: dict) -> dict:
     ckpt = {"format": CHECKPOINT_FORMAT, "kind": kind, "name": name, "identity": identity,
             "config": cfg.to_dict(), "arch": cfg.model.teacher_arch,
             "num_classes": teacher.encoder.fc.out_features,
             "encoder": {k: v.cpu() for k, v in teacher.encoder.state_dict().items()},
-            "metrics": metrics, "log": entries}
+            "metrics": metrics, "log": entries, "source": source}
     if kind == "teacher_projection":
         ckpt["head"] = {k: v.cpu() for k, v in teacher.head.state_dict().items()}
     return ckpt
 
 
-def load_teacher_weights(encoder: nn.Module, path: str | Path, dataset: data_mod.ImageDataset,
-                         arch: str) -> None:
-    """Teacher weights from a file: a torchvision/timm-layout state dict (possibly wrapped or
-    DataParallel-prefixed) or a desupcon teacher checkpoint. Errors name the file and what was
-    expected: a readable file, `arch` weights, a classifier for the dataset's number of classes."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--teacher-weights {path}: file not found")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, random bytes, pickled objects
-        raise CheckpointMismatchError(
-            f"--teacher-weights: {describe_load_failure(path, exc)}; expected a {arch} state dict "
-            "saved with torch.save(model.state_dict(), path)") from exc
-    if isinstance(raw, dict) and raw.get("format") == CHECKPOINT_FORMAT:
-        if not isinstance(raw.get("encoder"), dict):
-            raise CheckpointMismatchError(f"--teacher-weights {path} is a desupcon {raw.get('kind')!r} "
-                                          "checkpoint without teacher weights; expected a teacher checkpoint")
-        raw = raw["encoder"]
-    if not isinstance(raw, dict):
-        raise CheckpointMismatchError(f"--teacher-weights {path} holds a {type(raw).__name__}, "
-                                      f"expected a {arch} state dict (a dict of tensors)")
-    state = normalise_state_dict_layout(raw)
-    if not state:
-        raise CheckpointMismatchError(f"--teacher-weights {path} holds no tensors, expected a {arch} "
-                                      "state dict")
-    fc = state.get("fc.weight")
-    if fc is not None and fc.ndim == 2 and fc.shape[0] != dataset.num_classes:
-        raise CheckpointMismatchError(
-            f"--teacher-weights {path} has a classifier for {fc.shape[0]} classes, but the dataset "
-            f"{dataset.name} has {dataset.num_classes} classes; use teacher weights trained on "
-            f"{dataset.name} (or train the teacher: leave out --teacher-weights)")
-    load_matching_state_dict(encoder, state, source=f"--teacher-weights {path} (expected {arch} weights)")
+def _finish(teacher: Teacher, metrics: dict, device: torch.device) -> tuple[Teacher, dict]:
+    """The teacher on `device` in eval mode, with its content fingerprint and source attached."""
+    teacher.fingerprint = metrics["fingerprint"] = fingerprint(teacher.encoder, teacher.head)
+    teacher.source = metrics.get("source", "")
+    return teacher.to(device).to(memory_format=memory_format(device)).eval(), metrics
+
+
+def _published_teacher_files(cfg: RunConfig, paths: OutputPaths) -> tuple[Path | None, Path | None]:
+    """Published teacher files (plain state dicts under their SPEC 11 names) usable for `cfg`:
+    (teacher with projection, teacher). Only the published teacher's configuration uses them."""
+    if cfg.model.teacher_weights != HUB_TEACHER:
+        return None, None
+    found = []
+    for path in (paths.checkpoint(teacher_run_name(cfg, with_projection=True)),
+                 paths.checkpoint(teacher_run_name(cfg))):
+        found.append(path if path.is_file() and is_plain_state_dict_file(path) else None)
+    return found[0], found[1]
 
 
 def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, device: torch.device,
                           force: bool = False, resume: bool = True) -> tuple[Teacher, dict]:
     """The frozen teacher with its probe-trained projection head, from cache when possible.
 
-    Returns (teacher, metrics) and writes `pth_models/teacher_<arch>_<dataset>[...].pth` and
-    `..._with_projection.pth`. Cross-entropy training resumes from its epoch checkpoint unless
-    `resume` is False (or `force`).
+    Sources, in order: our cached teacher of this configuration; a published teacher-with-
+    projection file in `pth_models/` (its head is not re-probed); a published teacher file there;
+    `model.teacher_weights` (a file or the hub); cross-entropy training with the teacher's own
+    settings. `force` retrains (or re-probes) the teacher; it is the teacher's own switch.
+    Returns (teacher, metrics); `teacher.fingerprint` identifies its weights.
     """
     validate_config(cfg, dataset)
     paths = OutputPaths(cfg.output_dir)
     check_output_dirs(paths)
     identity = cfg.teacher_identity()
     name, proj_name = teacher_run_name(cfg), teacher_run_name(cfg, with_projection=True)
-    encoder = build_encoder(cfg.model.teacher_arch, dataset.num_classes)
+    encoder = build_encoder(cfg.model.teacher_arch, dataset.num_classes, cfg.model.init)
+    published_proj, published_plain = _published_teacher_files(cfg, paths)
+    # Our checkpoint of the teacher lives beside a published file of the same name, never over it.
+    own_proj = imported_path(paths.models, proj_name) if published_proj else paths.checkpoint(proj_name)
+    own_name = imported_path(paths.models, name) if published_plain else paths.checkpoint(name)
 
-    cached_proj = cached_checkpoint(paths.checkpoint(proj_name), "teacher_projection", identity, force)
+    if published_proj is not None and not force:
+        sha = file_sha256(published_proj)
+        source = {"kind": PUBLISHED_SOURCE, "file": str(published_proj), "sha256": sha}
+        cached = _load_if(own_proj, "teacher_projection", identity, lambda c: c.get("source") == source)
+        if cached is None:
+            body, head = split_projection(read_state_dict(published_proj))
+            if not head:
+                raise CheckpointError(f"{published_proj} has no projection.* keys; a published "
+                                      "teacher with projection holds projection.0/2/4 (SPEC 11)")
+            teacher = Teacher(encoder)
+            load_encoder_weights(teacher.encoder, body, str(published_proj), dataset.num_classes, dataset.name)
+            load_matching_state_dict(teacher.head, head, source=f"{published_proj} (projection head)")
+            teacher = teacher.to(device)
+            test_acc = evaluate_accuracy(teacher.encoder, dataset.test_images, dataset.test_labels,
+                                         dataset, device)
+            metrics = {"test_acc": test_acc, "train_acc": None, "source": PUBLISHED_SOURCE}
+            atomic_torch_save(own_proj, _teacher_checkpoint("teacher_projection", proj_name, identity, cfg,
+                                                            teacher, metrics, [], source))
+            log.info(f"[{proj_name}] imported the published teacher with projection {published_proj} "
+                     f"(test acc {test_acc:.2f}%; its head is used as published, not re-probed)")
+            return _finish(teacher, metrics, device)
+        return _from_checkpoint(cached, encoder, proj_name, device)
+
+    cached_proj = None if force else _load_if(own_proj, "teacher_projection", identity)
     if cached_proj is not None:
-        teacher = Teacher(encoder)
-        load_matching_state_dict(teacher.encoder, cached_proj["encoder"], source=proj_name)
-        teacher.head.load_state_dict(cached_proj["head"])
-        log.info(f"[{proj_name}] loaded from cache (test acc {cached_proj['metrics']['test_acc']:.2f}%)")
-        return teacher.to(device).to(memory_format=memory_format(device)).eval(), cached_proj["metrics"]
+        return _from_checkpoint(cached_proj, encoder, proj_name, device)
 
-    backbone_identity = teacher_backbone_identity(cfg)
-    cached = cached_checkpoint(paths.checkpoint(name), "teacher", backbone_identity, force)
+    backbone_identity = cfg.teacher_backbone_identity()
+    entries: list[dict] = []
+    if published_plain is not None:
+        source = {"kind": PUBLISHED_SOURCE, "file": str(published_plain), "sha256": file_sha256(published_plain)}
+    elif cfg.model.teacher_weights:
+        source = {"kind": "weights", "file": cfg.model.teacher_weights}
+    else:
+        source = {"kind": "trained"}
+    cached = None
+    if not (force and cfg.trains_teacher):
+        cached = _load_if(own_name, "teacher", backbone_identity,
+                          lambda c: c.get("source", source) == source)
     if cached is not None:
         load_matching_state_dict(encoder, cached["encoder"], source=name)
         entries = cached["log"]
         log.info(f"[{name}] loaded from cache")
+    elif published_plain is not None:
+        load_encoder_weights(encoder, read_state_dict(published_plain), str(published_plain),
+                             dataset.num_classes, dataset.name)
+        log.info(f"[{name}] using the published teacher {published_plain}")
     elif cfg.model.teacher_weights:
-        load_teacher_weights(encoder, cfg.model.teacher_weights, dataset, cfg.model.teacher_arch)
-        entries = []
+        path = resolve_source(cfg.model.teacher_weights)
+        load_encoder_weights(encoder, read_state_dict(path), cfg.model.teacher_weights,
+                             dataset.num_classes, dataset.name)
+        log.info(f"[{name}] teacher weights from {cfg.model.teacher_weights} ({path})")
     else:
         encoder, entries = train_teacher_encoder(cfg, dataset, device, paths,
                                                  resume=resume and not force)
@@ -238,15 +264,59 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, device
     torch.manual_seed(cfg.teacher.seed)  # the projection head's initialisation
     teacher = Teacher(encoder).to(device)
     test_acc = evaluate_accuracy(teacher.encoder, dataset.test_images, dataset.test_labels, dataset, device)
-    metrics = {"test_acc": test_acc, "train_acc": entries[-1]["train_acc"] if entries else None}
+    metrics = {"test_acc": test_acc, "train_acc": entries[-1]["train_acc"] if entries else None,
+               "source": source["kind"] if source["kind"] != "weights" else source["file"]}
     if cached is None:
-        atomic_torch_save(paths.checkpoint(name), _teacher_checkpoint(
-            "teacher", name, backbone_identity, cfg, teacher, metrics, entries))
+        atomic_torch_save(own_name, _teacher_checkpoint("teacher", name, backbone_identity, cfg, teacher,
+                                                        metrics, entries, source))
         remove_partial(paths, name)
     log.info(f"[{name}] teacher test accuracy {test_acc:.2f}%")
 
     probe_log = train_projection_probe(teacher, cfg, dataset, device)
     metrics = {**metrics, "probe_train_acc": probe_log[-1]["train_acc"] if probe_log else None}
-    atomic_torch_save(paths.checkpoint(proj_name), _teacher_checkpoint(
-        "teacher_projection", proj_name, identity, cfg, teacher, metrics, probe_log))
-    return teacher.eval(), metrics
+    atomic_torch_save(own_proj, _teacher_checkpoint("teacher_projection", proj_name, identity, cfg,
+                                                    teacher, metrics, probe_log, source))
+    return _finish(teacher, metrics, device)
+
+
+def _load_if(path: Path, kind: str, identity: dict, accept=lambda ckpt: True) -> dict | None:
+    """Our checkpoint at `path` when it holds this identity (and `accept`s), else None. A checkpoint
+    of another teacher configuration under the same name is replaced, with a warning."""
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(path, expected_kind=kind)
+    if ckpt.get("identity") == identity and accept(ckpt):
+        return ckpt
+    log.warning(f"{path} holds another teacher configuration or source; it will be replaced")
+    return None
+
+
+def _from_checkpoint(ckpt: dict, encoder: nn.Module, name: str, device: torch.device) -> tuple[Teacher, dict]:
+    teacher = Teacher(encoder)
+    load_matching_state_dict(teacher.encoder, ckpt["encoder"], source=name)
+    teacher.head.load_state_dict(ckpt["head"])
+    log.info(f"[{name}] loaded from cache (test acc {ckpt['metrics']['test_acc']:.2f}%)")
+    return _finish(teacher, dict(ckpt["metrics"]), device)
+
+
+def teacher_checkpoint_path(cfg: RunConfig) -> Path:
+    """Where the teacher-with-projection checkpoint of `cfg` is (imported/ beside a published file)."""
+    paths = OutputPaths(cfg.output_dir)
+    proj = paths.checkpoint(teacher_run_name(cfg, with_projection=True))
+    if cfg.model.teacher_weights == HUB_TEACHER and proj.is_file() and is_plain_state_dict_file(proj):
+        return imported_path(paths.models, proj.stem)
+    return proj
+
+
+def check_teacher_available(cfg: RunConfig) -> None:
+    """Raise `TeacherWeightsUnavailableError` now if `cfg`'s teacher cannot be had (before any data
+    is loaded): fine when it is trained, cached, a published file in `pth_models/`, or its weights
+    resolve (a local file, or the hub: fetched into its cache, or read from it offline)."""
+    if cfg.trains_teacher:
+        return
+    paths = OutputPaths(cfg.output_dir)
+    published_proj, published_plain = _published_teacher_files(cfg, paths)
+    if published_proj or published_plain or teacher_checkpoint_path(cfg).is_file() \
+            or paths.checkpoint(teacher_run_name(cfg)).is_file():
+        return
+    resolve_source(cfg.model.teacher_weights)

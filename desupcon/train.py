@@ -24,16 +24,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from .checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
 from .config import RunConfig, run_name
-from .devices import autocast_for, make_adam, memory_format
+from .devices import autocast_for, make_adam, make_scheduler, memory_format
 from .memory_bank import MomentumMemoryBank
 from .methods import Method, StepOutputs, build_method
 from .models import Student, Teacher, build_encoder, load_matching_state_dict
-from .runs import (NonFiniteLossError, OutputPaths, cached_checkpoint,
-                   check_finite, check_output_dirs, evaluate_accuracy, global_rng_state, grads_finite,
-                   load_partial, non_finite_error, params_finite, save_log,
-                   remove_partial, set_global_rng_state, summary_line, with_kept_state)
+from .published import (PUBLISHED_SOURCE, file_sha256, imported_path, load_plain_state,
+                        published_config, published_names, student_state_from_published)
+from .runs import (NonFiniteLossError, OutputPaths, check_finite, check_output_dirs, evaluate_accuracy,
+                   global_rng_state, grads_finite, identity_diff, load_partial, non_finite_error,
+                   params_finite, save_log, remove_partial, set_global_rng_state, summary_line,
+                   with_kept_state)
 from .validation import validate_config
 
 log = logging.getLogger("desupcon")
@@ -53,6 +55,7 @@ class StudentRun:
     bank_generator: torch.Generator
     device: torch.device
     name: str
+    teacher_fingerprint: str | None = None
     log: list[dict] = field(default_factory=list)
     epoch: int = 0  # epochs completed
 
@@ -89,7 +92,8 @@ class StudentRun:
             outputs.teacher_logits = t_logits.float()
         if self.bank is not None:
             outputs.bank_embeddings, outputs.bank_labels = self.bank.sample(
-                self.cfg.method.bank_size, exclude=indices, generator=self.bank_generator)
+                self.cfg.method.bank_size, exclude=indices, generator=self.bank_generator,
+                written_only=self.cfg.method.bank_mode == "class-aware")
         with torch.autocast(device.type, enabled=False):
             losses = self.method.losses(outputs)
         total = sum(losses.values())
@@ -140,7 +144,8 @@ class StudentRun:
     def training_state(self, data_generator: torch.Generator) -> dict:
         """Everything needed to continue bit-identically from the end of `self.epoch`."""
         return {"format": CHECKPOINT_FORMAT, "kind": "in_progress", "name": self.name,
-                "identity": self.cfg.identity(), "epoch": self.epoch, "log": self.log,
+                "identity": self.identity(), "epoch": self.epoch, "log": self.log,
+                "method_state": self.method.state_dict(),
                 "student": self.student.state_dict(),
                 "teacher_head": self.teacher_head.state_dict() if self.teacher_head is not None else None,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -156,15 +161,20 @@ class StudentRun:
             self.teacher_head.load_state_dict(state["teacher_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state.get("method_state") or {})
         if self.bank is not None:
             self.bank.load_state_dict(state["bank"])
         data_generator.set_state(state["rng"]["data"])
         self.bank_generator.set_state(state["rng"]["bank"])
         set_global_rng_state(state["rng"])
 
+    def identity(self) -> dict:
+        return self.cfg.identity(self.teacher_fingerprint)
+
     def final_checkpoint(self, metrics: dict) -> dict:
         return {"format": CHECKPOINT_FORMAT, "kind": "student", "name": self.name,
-                "identity": self.cfg.identity(), "config": self.cfg.to_dict(),
+                "identity": self.identity(), "config": self.cfg.to_dict(),
+                "teacher_fingerprint": self.teacher_fingerprint,
                 "student_arch": self.cfg.model.student_arch,
                 "num_classes": self.student.classifier.out_features,
                 "student": {k: v.cpu() for k, v in self.student.state_dict().items()},
@@ -173,42 +183,58 @@ class StudentRun:
                 "metrics": metrics, "log": self.log}
 
 
-def build_student(arch: str, num_classes: int) -> Student:
-    return Student(build_encoder(arch, num_classes))
+def build_student(arch: str, num_classes: int, init: str = "kaiming") -> Student:
+    return Student(build_encoder(arch, num_classes, init))
 
 
 def make_student_run(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Teacher | None,
                      device: torch.device) -> StudentRun:
-    """A fresh student with its optimiser: parameters seeded by the run's seed alone."""
+    """A fresh student with its optimiser: parameters seeded by the run's seed alone.
+
+    One Adam, three parameter groups (SPEC 6): the encoder and projector (the student's lr, weight
+    decay and schedule), the classifier and the teacher head. A contrastive method's online
+    classifier and the teacher head have their own constant learning rate and no weight decay; a
+    CE student's classifier is part of the student and follows the student's settings.
+    """
     method = build_method(cfg.method)
-    torch.manual_seed(cfg.optim.seed)
-    student = build_student(cfg.model.student_arch, dataset.num_classes).to(device)
+    o = cfg.optim
+    torch.manual_seed(o.seed)
+    student = build_student(cfg.model.student_arch, dataset.num_classes, cfg.model.init).to(device)
     student = student.to(memory_format=memory_format(device))
-    lr, wd = cfg.optim.lr, cfg.optim.weight_decay
     classifier_ids = {id(p) for p in student.classifier.parameters()}
     groups = [{"params": [p for p in student.parameters() if id(p) not in classifier_ids],
-               "lr": lr, "weight_decay": wd},
-              {"params": list(student.classifier.parameters()), "lr": lr, "weight_decay": wd}]
+               "lr": o.lr, "weight_decay": o.weight_decay}]
+    schedules = [o.schedule]
+    if method.online_classifier:
+        groups.append({"params": list(student.classifier.parameters()), "lr": o.classifier_lr,
+                       "weight_decay": 0.0})
+        schedules.append("constant")
+    else:
+        groups.append({"params": list(student.classifier.parameters()), "lr": o.lr,
+                       "weight_decay": o.weight_decay})
+        schedules.append(o.schedule)
     teacher_head = None
     if method.uses_teacher:
         teacher_head = copy.deepcopy(teacher.head).to(device)
-        groups.append({"params": list(teacher_head.parameters()), "lr": lr / 10, "weight_decay": wd})
+        groups.append({"params": list(teacher_head.parameters()), "lr": o.head_lr, "weight_decay": 0.0})
+        schedules.append("constant")
     optimizer = make_adam(groups, device)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.optim.epochs, 1))
+    scheduler = make_scheduler(optimizer, schedules, o.epochs)
     bank = None
     if method.uses_bank:
         bank = MomentumMemoryBank(len(dataset.train_labels), teacher_head[-1].out_features,
                                   dataset.train_labels, cfg.method.bank_momentum, device=device)
     if cfg.compile:
         student.forward = torch.compile(student.forward)
+    fp = getattr(teacher, "fingerprint", None) if method.uses_teacher else None
     return StudentRun(cfg, method, student, teacher_head, optimizer, scheduler, bank,
-                      torch.Generator().manual_seed(cfg.optim.seed + 1), device, run_name(cfg))
+                      torch.Generator().manual_seed(o.seed + 1), device, run_name(cfg), teacher_fingerprint=fp)
 
 
 def lockstep_key(cfg: RunConfig) -> tuple:
     """Runs that can share batches: same data, data order, batch size, epochs and teacher."""
-    return (repr(cfg.data_identity()), cfg.optim.seed, cfg.optim.batch_size, cfg.optim.epochs,
-            repr(cfg.teacher_identity()))
+    return (repr(cfg.data_identity()), cfg.optim.seed, cfg.optim.batch_size, cfg.optim.drop_last,
+            cfg.optim.epochs, repr(cfg.teacher_identity()))
 
 
 @dataclass
@@ -220,11 +246,122 @@ class RunResult:
     log: list[dict]
     cached: bool
     analysis: dict | None = None  # section 7 metrics once analysed
+    source: str = "trained"  # or "published checkpoint"
 
 
 def _result_from_checkpoint(cfg: RunConfig, path: Path, ckpt: dict, cached: bool) -> RunResult:
     analysis = (ckpt.get("analysis") or {}).get("metrics")
-    return RunResult(ckpt["name"], cfg, path, ckpt["metrics"], ckpt["log"], cached, analysis)
+    source = (ckpt.get("source") or {}).get("kind", "trained")
+    return RunResult(ckpt["name"], cfg, path, ckpt["metrics"], ckpt["log"], cached, analysis, source)
+
+
+def final_metrics(entries: list[dict], epochs: int) -> dict:
+    """Last-epoch accuracies (the headline) and, separately, the best epoch by test accuracy."""
+    last = entries[-1]
+    best = max(entries, key=lambda e: e["test_acc"])
+    return {"test_acc": last["test_acc"], "train_acc": last["train_acc"],
+            "train_test_gap": last["train_acc"] - last["test_acc"],
+            "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
+            "seconds": sum(e["seconds"] for e in entries), "epochs": epochs}
+
+
+def _is_published(ckpt: dict) -> bool:
+    return (ckpt.get("source") or {}).get("kind") == PUBLISHED_SOURCE
+
+
+def find_cached_run(cfg: RunConfig, paths: OutputPaths, teacher_fingerprint: str | None,
+                    dataset: data_mod.ImageDataset, device: torch.device) -> tuple[Path, dict] | None:
+    """A finished run of exactly this configuration and teacher: our checkpoint, or a published
+    checkpoint under one of the run's published names (imported on first use). None: train it.
+
+    A checkpoint of the same name trained from another teacher (by content) is stale: it is
+    retrained (with a warning). One of another configuration is an error naming the difference.
+    """
+    name = run_name(cfg)
+    identity = cfg.identity(teacher_fingerprint)
+    for published_name in published_names(cfg):
+        original = paths.checkpoint(published_name)
+        if original.is_file() and not _is_ours(original):
+            return import_published_student(original, cfg, identity, dataset, device, paths.models)
+    path = paths.checkpoint(name)
+    if not path.is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(path, expected_kind="student")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. Rerun with --force to retrain and replace it, or restore it "
+                              "from a backup") from exc
+    stored = ckpt.get("identity") or {}
+    if stored == identity:
+        return path, ckpt
+    diffs = identity_diff(stored, identity)
+    if diffs and all(d.startswith("teacher.") for d in diffs):
+        log.warning(f"[{name}] {path} was distilled from another teacher ({'; '.join(diffs)}); "
+                    "retraining it with the current teacher")
+        return None
+    raise CheckpointError(f"{path} exists but was trained with another configuration "
+                          f"({'; '.join(diffs[:6])}). Rerun with --force to replace it, or use "
+                          "another --output-dir.")
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        load_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def import_published_student(original: Path, cfg: RunConfig | None, identity: dict | None,
+                             dataset: data_mod.ImageDataset, device: torch.device,
+                             models_dir: Path) -> tuple[Path, dict]:
+    """Import a published student file (SPEC 11) as a desupcon checkpoint beside it, once.
+
+    `cfg` is the run its name describes (None: an unnamed student, analysable only). The import
+    is reused while the downloaded file is unchanged (same SHA-256).
+    """
+    name = original.stem
+    sha = file_sha256(original)
+    target = imported_path(models_dir, name)
+    if target.is_file():
+        ckpt = load_checkpoint(target, expected_kind="student")
+        if (ckpt.get("source") or {}).get("sha256") == sha and (identity is None or ckpt["identity"] == identity):
+            return target, ckpt
+    try:
+        state = student_state_from_published(load_plain_state(original))
+    except Exception as exc:
+        raise CheckpointError(f"{original} is neither a desupcon checkpoint nor a readable published "
+                              f"student state dict ({type(exc).__name__}: {exc})") from exc
+    classifier = state.get("encoder.fc.weight")
+    if classifier is None:
+        raise CheckpointError(f"{original} has no classifier.weight; a published student holds "
+                              "encoder.*, projector.* and classifier.* (SPEC 11)")
+    cfg = cfg or _unnamed_student_config(dataset)
+    arch = cfg.model.student_arch
+    student = build_student(arch, classifier.shape[0])
+    load_matching_state_dict(student, state, source=f"published student {original} (expected {arch})")
+    student = student.to(device).eval()
+    test_acc = evaluate_accuracy(lambda x: student(x)[2], dataset.test_images, dataset.test_labels,
+                                 dataset, device)
+    metrics = {"test_acc": test_acc, "train_acc": None, "train_test_gap": None, "best_test_acc": None,
+               "best_epoch": None, "seconds": None, "epochs": cfg.optim.epochs}
+    ckpt = {"format": CHECKPOINT_FORMAT, "kind": "student", "name": name,
+            "identity": identity if identity is not None else {"unnamed": name},
+            "config": cfg.to_dict(), "student_arch": arch, "num_classes": classifier.shape[0],
+            "teacher_fingerprint": (identity or {}).get("teacher", {}).get("fingerprint"),
+            "student": {k: v.cpu() for k, v in student.state_dict().items()},
+            "teacher_head": None, "metrics": metrics, "log": [],
+            "source": {"kind": PUBLISHED_SOURCE, "file": str(original), "sha256": sha,
+                       "described_run": published_config(name) is not None}}
+    atomic_torch_save(target, ckpt)
+    log.info(f"[{name}] imported the {PUBLISHED_SOURCE} {original} -> {target} (test acc {test_acc:.2f}%)")
+    return target, ckpt
+
+
+def _unnamed_student_config(dataset: data_mod.ImageDataset) -> RunConfig:
+    """A published-layout student whose name describes no run: ResNet-18 on the given dataset."""
+    from .config import preset
+    return preset("paper").replace(data={"dataset": dataset.name}, method={"method": "unknown"})
 
 
 def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teacher: Teacher | None,
@@ -246,11 +383,14 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
     check_output_dirs(paths)
     results: dict[str, RunResult] = {}
     pending: list[RunConfig] = []
+    fp = getattr(teacher, "fingerprint", None)
     for cfg in cfgs:
-        name, path = run_name(cfg), paths.checkpoint(run_name(cfg))
-        ckpt = cached_checkpoint(path, "student", cfg.identity(), force)
-        if ckpt is not None:
-            log.info(f"[{name}] loaded from cache: test acc {ckpt['metrics']['test_acc']:.2f}%")
+        name = run_name(cfg)
+        found = None if force else find_cached_run(cfg, paths, fp, dataset, device)
+        if found is not None:
+            path, ckpt = found
+            log.info(f"[{name}] loaded from {'a ' + PUBLISHED_SOURCE if _is_published(ckpt) else 'cache'}"
+                     f": test acc {ckpt['metrics']['test_acc']:.2f}%")
             results[name] = _result_from_checkpoint(cfg, path, ckpt, cached=True)
         elif name not in results and all(run_name(p) != name for p in pending):
             pending.append(cfg)
@@ -262,7 +402,7 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
         run = make_student_run(cfg, dataset, teacher, device)
         state = None
         if resume and not force:
-            state = load_partial(paths.partial_checkpoint(run.name), cfg.identity(), run.name)
+            state = load_partial(paths.partial_checkpoint(run.name), run.identity(), run.name)
         groups.setdefault(state["epoch"] if state else 0, []).append((run, state))
     failures: list[NonFiniteLossError] = []
     for start_epoch in sorted(groups):
@@ -276,10 +416,7 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
                                            generator, paths)
         failures += failed
         for run in finished:
-            metrics = {"test_acc": run.log[-1]["test_acc"], "train_acc": run.log[-1]["train_acc"],
-                       "train_test_gap": run.log[-1]["train_acc"] - run.log[-1]["test_acc"],
-                       "seconds": sum(e["seconds"] for e in run.log), "epochs": run.epoch}
-            ckpt = run.final_checkpoint(metrics)
+            ckpt = run.final_checkpoint(final_metrics(run.log, run.epoch))
             atomic_torch_save(paths.checkpoint(run.name), ckpt)
             remove_partial(paths, run.name)
             results[run.name] = _result_from_checkpoint(run.cfg, paths.checkpoint(run.name), ckpt, False)
@@ -302,7 +439,8 @@ def _train_lockstep(runs: list[StudentRun], dataset: data_mod.ImageDataset, teac
     cfg = runs[0].cfg
     epochs, batch_size = cfg.optim.epochs, cfg.optim.batch_size
     augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
-    n_steps = data_mod.batches_per_epoch(len(dataset.train_labels), batch_size)
+    drop_last = cfg.optim.drop_last
+    n_steps = data_mod.batches_per_epoch(len(dataset.train_labels), batch_size, drop_last)
     label = runs[0].name if len(runs) == 1 else f"{len(runs)} students in lockstep"
     fmt = memory_format(device)
     active, failures = list(runs), []
@@ -320,7 +458,7 @@ def _train_lockstep(runs: list[StudentRun], dataset: data_mod.ImageDataset, teac
         for run in active:
             run.start_epoch()
         batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels, batch_size,
-                                         augment, generator)
+                                         augment, generator, drop_last=drop_last)
         for indices, view1, view2, labels in tqdm(batches, total=n_steps, leave=False,
                                                   desc=f"{label} {epoch}/{epochs}"):
             views = torch.cat([view1, view2]).contiguous(memory_format=fmt)
@@ -354,7 +492,7 @@ def train_student(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Teach
 
 
 def load_student(path: str | Path, device: torch.device | str = "cpu") -> tuple[Student, dict]:
-    """A trained student and its checkpoint dict (configuration, metrics, log)."""
+    """A trained (or imported) student and its checkpoint dict (configuration, metrics, log)."""
     ckpt = load_checkpoint(path, expected_kind="student")
     student = build_student(ckpt["student_arch"], ckpt["num_classes"])
     load_matching_state_dict(student, ckpt["student"], source=str(path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .config import METHODS, RunConfig
+from .config import BANK_MODES, HYBRID_SCALINGS, INITS, METHODS, SCHEDULES, RunConfig
 from .data import DATASETS
 from .models import ARCHITECTURES
 
@@ -47,8 +47,21 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
     _require(o.batch_size >= 2, f"--batch-size must be >= 2 (contrastive losses need pairs), got {o.batch_size}")
     _require(o.lr > 0, f"--lr must be > 0, got {o.lr}")
     _require(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
+    _require(o.classifier_lr > 0, f"--classifier-lr must be > 0, got {o.classifier_lr}")
+    _require(o.head_lr > 0, f"--head-lr must be > 0, got {o.head_lr}")
+    _require(o.schedule in SCHEDULES, f"--schedule {o.schedule!r} is unknown; known: {', '.join(SCHEDULES)}")
+    _require(cfg.teacher.schedule in SCHEDULES,
+             f"--teacher-schedule {cfg.teacher.schedule!r} is unknown; known: {', '.join(SCHEDULES)}")
+    _require(cfg.model.init in INITS, f"--init {cfg.model.init!r} is unknown; known: {', '.join(INITS)}")
+    _require(m.hybrid_scaling in HYBRID_SCALINGS,
+             f"--hybrid-scaling {m.hybrid_scaling!r} is unknown; known: {', '.join(HYBRID_SCALINGS)}")
+    _require(m.hybrid_scale_steps >= 1, f"--hybrid-scale-steps must be >= 1, got {m.hybrid_scale_steps}")
+    _require(m.bank_mode in BANK_MODES, f"--bank-mode {m.bank_mode!r} is unknown; known: {', '.join(BANK_MODES)}")
+    _require(cfg.teacher.lr > 0, f"--teacher-lr must be > 0, got {cfg.teacher.lr}")
+    _require(cfg.teacher.weight_decay >= 0, f"--teacher-weight-decay must be >= 0, got {cfg.teacher.weight_decay}")
+    _require(cfg.teacher.batch_size >= 2, f"--teacher-batch-size must be >= 2, got {cfg.teacher.batch_size}")
     _require(cfg.teacher.epochs >= 1 or cfg.model.teacher_weights is not None,
-             f"--teacher-epochs must be >= 1 when no --teacher-weights are given, got {cfg.teacher.epochs}")
+             f"--teacher-epochs must be >= 1 when the teacher is trained (--train-teacher), got {cfg.teacher.epochs}")
     _require(cfg.teacher.probe_epochs >= 0, f"--probe-epochs must be >= 0, got {cfg.teacher.probe_epochs}")
     _require(cfg.teacher.probe_lr > 0, f"teacher.probe_lr must be > 0, got {cfg.teacher.probe_lr}")
     _require(cfg.teacher.probe_temperature > 0,
@@ -63,3 +76,6 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
                  f"use at most {n_train}")
         _require(o.batch_size <= n_train,
                  f"--batch-size {o.batch_size} is larger than the training set ({n_train} images)")
+        _require(cfg.teacher.batch_size <= n_train or cfg.model.teacher_weights is not None,
+                 f"--teacher-batch-size {cfg.teacher.batch_size} is larger than the training set "
+                 f"({n_train} images)")

@@ -22,10 +22,20 @@ def test_plan_follows_the_published_protocol():
     for e in experiments.group_plan(base, "beta"):
         assert e.cfg.method.alpha == 1.0 and e.cfg.method.bank_size == 0
     names = {run_name(e.cfg) for e in experiments.plan(base, "all")}
-    # alpha 1 / beta 10 / tau 0.07 / the bank ablation's no-bank LW-SupCRD are one run
-    assert len(names) == 17
+    # alpha 1 / beta 10 / tau 0.07 are one run; the bank ablation's no-bank arms are runs of their
+    # own under paper-bank (SPEC 6), named as published (SPEC 11)
+    assert len(names) == 19
     assert "student_alpha_1.0_beta_10.0_temp_0.07_resnet18_cifar100" in names
-    assert "student_lwsupcrd_bank4096_resnet18_cifar100" in names
+    bank = experiments.group_plan(base, "bank")
+    assert [run_name(e.cfg) for e in bank] == [
+        "student_baseline_crd_nobank_resnet18_cifar100", "student_baseline_crd_bank4096_resnet18_cifar100",
+        "student_lwsupcrd_nobank_resnet18_cifar100", "student_lwsupcrd_bank4096_resnet18_cifar100"]
+    for e in bank:
+        o = e.cfg.optim
+        assert e.cfg.preset == "paper-bank" and (o.weight_decay, o.schedule, o.drop_last) == (1e-4, "cosine", True)
+    for e in experiments.plan(base, [g for g in experiments.GROUPS if g != "bank"]):
+        o = e.cfg.optim
+        assert e.cfg.preset == "paper" and (o.weight_decay, o.schedule, o.drop_last) == (0.0, "constant", False)
 
 
 def test_seeds_multiply_runs_but_share_the_teacher():

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from desupcon.teacher import load_teacher_weights
+from desupcon import teacher_weights
 
 from desupcon.models import (
     load_matching_state_dict,
@@ -33,7 +33,9 @@ FEATURE_DIMS = {
 def load_encoder_weights(encoder, path):
     """The toolkit's --teacher-weights loader, for a dataset with the encoder's class count."""
     dataset = SimpleNamespace(num_classes=encoder.fc.out_features, name="test-data")
-    load_teacher_weights(encoder, path, dataset, type(encoder).__name__)
+    teacher_weights.load_encoder_weights(
+        encoder, teacher_weights.read_state_dict(teacher_weights.resolve_source(str(path))), str(path),
+        dataset.num_classes, dataset.name)
 
 
 def _x(b=2, seed=0):

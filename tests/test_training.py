@@ -137,29 +137,44 @@ def _flag_value(flag, current):
         return "/weights/other.pth"
     if flag == "--data-root":
         return "/elsewhere"
+    if flag in ("--schedule", "--teacher-schedule"):
+        return "cosine" if current == "constant" else "constant"
+    if flag == "--init":
+        return "pytorch"
+    if flag == "--hybrid-scaling":
+        return "plain"
+    if flag == "--bank-mode":
+        return "negatives-only"
     if current is None:
         return 123
     return type(current)(current * 2 + 1)
 
 
 def test_every_flag_changes_the_run():
+    """Every setting changes the run name; student settings change the identity, teacher settings
+    the teacher's identity (they reach a student's identity through the teacher's fingerprint)."""
     base = preset("paper")
     base_name, base_id = run_name(base), base.identity()
-    for flag, (section, key, _) in RUN_FLAGS.items():
+    for flag, (section, key, _, _) in RUN_FLAGS.items():
         if flag == "--data-root":
             continue  # where the files live does not change the run
-        current = getattr(getattr(base, section), key)
-        changed = base.replace(**{section: {key: _flag_value(flag, current)}})
+        ref = base.replace(model={"teacher_weights": None}) if section == "teacher" else base
+        current = getattr(getattr(ref, section), key)
+        changed = ref.replace(**{section: {key: _flag_value(flag, current)}})
         # Method-specific settings only matter to a method that reads them.
         if section == "method" and key not in ("method",):
             changed = changed.replace(method={"method": "hybrid", "bank_size": changed.method.bank_size})
-            base_cmp = base.replace(method={"method": "hybrid"})
+            base_cmp = ref.replace(method={"method": "hybrid"})
         else:
-            base_cmp = base
+            base_cmp = ref
         assert run_name(changed) != run_name(base_cmp), f"{flag} does not change the run name"
-        assert changed.identity() != base_cmp.identity(), f"{flag} does not change the identity"
+        if section == "teacher" or key in ("teacher_weights", "teacher_arch"):
+            assert changed.teacher_identity() != base_cmp.teacher_identity(), f"{flag}: teacher identity"
+        else:
+            assert changed.identity() != base_cmp.identity(), f"{flag} does not change the identity"
     flipped = base.replace(method={"adaptive_beta": False})
     assert run_name(flipped) != base_name and flipped.identity() != base_id
+    assert base.identity("aaaa") != base.identity("bbbb"), "the teacher's content is in the identity"
 
 
 def test_cli_flags_override_the_preset():
