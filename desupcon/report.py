@@ -14,35 +14,43 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import atomic_write_text, load_checkpoint, read_json
-from .config import RunConfig
+import logging
 
-# SPEC section 9: CIFAR-100, ResNet-50 -> ResNet-18, 50 epochs, one seed.
-# (table, configuration) -> (test acc %, class alignment, uniformity)
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, read_json
+from .config import HUB_TEACHER, RunConfig, protocol_of
+from .published import PUBLISHED_SOURCE
+
+log = logging.getLogger("desupcon")
+
+# SPEC section 9: CIFAR-100, ResNet-50 -> ResNet-18, 50 epochs, one seed (42), the published teacher.
+# (protocol, table, configuration) -> (test acc %, train acc %, class alignment, uniformity)
+_SWEEP_POINT = (73.19, None, 1.1518, -3.7027)  # alpha 1, beta 10, tau 0.07 in the sweeps
 PUBLISHED = {
-    ("main", "teacher"): (80.75, 0.5928, -3.4649),
-    ("main", "lw-supcrd bank"): (75.63, 0.8336, -3.5073),
-    ("main", "lw-supcrd"): (73.35, 1.1990, -3.7104),
-    ("main", "crd bank"): (69.56, 0.8098, -2.0739),
-    ("main", "supcon"): (69.08, 0.4377, -2.5665),
-    ("main", "crd"): (68.10, 0.90, -2.24),  # published as 68.05 to 68.15
-    ("main", "ce"): (67.93, 0.6631, -1.7332),
-    ("bank", "lw-supcrd"): (74.76, 1.0835, -3.7314),
-    ("bank", "lw-supcrd bank"): (75.63, 0.8336, -3.5073),
-    ("bank", "crd"): (68.10, 0.90, -2.24),
-    ("bank", "crd bank"): (69.56, 0.8098, -2.0739),
-    **{("alpha", a): (acc, None, None) for a, acc in ((1.0, 73.19), (2.0, 71.78), (5.0, 70.67), (10.0, 70.07))},
-    **{("beta", b): (acc, None, None) for b, acc in ((1.0, 70.46), (5.0, 70.63), (10.0, 73.19), (12.0, 71.31))},
-    **{("temp", t): (acc, None, None) for t, acc in ((0.05, 68.08), (0.07, 73.19))},
-    **{("lambda", l): (acc, None, None) for l, acc in ((0.3, 72.58), (0.5, 72.07), (0.7, 71.57), (0.9, 70.69))},
+    ("paper", "main", "teacher"): (80.75, None, 0.5928, -3.4649),
+    ("paper", "main", "lw-supcrd"): (73.35, None, 1.1990, -3.7104),
+    ("paper", "main", "supcon"): (69.08, None, 0.4377, -2.5665),
+    ("paper", "main", "crd"): (68.05, None, 0.9008, -2.2358),
+    ("paper", "main", "ce"): (67.93, None, 0.6631, -1.7332),
+    ("paper-bank", "bank", "lw-supcrd bank"): (75.63, 95.72, 0.8336, -3.5073),
+    ("paper-bank", "bank", "lw-supcrd"): (74.76, 89.72, 1.0835, -3.7314),
+    ("paper-bank", "bank", "crd bank"): (69.56, 78.57, 0.8098, -2.0739),
+    ("paper-bank", "bank", "crd"): (68.15, 73.70, 0.9162, -2.2804),
+    ("paper", "alpha", 1.0): _SWEEP_POINT, ("paper", "alpha", 2.0): (71.78, None, 1.1129, -3.6744),
+    ("paper", "alpha", 5.0): (70.67, None, 1.1589, -3.6712),
+    ("paper", "alpha", 10.0): (70.07, None, 1.2754, -3.6728),
+    ("paper", "beta", 1.0): (70.46, None, 1.1862, -3.6390), ("paper", "beta", 5.0): (70.63, None, 1.2487, -3.6785),
+    ("paper", "beta", 10.0): _SWEEP_POINT, ("paper", "beta", 12.0): (71.31, None, 1.2068, -3.6654),
+    ("paper", "temp", 0.05): (68.08, None, 1.3503, -3.6645), ("paper", "temp", 0.07): _SWEEP_POINT,
+    **{("paper", "lambda", lam): (acc, None, None, None)
+       for lam, acc in ((0.3, 72.58), (0.5, 72.07), (0.7, 71.57), (0.9, 70.69))},
 }
+PUBLISHED_TEACHER_SOURCES = (HUB_TEACHER, PUBLISHED_SOURCE)
 
 
-def is_published_protocol(cfg: RunConfig) -> bool:
-    o = cfg.optim
-    return (cfg.data.dataset == "cifar100" and cfg.data.train_subset is None
-            and cfg.model.teacher_arch == "resnet50" and cfg.model.student_arch == "resnet18"
-            and o.epochs == 50 and o.batch_size == 128 and o.lr == 1e-3 and o.weight_decay == 1e-4)
+def has_published_teacher(record: dict) -> bool:
+    """Whether the run was distilled from (or is) the published teacher: loaded from the hub id or
+    from a published teacher file (its content fingerprint is recorded beside)."""
+    return (record.get("teacher") or {}).get("source") in PUBLISHED_TEACHER_SOURCES
 
 
 @dataclass
@@ -54,19 +62,38 @@ class Configuration:
     kind: str
     records: dict[int, dict] = field(default_factory=dict)  # seed -> record
 
-    def values(self, key: str) -> dict[int, float]:
+    def values(self, key: str, space: str = "projection") -> dict[int, float]:
         out = {}
         for seed, r in self.records.items():
-            v = r["accuracy"].get(key) if key in ("test_acc", "train_acc", "train_test_gap") \
-                else (r.get("metrics") or {}).get(key)
+            if key in ("test_acc", "train_acc", "train_test_gap", "best_test_acc"):
+                v = r["accuracy"].get(key)
+            else:
+                metrics = r.get("metrics") or {}
+                v = (metrics.get("backbone") or {}).get(key) if space == "backbone" else metrics.get(key)
             if v is not None:
                 out[seed] = v
         return out
 
+    @property
+    def first(self) -> dict:
+        return next(iter(self.records.values()))
+
+    @property
+    def protocol(self) -> str:
+        return protocol_of(self.cfg)
+
+    @property
+    def teacher(self) -> str:
+        t = self.first.get("teacher") or {}
+        if self.kind == "student" and not self.cfg.uses_teacher:
+            return "none"
+        source = t.get("source") or "?"
+        source = {HUB_TEACHER: "published (hub)", PUBLISHED_SOURCE: "published (file)"}.get(source, source)
+        return f"{source} {t['fingerprint'][:8]}" if t.get("fingerprint") else source
+
 
 def _seedless_key(record: dict) -> str:
-    cfg = dict(record["config"])
-    cfg = json.loads(json.dumps(cfg))
+    cfg = json.loads(json.dumps(record["config"]))
     cfg["optim"].pop("seed", None)
     for k in ("device", "output_dir", "compile"):
         cfg.pop(k, None)
@@ -74,7 +101,8 @@ def _seedless_key(record: dict) -> str:
     cfg["data"].pop("download", None)
     if record["kind"] == "student":
         cfg["method"] = RunConfig.from_dict(record["config"]).method.relevant()
-    return record["kind"] + json.dumps(cfg, sort_keys=True)
+    teacher = (record.get("teacher") or {}).get("fingerprint")
+    return record["kind"] + json.dumps(cfg, sort_keys=True) + str(teacher) + str(record.get("source"))
 
 
 def _strip_seed(name: str, seed: int) -> str:
@@ -82,24 +110,35 @@ def _strip_seed(name: str, seed: int) -> str:
 
 
 def load_records(root: str | Path) -> dict[str, dict]:
-    """Every analysed run under `root` (keyed by run name), plus unanalysed student checkpoints."""
+    """Every analysed run under `root` (keyed by run name), plus unanalysed student checkpoints of
+    ours (imported published ones included). Any other `.pth` is skipped with one line saying so."""
     root = Path(root)
     records: dict[str, dict] = {}
     for path in sorted((root / "json_results").glob("comprehensive_results_*.json")):
         records.update(read_json(path))
-    for path in sorted((root / "pth_models").glob("*.pth")):
+    models = root / "pth_models"
+    for path in sorted([*models.glob("*.pth"), *models.glob("imported/*.pth")]):
         if path.stem in records:
             continue
-        ckpt = load_checkpoint(path)
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError:
+            log.info(f"report: skipping {path}: not a desupcon checkpoint (a published file is "
+                     "imported when its run is trained or analysed: desupcon analyze FILE)")
+            continue
         if ckpt.get("kind") != "student":
             continue
         cfg = RunConfig.from_dict(ckpt["config"])
         m = ckpt["metrics"]
-        records[path.stem] = {"run": path.stem, "kind": "student", "method": cfg.method.method,
-                              "seed": cfg.optim.seed, "config": ckpt["config"],
-                              "accuracy": {k: m.get(k) for k in ("test_acc", "train_acc", "train_test_gap")},
-                              "seconds": m.get("seconds"),
-                              "metrics": (ckpt.get("analysis") or {}).get("metrics") or {}}
+        analysis = ckpt.get("analysis") or {}
+        records[path.stem] = {
+            "run": path.stem, "kind": "student", "method": cfg.method.method, "seed": cfg.optim.seed,
+            "protocol": protocol_of(cfg), "source": (ckpt.get("source") or {}).get("kind", "trained"),
+            "teacher": analysis.get("teacher") or {"fingerprint": ckpt.get("teacher_fingerprint")},
+            "config": ckpt["config"],
+            "accuracy": {k: m.get(k) for k in ("test_acc", "train_acc", "train_test_gap", "best_test_acc",
+                                                "best_epoch")},
+            "seconds": m.get("seconds"), "metrics": analysis.get("metrics") or {}}
     return records
 
 
@@ -180,7 +219,8 @@ def _fmt(mean, sd=None, digits=2) -> str:
 def _main_order(c: Configuration) -> tuple:
     order = ["teacher", "ce", "supcon", "crd", "crd bank", "lw-supcrd", "lw-supcrd bank", "hybrid",
              "hybrid bank"]
-    return order.index(_tag(c)), c.label
+    tag = _tag(c)
+    return (order.index(tag) if tag in order else len(order)), c.label
 
 
 def _row_label(table: str, key: str | None, c: Configuration) -> str:
@@ -190,51 +230,77 @@ def _row_label(table: str, key: str | None, c: Configuration) -> str:
         return f"teacher {c.cfg.model.teacher_arch}"
     m = c.cfg.method
     label = {"ce": "CE student", "supcon": "SupCon", "crd": "CRD", "lw-supcrd": "LW-SupCRD",
-             "hybrid": f"Hybrid (lambda {m.lam})"}[m.method]
+             "hybrid": f"Hybrid (lambda {m.lam})"}.get(m.method, m.method)
     return label + (f" + bank {m.bank_size}" if m.bank_size and m.method in ("crd", "lw-supcrd", "hybrid") else "")
 
 
 def _published(table: str, key: str | None, c: Configuration):
-    if not is_published_protocol(c.cfg) or (c.kind == "student" and (
-            not c.cfg.method.adaptive_beta or c.cfg.method.kd_temperature != 1.0)):
+    """The SPEC 9 figures for this row, only for a run of the same protocol distilled from (or
+    being) the published teacher, with the published method settings."""
+    protocol = c.protocol
+    if protocol not in ("paper", "paper-bank") or not has_published_teacher(c.first):
+        return None
+    m = c.cfg.method
+    if c.kind == "student" and (not m.adaptive_beta or m.kd_temperature != 1.0 or m.bank_mode != "class-aware"
+                                or m.method == "hybrid" and m.hybrid_scaling != "running"):
         return None
     if key is not None:
-        return PUBLISHED.get((table, float(getattr(c.cfg.method, key))))
-    return PUBLISHED.get((table, _tag(c)))
+        return PUBLISHED.get((protocol, table, float(getattr(m, key))))
+    if c.kind == "student" and m.method == "lw-supcrd" and not _defaults(m):
+        return None
+    return PUBLISHED.get((protocol, table, _tag(c)))
+
+
+def _published_cell(pub) -> str:
+    if not pub:
+        return ""
+    acc, train, align, unif = pub
+    parts = [f"{acc:g}" + (f" (train {train:g})" if train is not None else "")]
+    parts += ["" if v is None else f"{v:g}" for v in (align, unif)]
+    return " / ".join(parts)
+
+
+HEADER = ["run", "seeds", "test acc % (last epoch)", "best-epoch test acc %", "train acc %", "gap",
+          "alignment (class, proj)", "uniformity (proj)", "alignment (instance, proj)",
+          "alignment (class, backbone)", "uniformity (backbone)", "Δ test acc (paired)",
+          "published acc / align / unif", "protocol", "teacher", "source"]
 
 
 def render_table(table: str, title: str, key: str | None, configs: list[Configuration]) -> str:
     ref = next((c for c in configs if c.kind == "student" and REFERENCE[table](c)), None)
-    ref_label = _row_label(table, key, ref) if ref else None
-    header = ["run", "seeds", "test acc %", "train acc %", "gap", "alignment (class)", "uniformity",
-              "alignment (instance)", f"Δ test acc vs {ref_label} (paired)" if ref else "Δ (paired)",
-              "published acc / align / unif"]
-    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     if key is not None:
-        configs = sorted(configs, key=lambda c: getattr(c.cfg.method, key))
+        configs = sorted(configs, key=lambda c: (getattr(c.cfg.method, key), c.label))
     else:
         configs = sorted(configs, key=_main_order)
-    for c in configs:
+    labels = [_row_label(table, key, c) for c in configs]
+    # Rows of different configurations never share a label: repeated ones add the run's name.
+    labels = [f"{lab} [{c.label}]" if labels.count(lab) > 1 else lab for lab, c in zip(labels, configs)]
+    ref_label = labels[configs.index(ref)] if ref else None
+    header = list(HEADER)
+    header[11] = f"Δ test acc vs {ref_label} (paired)" if ref else header[11]
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, c in zip(labels, configs):
         acc = c.values("test_acc")
-        cells = [_row_label(table, key, c), str(len(c.records)),
-                 _fmt(*mean_sd(list(acc.values()))), _fmt(*mean_sd(list(c.values("train_acc").values()))),
-                 _fmt(*mean_sd(list(c.values("train_test_gap").values()))),
-                 _fmt(*mean_sd(list(c.values("alignment_class").values())), digits=4),
-                 _fmt(*mean_sd(list(c.values("uniformity").values())), digits=4),
-                 _fmt(*mean_sd(list(c.values("alignment_instance").values())), digits=4)]
+
+        def stat(k, digits=2, space="projection"):
+            return _fmt(*mean_sd(list(c.values(k, space).values())), digits=digits)
+        cells = [label, str(len(c.records)), stat("test_acc"), stat("best_test_acc"), stat("train_acc"),
+                 stat("train_test_gap"), stat("alignment_class", 4), stat("uniformity", 4),
+                 stat("alignment_instance", 4), stat("alignment_class", 4, "backbone"),
+                 stat("uniformity", 4, "backbone")]
         if ref is not None and c is not ref and c.kind == "student":
             d, se, n = paired_difference(acc, ref.values("test_acc"))
             cells.append(f"{_fmt(d, se)} (n={n})" if n else "no shared seeds")
         else:
             cells.append("")
-        pub = _published(table, key, c)
-        cells.append(" / ".join("" if v is None else f"{v:g}" for v in pub) if pub else "")
+        cells += [_published_cell(_published(table, key, c)), c.protocol, c.teacher,
+                  c.first.get("source") or "trained"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def build_report(root: str | Path, tables: list[str] | None = None) -> str:
-    """The Markdown report of every run under `root`, one section per student/dataset.
+    """The Markdown report of every run under `root`, one section per student/dataset/preset.
 
     `tables` restricts it to some of: main, alpha, beta, temp, lambda, bank.
     """
@@ -246,9 +312,14 @@ def build_report(root: str | Path, tables: list[str] | None = None) -> str:
         setting = (c.cfg.model.student_arch, c.cfg.data.dataset, c.cfg.preset)
         by_setting.setdefault(setting, []).append(c)
     out = ["# Results", "",
-           "Last-epoch test accuracy of the online linear classifier; mean ± sd over seeds. "
-           "Δ is the mean paired difference over shared seeds ± its standard error. Published "
-           "figures (SPEC 9, single seed) appear beside runs of the published protocol.", ""]
+           "Test accuracy of the online linear classifier (the CE student's own classifier) at the "
+           "last epoch, the headline; the best epoch (chosen on the test set) is shown separately "
+           "and is never the result. Mean ± sd over seeds; Δ is the mean paired difference over "
+           "shared seeds ± its standard error. Geometry is measured on the test set in two spaces: "
+           "the projection head (proj, as in the published tables; a CE student's projector never "
+           "trains, so its proj figures describe a random projection of its features) and the "
+           "normalised backbone features. Published figures (SPEC 9, one seed, last epoch) appear "
+           "only beside runs of the same protocol distilled from the published teacher.", ""]
     for (student, dataset, preset_name), configs in sorted(by_setting.items()):
         out += [f"## {student} on {dataset} ({preset_name} preset)", ""]
         for table, title, key, member in TABLES:

@@ -215,7 +215,8 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, device
                 raise CheckpointError(f"{published_proj} has no projection.* keys; a published "
                                       "teacher with projection holds projection.0/2/4 (SPEC 11)")
             teacher = Teacher(encoder)
-            load_encoder_weights(teacher.encoder, body, str(published_proj), dataset.num_classes, dataset.name)
+            load_encoder_weights(teacher.encoder, body, str(published_proj), dataset.num_classes, dataset.name,
+                                 cfg.model.teacher_arch)
             load_matching_state_dict(teacher.head, head, source=f"{published_proj} (projection head)")
             teacher = teacher.to(device)
             test_acc = evaluate_accuracy(teacher.encoder, dataset.test_images, dataset.test_labels,
@@ -250,12 +251,12 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, device
         log.info(f"[{name}] loaded from cache")
     elif published_plain is not None:
         load_encoder_weights(encoder, read_state_dict(published_plain), str(published_plain),
-                             dataset.num_classes, dataset.name)
+                             dataset.num_classes, dataset.name, cfg.model.teacher_arch)
         log.info(f"[{name}] using the published teacher {published_plain}")
     elif cfg.model.teacher_weights:
         path = resolve_source(cfg.model.teacher_weights)
         load_encoder_weights(encoder, read_state_dict(path), cfg.model.teacher_weights,
-                             dataset.num_classes, dataset.name)
+                             dataset.num_classes, dataset.name, cfg.model.teacher_arch)
         log.info(f"[{name}] teacher weights from {cfg.model.teacher_weights} ({path})")
     else:
         encoder, entries = train_teacher_encoder(cfg, dataset, device, paths,
@@ -284,7 +285,11 @@ def _load_if(path: Path, kind: str, identity: dict, accept=lambda ckpt: True) ->
     of another teacher configuration under the same name is replaced, with a warning."""
     if not path.is_file():
         return None
-    ckpt = load_checkpoint(path, expected_kind=kind)
+    try:
+        ckpt = load_checkpoint(path, expected_kind=kind)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. Rerun with --force-teacher to rebuild it, or restore it from "
+                              "a backup") from exc
     if ckpt.get("identity") == identity and accept(ckpt):
         return ckpt
     log.warning(f"{path} holds another teacher configuration or source; it will be replaced")

@@ -143,14 +143,15 @@ def split_projection(state: dict) -> tuple[dict, dict]:
 
 
 def load_encoder_weights(encoder: nn.Module, state: dict, source: str, num_classes: int,
-                         dataset_name: str) -> None:
+                         dataset_name: str, arch: str | None = None) -> None:
     fc = state.get("fc.weight")
     if fc is not None and fc.ndim == 2 and fc.shape[0] != num_classes:
         raise CheckpointMismatchError(
             f"teacher weights {source} have a classifier for {fc.shape[0]} classes, but the dataset "
             f"{dataset_name} has {num_classes} classes; use teacher weights trained on {dataset_name} "
             "(or --train-teacher)")
-    load_matching_state_dict(encoder, state, source=f"teacher weights {source}")
+    expected = f" (expected {arch} weights)" if arch else ""
+    load_matching_state_dict(encoder, state, source=f"teacher weights {source}{expected}")
 
 
 def is_plain_state_dict_file(path: Path) -> bool:

@@ -15,7 +15,7 @@ def tiny_run_config(output_dir, train_images: int = 160, test_images: int = 64, 
         data={"train_subset": train_images, "test_subset": test_images},
         model={"teacher_arch": "resnet8", "student_arch": "resnet8"},
         optim={"epochs": epochs, "batch_size": 32},
-        teacher={"epochs": 1, "probe_epochs": 1},
+        teacher={"epochs": 1, "probe_epochs": 1, "batch_size": 32},
         device="cpu", output_dir=str(output_dir))
 
 

@@ -6,10 +6,12 @@ import shutil
 import matplotlib.image
 import pytest
 
+import torch
+
 from desupcon import report
 from desupcon.checkpoint import load_checkpoint
 from desupcon.cli import main
-from desupcon.config import preset, teacher_run_name
+from desupcon.config import HUB_TEACHER, preset, teacher_run_name
 from desupcon.evaluation import comprehensive_results_path
 from desupcon.pipeline import Session
 
@@ -79,11 +81,25 @@ def test_report_lists_every_run_on_disk(analysed, tmp_path):
     assert f"`{results[1].name}`" in report.build_report(lonely)
 
 
-def _record(name, cfg, seed, acc, align, unif):
+def _record(name, cfg, seed, acc, align, unif, teacher_source=HUB_TEACHER):
     return {"run": name, "kind": "student", "method": cfg.method.method, "seed": seed,
+            "protocol": cfg.preset, "source": "trained",
+            "teacher": {"source": teacher_source, "fingerprint": "0123456789abcdef"},
             "config": cfg.replace(optim={"seed": seed}).to_dict(),
-            "accuracy": {"test_acc": acc, "train_acc": acc + 10, "train_test_gap": 10.0},
-            "metrics": {"alignment_class": align, "uniformity": unif}}
+            "accuracy": {"test_acc": acc, "train_acc": acc + 10, "train_test_gap": 10.0,
+                         "best_test_acc": acc + 1, "best_epoch": 7},
+            "metrics": {"alignment_class": align, "uniformity": unif,
+                        "backbone": {"alignment_class": align / 2, "uniformity": unif * 2}}}
+
+
+def _cells(text, label):
+    row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def _write_records(root, records):
+    (root / "json_results").mkdir(parents=True, exist_ok=True)
+    (root / "json_results" / "comprehensive_results_resnet18_cifar100.json").write_text(json.dumps(records))
 
 
 def test_report_statistics_and_published_figures(tmp_path):
@@ -91,13 +107,46 @@ def test_report_statistics_and_published_figures(tmp_path):
     lw, ce = paper.replace(method={"method": "lw-supcrd"}), paper.replace(method={"method": "ce"})
     records = {f"lw{s}": _record(f"lw{s}", lw, s, acc, 1.0, -3.7) for s, acc in ((0, 73.0), (1, 75.0))}
     records.update({f"ce{s}": _record(f"ce{s}", ce, s, acc, 0.6, -1.7) for s, acc in ((0, 68.0), (1, 69.0))})
-    (tmp_path / "json_results").mkdir()
-    (tmp_path / "json_results" / "comprehensive_results_resnet18_cifar100.json").write_text(json.dumps(records))
+    _write_records(tmp_path, records)
     text = report.build_report(tmp_path, tables=["main"])
-    lw_row = next(line for line in text.splitlines() if line.startswith("| LW-SupCRD |"))
-    cells = [c.strip() for c in lw_row.strip("|").split("|")]
+    cells = _cells(text, "LW-SupCRD")
     assert cells[1] == "2" and cells[2] == "74.00 ± 1.41"
-    assert cells[8] == "5.50 ± 0.50 (n=2)"  # paired vs the CE student: (5 + 6) / 2, se 0.5
-    assert cells[9] == "73.35 / 1.199 / -3.7104"  # SPEC 9, main table
-    ce_row = next(line for line in text.splitlines() if line.startswith("| CE student |"))
-    assert "67.93 / 0.6631 / -1.7332" in ce_row
+    assert cells[3] == "75.00 ± 1.41"  # best epoch, separately
+    assert cells[9] == "0.5000 ± 0.0000" and cells[10] == "-7.4000 ± 0.0000"  # backbone space
+    assert cells[11] == "5.50 ± 0.50 (n=2)"  # paired vs the CE student: (5 + 6) / 2, se 0.5
+    assert cells[12] == "73.35 / 1.199 / -3.7104"  # SPEC 9, main table
+    assert cells[13] == "paper" and cells[14].startswith("published (hub) 01234567")
+    assert "67.93 / 0.6631 / -1.7332" in " | ".join(_cells(text, "CE student"))
+
+
+def test_published_figures_only_beside_the_same_protocol_and_teacher(tmp_path):
+    paper, bank = preset("paper"), preset("paper-bank")
+    lw = {"method": "lw-supcrd"}
+    records = {"a": _record("a", paper.replace(method=lw), 42, 73.0, 1.0, -3.7),
+               "b": _record("b", bank.replace(method=lw), 42, 74.0, 1.0, -3.7),
+               "c": _record("c", paper.replace(method=lw, optim={"lr": 5e-4}), 42, 70.0, 1.0, -3.7)}
+    _write_records(tmp_path, records)
+    text = report.build_report(tmp_path)
+    paper_part, bank_part = text.split("(paper-bank preset)")
+    main_rows = [line for line in paper_part.split("### Main results")[1].split("###")[0].splitlines()
+                 if line.startswith("| LW-SupCRD")]
+    assert len(main_rows) == 2 and main_rows[0] != main_rows[1]
+    by_protocol = {r.split("|")[14].strip(): r for r in main_rows}
+    assert "73.35" in by_protocol["paper"] and "73.35" not in by_protocol["custom (paper)"]
+    assert "74.76 (train 89.72) / 1.0835 / -3.7314" in bank_part  # the paper-bank arm's own figure
+    assert "73.35" not in bank_part
+    # a student of another teacher never gets the published figures
+    _write_records(tmp_path, {"a": _record("a", paper.replace(method=lw), 42, 73.0, 1.0, -3.7,
+                                           teacher_source="trained")})
+    assert "73.35" not in report.build_report(tmp_path, tables=["main"])
+
+
+def test_report_skips_foreign_files_with_one_line(tmp_path, caplog):
+    (tmp_path / "pth_models").mkdir()
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "pth_models" / "something_else.pth")
+    (tmp_path / "pth_models" / "garbage.pth").write_bytes(b"not a checkpoint")
+    with caplog.at_level("INFO", logger="desupcon"):
+        text = report.build_report(tmp_path)
+    assert "No runs found" in text
+    skipped = [r.message for r in caplog.records if "skipping" in r.message]
+    assert len(skipped) == 2 and all("not a desupcon checkpoint" in m for m in skipped)

@@ -38,7 +38,7 @@ ARGS = ["--preset", "quick", "--train-subset", "480", "--test-subset", "64", "--
         "--device", "cpu"]
 SMALL = ["--preset", "quick", "--train-subset", "160", "--test-subset", "64", "--teacher-arch", "resnet8",
          "--epochs", "2", "--teacher-epochs", "1", "--probe-epochs", "1", "--batch-size", "32",
-         "--device", "cpu"]
+         "--teacher-batch-size", "32", "--device", "cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
