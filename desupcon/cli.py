@@ -179,6 +179,7 @@ def cmd_train(args) -> None:
     preflight([cfg])
     session = pipeline.Session(cfg, force_teacher=args.force_teacher)
     result = session.run(cfg, force=args.force, resume=not args.no_resume)
+    session.analyze_teacher()  # the report shows the teacher beside its students (once, cached)
     m = result.metrics
     how = (result.source if result.source != "trained" else "cached") if result.cached \
         else f"{m['seconds']:.0f} s"

@@ -71,7 +71,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
+    if getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)():
         return False
     url = urlparse(constants.ENDPOINT)
     try:
