@@ -5,7 +5,7 @@ threads), the peak extra memory of one call, and the speed-up over a naive pure-
 The naive loop is too slow for 10,000 points (50 million pairs), so it is timed on a subset and
 scaled by the pair-count ratio, which is exact for an O(N^2) loop with constant work per pair.
 
-    /work/venv/bin/python benchmarks/bench_analysis.py [--n 10000] [--dim 64] [--classes 100]
+    python benchmarks/bench_analysis.py [--n 10000] [--dim 64] [--classes 100]
 """
 
 from __future__ import annotations

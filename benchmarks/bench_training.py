@@ -3,7 +3,7 @@
 Prints, for a preset / method / device:
   (a) images/s of data + augmentation: `epoch_batches` + `TwoViewAugment` vs torchvision PIL
       transforms per image in a DataLoader (each DataLoader worker count given);
-  (b) a full training step (seconds/step and images/s, median after warm-up): `StudentRun.step`
+  (b) a full training step (seconds/step and images/s, median after warm-up): `Run.step`
       with one shared teacher forward (batch ready, and end to end with augmentation) vs the
       baseline step of `baseline_pipeline.py` (same models, batch size, losses, optimiser groups),
       steps of the two interleaved; peak memory of each pipeline's steps (in a fresh process);
@@ -691,7 +691,7 @@ def main() -> None:
         measured = {"ours": ours["step"], "baseline": baseline["step"]}
         bs = args.batch_size
         rows = [
-            ["ours: StudentRun.step + 1 shared teacher fwd, batch ready", f"{ours['step']:.3f}",
+            ["ours: Run.step + 1 shared teacher fwd, batch ready", f"{ours['step']:.3f}",
              f"{bs / ours['step']:.1f}", f"{baseline['step'] / ours['step']:.2f}x", "-"],
             ["ours: end to end (epoch_batches + TwoViewAugment + step)", f"{ours['total']:.3f}",
              f"{bs / ours['total']:.1f}", f"{baseline['total'] / ours['total']:.2f}x",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import io
 import json
 import math
@@ -20,16 +19,23 @@ from pathlib import Path
 
 import torch
 
+from .errors import DesupconError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory file locks (see `locked`)
+    fcntl = None
+
 CHECKPOINT_FORMAT = "desupcon-checkpoint-v1"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DesupconError, ValueError):
     """A file that is not a usable desupcon checkpoint; the message names the file and why."""
 
 
-class OutputWriteError(OSError):
+class OutputWriteError(DesupconError, OSError):
     """An output that could not be written (unwritable folder, full disk); names the file."""
 
     def __str__(self) -> str:
@@ -48,6 +54,8 @@ def _tmp_prefix(path: Path) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there; assume it is alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,11 +96,13 @@ def _write_error(path: Path, exc: OSError) -> OutputWriteError:
                                        "another --output-dir or free space and rerun")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
     """Write `data` to a temporary file beside `path`, flush, fsync, rename over `path`.
 
     A crash, a kill or a full disk leaves either the old file or the new one, never part of one;
-    on an error the temporary file is removed and an `OutputWriteError` names `path`.
+    on an error the temporary file is removed and an `OutputWriteError` names `path`. With
+    `durable=False` (in-progress checkpoints) nothing is fsynced: still atomic for a crashed
+    process, but a power failure may lose the latest version.
     """
     path = Path(path)
     try:
@@ -102,11 +112,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as exc:
         raise _write_error(path, exc) from exc
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should read like normal files
+        if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should read like normal files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
@@ -115,6 +127,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             raise _write_error(path, exc) from exc
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
+        if not durable:
+            raise OSError
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -169,10 +183,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_torch_save(path: str | Path, obj) -> None:
+def atomic_torch_save(path: str | Path, obj, durable: bool = True) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), durable=durable)
 
 
 def read_json(path: str | Path):
@@ -223,7 +237,11 @@ def load_checkpoint(path: str | Path, expected_kind: str | None = None) -> dict:
 
 @contextlib.contextmanager
 def locked(path: str | Path):
-    """An exclusive advisory lock on `path`.lock, for read-modify-write of shared result files."""
+    """An exclusive advisory lock on `path`.lock, for read-modify-write of shared result files.
+
+    Where the OS has no `fcntl` (Windows) there is no lock: one process at a time per output
+    folder is then safe, and the writes themselves stay atomic.
+    """
     lock_path = Path(str(path) + ".lock")
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,6 +249,9 @@ def locked(path: str | Path):
     except OSError as exc:
         raise _write_error(lock_path, exc) from exc
     with handle:
+        if fcntl is None:
+            yield
+            return
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -6,17 +6,17 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import pipeline
-from .checkpoint import CheckpointError, check_json_records, check_writable
+from .checkpoint import CheckpointError, check_json_records, check_writable, load_checkpoint
 from .config import HUB_TEACHER, METHODS, PRESET_HELP, PRESETS, RunConfig, config_json, preset, run_name
-from .data import DatasetNotFoundError
-from .models import CheckpointMismatchError
-from .runs import NonFiniteLossError, OutputPaths
-from .validation import ConfigError, validate_config
+from .errors import DesupconError, InputFileError
+from .runs import OutputPaths
+from .validation import ConfigError, checked_config_dict, validate_config
 
 log = logging.getLogger("desupcon")
 
@@ -106,9 +106,50 @@ def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) ->
                         "of loading weights")
 
 
+def config_file(path: str) -> RunConfig:
+    """The configuration stored in `path`: a JSON object as written by `--print-config`, or a
+    desupcon checkpoint (student, teacher or epoch checkpoint: its stored configuration)."""
+    source, file = f"--config {path}", Path(path).expanduser()
+    try:
+        with open(file, "rb") as f:
+            head = f.read(64).lstrip()
+        text = file.read_bytes() if head[:1] in (b"{", b"[") else None
+    except FileNotFoundError as exc:
+        raise InputFileError(f"{source}: file not found") from exc
+    except OSError as exc:
+        raise InputFileError(f"{source}: cannot read it ({exc.strerror or exc})") from exc
+    if text is not None:
+        try:
+            data = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{source} is not valid JSON ({exc})") from exc
+        if isinstance(data, list):
+            raise ConfigError(f"{source} holds a list of {len(data)} configurations (what `sweep "
+                              "--print-config` and `quickstart --print-config` print); --config takes "
+                              "one configuration, as `train --print-config` writes it")
+    else:
+        try:
+            ckpt = load_checkpoint(file)
+        except CheckpointError as exc:
+            raise ConfigError(f"{source} is neither a JSON configuration (as --print-config writes it) "
+                              f"nor a desupcon checkpoint: {exc}") from exc
+        data = ckpt.get("config")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: this {ckpt.get('kind')!r} checkpoint holds no configuration")
+    return RunConfig.from_dict(checked_config_dict(data, source))
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The preset with every explicitly given flag applied."""
-    cfg = preset(args.preset)
+    """The preset, or the configuration of the `--config` file, with every explicitly given flag
+    applied. `--device`, `--output-dir` and `--compile` always come from the command line."""
+    given_preset = getattr(args, "preset", None)
+    if getattr(args, "config", None):
+        cfg = config_file(args.config)
+        if given_preset is not None and given_preset != cfg.preset:
+            raise ConfigError(f"--preset {given_preset} and --config {args.config} (preset {cfg.preset}) "
+                              "conflict: the file's configuration replaces the preset; give one of them")
+    else:
+        cfg = preset(given_preset or getattr(args, "default_preset", "paper"))
     changes: dict[str, dict] = {}
     for flag, (section, key, _, _) in RUN_FLAGS.items():
         value = getattr(args, _dest(flag), None)
@@ -152,13 +193,41 @@ def print_config(cfgs) -> None:
 # Commands
 # ----------------------------------------------------------------------------------------------
 
+def given_run_flags(args) -> list[tuple[str, str, str]]:
+    """(flag as typed, section, field) of every run setting given on the command line."""
+    given = [(flag, section, key) for flag, (section, key, _, _) in RUN_FLAGS.items()
+             if getattr(args, _dest(flag), None) is not None]
+    for (yes, no), (section, key, _, _) in BOOL_FLAGS.items():
+        if getattr(args, key, None) is not None:
+            given.append((yes if getattr(args, key) else no, section, key))
+    return given
+
+
+def reject_overridden_flags(args, base: RunConfig, planned: list[RunConfig], who: str,
+                            hints: dict[str, str] | None = None) -> None:
+    """Refuse a given flag whose setting the command's plan replaces with its own values (the
+    flag would be silently ignored): `who` names what sets it, `hints` adds a word per flag."""
+    problems = []
+    for flag, section, key in given_run_flags(args):
+        given = getattr(getattr(base, section), key)
+        values = list(dict.fromkeys(getattr(getattr(c, section), key) for c in planned))
+        if any(v != given for v in values):
+            shown = ", ".join(str(v) for v in values)
+            problems.append(f"{who} sets {flag} itself ({shown}); remove {flag}"
+                            + (f" ({hints[flag]})" if hints and flag in hints else ""))
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def cmd_quickstart(args) -> None:
     cfg = config_from_args(args)
     cfgs = [c for _, c in pipeline.quickstart_configs(cfg)]
+    reject_overridden_flags(args, cfg, cfgs, "quickstart",
+                            {"--method": "quickstart trains every method; `train --method X` trains one"})
     if args.print_config:
         return print_config(cfgs)
     preflight(cfgs)
-    pipeline.quickstart(cfg, force=args.force, force_teacher=args.force_teacher)
+    pipeline.quickstart(cfg, force=args.force, force_teacher=args.force_teacher, resume=not args.no_resume)
 
 
 def cmd_teacher(args) -> None:
@@ -194,7 +263,7 @@ def cmd_analyze(args) -> None:
     if not path.is_file():
         path = Path(args.output_dir) / "pth_models" / f"{args.run}.pth"
     if not path.is_file():
-        raise FileNotFoundError(f"{args.run}: neither a checkpoint file nor a run name with a "
+        raise InputFileError(f"{args.run}: neither a checkpoint file nor a run name with a "
                                 f"checkpoint in {Path(args.output_dir) / 'pth_models'}")
     metrics = pipeline.analyze_checkpoint(path, device=args.device, output_dir=args.output_dir,
                                           data_root=args.data_root, pictures=not args.no_plots)
@@ -213,6 +282,11 @@ def cmd_report(args) -> None:
 def cmd_sweep(args) -> None:
     from . import experiments
     base = config_from_args(args)
+    if args.seeds and getattr(args, "seed", None) is not None:
+        raise ConfigError("--seeds sets the seed of every run; give --seed or --seeds, not both")
+    for group in (experiments.GROUPS if args.group == "all" else [args.group]):
+        reject_overridden_flags(args, base, [e.cfg for e in experiments.group_plan(base, group)],
+                                f"the {group} sweep", {"--method": "`train` runs one method"})
     if args.print_config:
         planned = experiments.plan(base, args.group, args.seeds)
         print(json.dumps([{"group": e.group, "label": e.label, "run": run_name(e.cfg),
@@ -221,7 +295,7 @@ def cmd_sweep(args) -> None:
     preflight([base])
     _, text = experiments.sweep(base, args.group, seeds=args.seeds, force=args.force,
                                 force_bank=args.force_bank, force_teacher=args.force_teacher,
-                                lockstep=args.lockstep, pictures=not args.no_plots)
+                                lockstep=args.lockstep, pictures=not args.no_plots, resume=not args.no_resume)
     print(text)
 
 
@@ -230,11 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="desupcon", description="Logit-weighted supervised contrastive representation distillation.",
         epilog="Without a command, runs the whole published plan like the notebook: "
                "`desupcon [--preset quick] ...` = `desupcon sweep all ...`.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of every error (also accepted after the command)")
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("quickstart", help="teacher + every method on the embedded digits, with a table")
     add_common_flags(p)
-    p.set_defaults(func=cmd_quickstart, preset="quick")
+    p.set_defaults(func=cmd_quickstart, default_preset="quick")
 
     p = sub.add_parser("teacher", help="load (or train) the teacher and probe its projection head")
     add_common_flags(p)
@@ -245,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="run a group of the published plan (missing runs only)")
-    p.add_argument("group", choices=["alpha", "beta", "temp", "lambda", "bank", "baselines", "all"])
+    p.add_argument("group", choices=["alpha", "beta", "temp", "lambda", "bank", "baselines", "all"],
+                   help="which group of the published plan to run (all: every group)")
     add_common_flags(p)
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run every configuration once per seed (default: the preset's seed)")
@@ -259,37 +336,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a student checkpoint (.pth) or a run name")
     p.add_argument("--output-dir", default=".", help="where plots/ and json_results/ go")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the run's own)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--no-plots", action="store_true", help="metrics only")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("report", help="results tables from every run on disk")
-    p.add_argument("--output-dir", default=".")
+    p.add_argument("--output-dir", default=".", help="the folder whose runs are reported")
     p.set_defaults(func=cmd_report)
+
+    for name, p in sub.choices.items():
+        if name in ("quickstart", "teacher", "train", "sweep"):
+            p.add_argument("--config", metavar="FILE",
+                           help="start from the configuration in FILE instead of the preset: JSON as "
+                                "--print-config writes it, or a desupcon checkpoint (.pth); flags given "
+                                "are applied on top (--device, --output-dir and --compile always come "
+                                "from the command line)")
+            p.set_defaults(preset=None)  # None: not given (the command's own default then applies)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of every error")
     return parser
 
 
-USER_ERRORS = (ConfigError, CheckpointError, CheckpointMismatchError, DatasetNotFoundError,
-               NonFiniteLossError, FileNotFoundError, PermissionError, OSError, ValueError)
+# The toolkit's own errors (bad settings, missing data, bad files, unwritable outputs, a diverged
+# run): one line, exit status 2. Anything else is a bug and keeps its traceback (exit status 1).
+USER_ERRORS = (DesupconError,)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    first = next((a for a in argv if a != "--debug"), None)
+    if first is None or (first.startswith("-") and first not in ("-h", "--help")):
         # No command: the whole plan (paper preset unless --preset), like the notebook top to bottom.
         argv = ["sweep", "all", *argv]
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         with logging_redirect_tqdm():
             args.func(args)
     except USER_ERRORS as exc:
+        if debug:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         print("interrupted: finished epochs are kept; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print("internal error: the traceback above is a bug in desupcon, not a problem with your "
+              "settings or files; please report it", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -33,7 +33,10 @@ METHODS = tuple(METHOD_FIELDS)
 # Methods whose result does not depend on the teacher (their identity and name leave it out).
 TEACHERLESS_METHODS = {"ce", "supcon"}
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
+OPTIMIZERS = ("adam", "sgd")
+RUNTIME_FIELDS = ("device", "output_dir", "compile", "precision", "deterministic", "save_every",
+                  "sync_batchnorm")
 INITS = ("kaiming", "pytorch")
 HYBRID_SCALINGS = ("running", "plain")
 BANK_MODES = ("class-aware", "negatives-only")
@@ -90,9 +93,14 @@ class OptimConfig:
 
     epochs: int = 50
     batch_size: int = 128
+    optimizer: str = "adam"  # or "sgd" (with momentum; the mdistiller protocol)
     lr: float = 1e-3
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0
-    schedule: str = "constant"  # or "cosine" (annealed to 0 over the epochs)
+    schedule: str = "constant"  # "cosine" (annealed to 0 over the epochs) or "step" (at milestones)
+    milestones: list[int] = field(default_factory=list)  # "step": lr x lr_decay after these epochs
+    lr_decay: float = 0.1
+    grad_clip: float | None = None  # clip the gradient norm (None: no clipping)
     drop_last: bool = False  # drop the last partial batch of every epoch
     classifier_lr: float = 1e-3
     head_lr: float = 1e-4
@@ -123,9 +131,14 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # How to run, not what is computed: none of these enter a run's identity or name.
     device: str = "auto"
     output_dir: str = "."
     compile: bool = False
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on GPUs that have it natively)
+    deterministic: bool = False
+    save_every: int = 1  # epochs between in-progress checkpoints
+    sync_batchnorm: bool = False  # several GPUs: BatchNorm statistics over the global batch
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,8 +157,7 @@ class RunConfig:
                    method=section(MethodConfig, d.get("method", {})),
                    optim=section(OptimConfig, d.get("optim", {})),
                    teacher=section(TeacherConfig, d.get("teacher", {})),
-                   device=d.get("device", "auto"), output_dir=d.get("output_dir", "."),
-                   compile=d.get("compile", False))
+                   **{k: d[k] for k in RUNTIME_FIELDS if k in d})
 
     def replace(self, **sections) -> "RunConfig":
         """Copy with some fields changed: `cfg.replace(method={"alpha": 2.0}, optim={"seed": 1})`."""
@@ -281,6 +293,8 @@ def config_json(cfgs) -> str:
 def _fmt(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return "-".join(_fmt(v) for v in value)
     if isinstance(value, float):
         return repr(value)
     return str(value)
@@ -295,6 +309,8 @@ _TAGS = {
     ("optim", "epochs"): "ep", ("optim", "batch_size"): "bs", ("optim", "lr"): "lr",
     ("optim", "weight_decay"): "wd", ("optim", "schedule"): "sched", ("optim", "drop_last"): "droplast",
     ("optim", "classifier_lr"): "clslr", ("optim", "head_lr"): "headlr", ("optim", "seed"): "seed",
+    ("optim", "optimizer"): "opt", ("optim", "momentum"): "mom", ("optim", "milestones"): "steps",
+    ("optim", "lr_decay"): "decay", ("optim", "grad_clip"): "clip",
     ("data", "train_subset"): "ntrain", ("data", "test_subset"): "ntest", ("data", "image_size"): "img",
     ("model", "teacher_arch"): "teacher", ("model", "init"): "init",
     ("teacher", "epochs"): "tep", ("teacher", "lr"): "tlr", ("teacher", "batch_size"): "tbs",
@@ -328,7 +344,7 @@ def _differing(cfg: RunConfig, ref: RunConfig, section: str, keys) -> list[str]:
 def _teacher_tags(cfg: RunConfig, ref: RunConfig) -> list[str]:
     """Tags naming a teacher other than the reference's (published) one."""
     if cfg.trains_teacher:
-        return ["ttrained", *_differing(cfg, ref, "teacher", _TEACHER_TRAINING)]
+        return (["ttrained"] if not ref.trains_teacher else []) + _differing(cfg, ref, "teacher", _TEACHER_TRAINING)
     if cfg.model.teacher_weights != ref.model.teacher_weights:
         return ["tweights-" + _weights_tag(cfg.model.teacher_weights)]
     return []
@@ -353,7 +369,10 @@ def teacher_run_name(cfg: RunConfig, with_projection: bool = False) -> str:
 
 
 def _base_name(cfg: RunConfig) -> tuple[str, set[str], RunConfig]:
-    """(base name, method settings the base name already says, the protocol tags are relative to)."""
+    """(base name, method settings the base name already says, the protocol tags are relative to).
+
+    Runs of a preset other than `paper` carry its name (`_quick`, `_paperbank`) and are tagged
+    relative to it; the bank ablation's runs under `paper-bank` have the published names."""
     m = cfg.method
     bank = m.bank_size > 0 and "bank_size" in METHOD_FIELDS.get(m.method, ())
     bank_part = f"_bank{m.bank_size}" if bank else ""
@@ -363,12 +382,15 @@ def _base_name(cfg: RunConfig) -> tuple[str, set[str], RunConfig]:
         arm = f"bank{m.bank_size}" if bank else "nobank"
         base = "student_baseline_crd" if m.method == "crd" else "student_lwsupcrd"
         return f"{base}_{arm}", set(), PRESETS["paper-bank"]
+    if cfg.preset in PRESETS and cfg.preset != "paper":  # tags relative to the run's own preset
+        paper = PRESETS[cfg.preset]
+        bank_part += "_" + cfg.preset.replace("-", "")
     if m.method == "ce":
-        return "student_undistilled", set(), paper
+        return "student_undistilled" + bank_part.replace(f"_bank{m.bank_size}", ""), set(), paper
     if m.method == "supcon":
-        return "student_baseline_supcon", set(), paper
-    if m.method == "crd":
-        return "student_baseline_crd" + bank_part, set(), paper
+        return "student_baseline_supcon" + bank_part.replace(f"_bank{m.bank_size}", ""), set(), paper
+    if m.method == "crd":  # (with a bank outside paper-bank: not the published bank-ablation name)
+        return ("student_crd" if bank else "student_baseline_crd") + bank_part, set(), paper
     if m.method == "lw-supcrd":
         return (f"student_alpha_{_fmt(m.alpha)}_beta_{_fmt(m.beta)}_temp_{_fmt(m.temperature)}"
                 + bank_part), {"alpha", "beta", "temperature"}, paper

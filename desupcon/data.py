@@ -23,12 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from .devices import to_device
+from .errors import DesupconError
 
 DATASETS = ("cifar100", "cifar10", "digits", "npz:<dir>")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(DesupconError, FileNotFoundError):
     """The dataset is neither on disk nor downloadable; the message says where to put it."""
+
+
+class DatasetFormatError(DesupconError, ValueError):
+    """Dataset files of the wrong shape or content (an npz folder); the message names what is wrong."""
 
 
 @dataclass
@@ -51,14 +56,14 @@ class ImageDataset:
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"{self.name} {split} images must be uint8 (N, 3, H, W), got "
-                                 f"{images.dtype} {tuple(images.shape)}")
+                raise DatasetFormatError(f"{self.name} {split} images must be uint8 (N, 3, H, W), got "
+                                         f"{images.dtype} {tuple(images.shape)}")
             if labels.shape != (images.shape[0],):
-                raise ValueError(f"{self.name} {split}: {images.shape[0]} images but "
-                                 f"{labels.shape[0]} labels")
+                raise DatasetFormatError(f"{self.name} {split}: {images.shape[0]} images but "
+                                         f"{labels.shape[0]} labels")
             if labels.numel() and (labels.min() < 0 or labels.max() >= len(self.classes)):
-                raise ValueError(f"{self.name} {split} labels must lie in [0, {len(self.classes)}), "
-                                 f"got [{int(labels.min())}, {int(labels.max())}]")
+                raise DatasetFormatError(f"{self.name} {split} labels must lie in [0, {len(self.classes)}), "
+                                         f"got [{int(labels.min())}, {int(labels.max())}]")
         pixels = self.train_images.to(torch.float64).div_(255)
         self.mean = pixels.mean(dim=(0, 2, 3)).float()
         self.std = pixels.std(dim=(0, 2, 3)).clamp(min=1e-3).float()
@@ -133,7 +138,8 @@ def load_npz_dataset(directory: str | Path) -> ImageDataset:
                 "`images` (uint8, N x H x W x 3) and `labels` (int64, N)")
         with np.load(path) as npz:
             if "images" not in npz or "labels" not in npz:
-                raise ValueError(f"{path} must hold arrays `images` and `labels`, has {list(npz.keys())}")
+                raise DatasetFormatError(f"{path} must hold arrays `images` and `labels`, "
+                                         f"has {list(npz.keys())}")
             splits[split] = {k: npz[k] for k in npz.files}
     n_classes = int(max(splits["train"]["labels"].max(), splits["test"]["labels"].max())) + 1
     classes = [str(i) for i in range(n_classes)]
@@ -270,6 +276,9 @@ class AugmentParams:
     flip: torch.Tensor  # (B,) bool
     jitter: torch.Tensor  # (B, 3) brightness, contrast, saturation factors
 
+    def slice(self, part: slice) -> "AugmentParams":
+        return AugmentParams(self.offsets[part], self.flip[part], self.jitter[part])
+
 
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 standardised with the dataset's channel mean/std."""
@@ -336,7 +345,8 @@ class TwoViewAugment:
 
 def epoch_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                   augment: TwoViewAugment, generator: torch.Generator, drop_last: bool = True,
-                  views: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+                  views: int = 2, shard: tuple[int, int] = (0, 1)
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """One shuffled epoch of `(indices, view1, view2, labels)`; indices stay on the CPU.
 
     With `views=1` (teacher training, probes) view2 is None and not computed.
@@ -344,17 +354,30 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
     yields the same batches on any device. A dataset smaller than one batch gives one batch.
     Batches are computed on the device of the normalisation statistics (`augment.mean`); images
     kept on the host (too large for the GPU) are copied there batch by batch.
+
+    `shard=(rank, world)`: this process's contiguous slice of every global batch (several GPUs).
+    Every rank draws the global batch's order and augmentation parameters, so the slices together
+    are exactly the single-process batch; a last partial batch is trimmed to a multiple of `world`.
     """
     n = labels.shape[0]
     device = augment.mean.device
+    rank, world = shard
     order = torch.randperm(n, generator=generator)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
+        params = [augment.sample_params(idx.shape[0], generator) for _ in range(views)]
+        if world > 1:
+            per_rank = idx.shape[0] // world
+            if per_rank == 0:
+                continue
+            part = slice(rank * per_rank, (rank + 1) * per_rank)
+            idx = idx[part]
+            params = [p.slice(part) for p in params]
         idx_src = to_device(idx, images.device)
         batch = to_device(images[idx_src], device)
-        view1 = augment(batch, generator)
-        view2 = augment(batch, generator) if views == 2 else None
+        view1 = augment.apply(batch, params[0])
+        view2 = augment.apply(batch, params[1]) if views == 2 else None
         yield idx, view1, view2, to_device(labels[idx_src], device)
 
 

@@ -19,7 +19,7 @@ from .checkpoint import atomic_torch_save, load_checkpoint, update_json_records
 from .config import RunConfig, dataset_tag, protocol_of
 from .data import ImageDataset, TwoViewAugment, eval_batches
 from .models import Teacher
-from .devices import autocast_for, to_device
+from .devices import as_policy, to_device
 from .runs import EVAL_BATCH, OutputPaths
 from .train import load_student
 
@@ -36,6 +36,7 @@ def embed(project, images: torch.Tensor, dataset: ImageDataset, device: torch.de
     With `augment_seed` the images go through the training augmentation (seeded) first.
     """
     out: list[list[torch.Tensor]] = []
+    policy = as_policy(device)
 
     def keep(result):
         parts = result if isinstance(result, tuple) else (result,)
@@ -46,15 +47,15 @@ def embed(project, images: torch.Tensor, dataset: ImageDataset, device: torch.de
 
     if augment_seed is None:
         for x, _ in eval_batches(images, torch.zeros(len(images)), EVAL_BATCH, dataset.mean, dataset.std):
-            with autocast_for(device):
-                keep(project(x))
+            with policy.autocast():
+                keep(project(policy.inputs(x)))
     else:
         gen = torch.Generator().manual_seed(augment_seed)
         augment = TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
         for start in range(0, len(images), EVAL_BATCH):
-            with autocast_for(device):
+            with policy.autocast():
                 batch = to_device(images[start:start + EVAL_BATCH], dataset.mean.device)
-                keep(project(augment(batch, gen)))
+                keep(project(policy.inputs(augment(batch, gen))))
     spaces = tuple(torch.nn.functional.normalize(torch.cat(parts), dim=1) for parts in out)
     return spaces if len(spaces) > 1 else spaces[0]
 
@@ -150,7 +151,7 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
     (and are then stored in the checkpoint), else from the checkpoint itself.
     """
     path = Path(path)
-    student, ckpt = load_student(path, device)
+    student, ckpt = load_student(path, as_policy(device))
     cfg = RunConfig.from_dict(ckpt["config"])
     if output_root is None:  # pth_models/<name>.pth or pth_models/imported/<name>.pth
         output_root = path.parent.parent.parent if path.parent.name == "imported" else path.parent.parent

@@ -85,16 +85,16 @@ def plan(base: RunConfig, groups: list[str] | str = "all", seeds: list[int] | No
 
 def run_experiments(base: RunConfig, experiments: list[Experiment], force: bool = False,
                     force_groups: tuple[str, ...] = (), lockstep: bool = False,
-                    session: Session | None = None) -> list[tuple[Experiment, RunResult]]:
+                    session: Session | None = None, resume: bool = True) -> list[tuple[Experiment, RunResult]]:
     """Train the missing runs (each distinct run once), analyse them and return results in order.
 
     `force` retrains every student run; `force_groups` retrains only those groups (e.g. the bank
     ablation). Either retrains a run at most once per session, and never the teacher (that is the
     session's `force_teacher`). With `lockstep`, runs sharing a seed train together so the teacher
-    forward is shared.
+    forward is shared. `resume=False` ignores epoch checkpoints (the teacher's too) and starts over.
     """
     session = session or Session(base)
-    session.teacher()
+    session.teacher(resume=resume)
     session.analyze_teacher()
     by_name: dict[str, RunResult] = {}
     unique: dict[str, tuple[RunConfig, bool]] = {}
@@ -108,9 +108,9 @@ def run_experiments(base: RunConfig, experiments: list[Experiment], force: bool 
         if not cfgs:
             continue
         if lockstep:
-            results = session.run_many(cfgs, force=forced, lockstep=True)
+            results = session.run_many(cfgs, force=forced, resume=resume, lockstep=True)
         else:
-            results = [session.run(cfg, force=forced) for cfg in cfgs]
+            results = [session.run(cfg, force=forced, resume=resume) for cfg in cfgs]
         by_name.update({r.name: r for r in results})
     return [(e, by_name[run_name(e.cfg)]) for e in experiments]
 
@@ -147,15 +147,17 @@ def plot_group(base: RunConfig, group: str, results: list[tuple[Experiment, RunR
 
 def sweep(base: RunConfig, groups: str | list[str] = "all", seeds: list[int] | None = None,
           force: bool = False, force_bank: bool = False, force_teacher: bool = False, lockstep: bool = False,
-          pictures: bool = True) -> tuple[list, str]:
+          pictures: bool = True, resume: bool = True) -> tuple[list, str]:
     """Run sweep groups (`all` = the whole plan), plot them and write the report.
 
-    `pictures=False` skips the per-run pictures (metrics are always computed).
+    `pictures=False` skips the per-run pictures (metrics are always computed); `resume=False`
+    ignores epoch checkpoints and starts interrupted runs over.
     """
     experiments = plan(base, groups, seeds)
     results = run_experiments(base, experiments, force=force,
                               force_groups=("bank",) if force_bank else (), lockstep=lockstep,
-                              session=Session(base, pictures=pictures, force_teacher=force_teacher))
+                              session=Session(base, pictures=pictures, force_teacher=force_teacher),
+                              resume=resume)
     for group in sorted({e.group for e in experiments}):
         plot_group(base, group, results)
     text, _ = write_report(base.output_dir)

@@ -27,14 +27,27 @@ class StepOutputs:
     teacher_logits: torch.Tensor | None = None  # (M, C), detached
     bank_embeddings: torch.Tensor | None = None  # (K, D) teacher embeddings from the memory bank
     bank_labels: torch.Tensor | None = None  # (K,)
+    epoch: int = 1  # the epoch this step belongs to (1-based), for warm-ups
+    indices: torch.Tensor | None = None  # (B,) training-set indices of the batch's images (CPU)
+    classifier_labels: torch.Tensor | None = None  # (B,) labels of view 1 on this process
 
 
 class Method(abc.ABC):
-    """Base: contrastive methods train an online linear classifier on detached view-1 features."""
+    """Base: contrastive methods train an online linear classifier on detached view-1 features.
+
+    Class attributes say what the training loop must provide: `views` (augmented views per image
+    the model sees), `uses_teacher` (teacher features and logits of the same views),
+    `uses_teacher_head` (a trainable copy of the teacher's projection head), `gathers_batch` (the
+    loss couples samples, so on several GPUs it needs the global batch) and
+    `uses_every_parameter` (False when some model parameters get no gradient, e.g. CE's projector).
+    """
 
     uses_teacher = True
+    uses_teacher_head = True
     views = 2
     online_classifier = True  # classifier sees detached features and trains beside the encoder
+    gathers_batch = True
+    uses_every_parameter = True
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
@@ -42,6 +55,16 @@ class Method(abc.ABC):
     @property
     def uses_bank(self) -> bool:
         return False
+
+    def setup(self, dataset, student, teacher, policy) -> None:
+        """Build what the method owns (heads, banks) once the data and models are known."""
+
+    def trainable_modules(self) -> list:
+        """Modules the method owns and trains with the student (e.g. embedding heads)."""
+        return []
+
+    def after_step(self, out: StepOutputs) -> None:
+        """Update the method's own state after the optimiser step (e.g. its memory banks)."""
 
     def state_dict(self) -> dict:
         """Training state a method keeps between steps (checkpointed with the run)."""
@@ -53,9 +76,10 @@ class Method(abc.ABC):
     def losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         result = self.representation_losses(out)
         if self.online_classifier:
+            # the classifier's logits are this process's view 1 (never gathered across GPUs)
             batch = out.student_logits.shape[0] // self.views
-            result["online_classifier"] = F.cross_entropy(out.student_logits[:batch],
-                                                          out.labels[:batch])
+            labels = out.classifier_labels if out.classifier_labels is not None else out.labels[:batch]
+            result["online_classifier"] = F.cross_entropy(out.student_logits[:batch], labels)
         return result
 
     @abc.abstractmethod
@@ -69,6 +93,8 @@ class CrossEntropyMethod(Method):
     uses_teacher = False
     views = 1
     online_classifier = False
+    gathers_batch = False
+    uses_every_parameter = False  # the projector gets no gradient
 
     def representation_losses(self, out):
         return {"ce": F.cross_entropy(out.student_logits, out.labels)}

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from .errors import DesupconError
+
 
 # ----------------------------------------------------------------------------------------------
 # Encoders
@@ -188,9 +190,16 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One backbone pass giving (features, logits), both detached."""
+        """One backbone pass giving (features, logits), both detached; the classifier runs in
+        float32 even inside an autocast region (its logits set LW-SupCRD's weights)."""
         features = self.encoder.forward_features(x)
-        return features, self.encoder.fc(features)
+        with torch.autocast(features.device.type, enabled=False):
+            return features, self.encoder.fc(features.float())
+
+    def features_and_logits(self, x: torch.Tensor, policy) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` under the device policy's autocast (the logits stay float32)."""
+        with policy.autocast():
+            return self(x)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Normalised head output; gradients reach the head only."""
@@ -204,7 +213,7 @@ class Teacher(nn.Module):
 CLASSIFIER_ALIASES = ("classifier.", "final_classifier.")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(DesupconError, ValueError):
     """A state dict that does not fit the model; the message lists what differs."""
 
 

@@ -14,7 +14,7 @@ from . import evaluation, train
 from .checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
 from .config import RunConfig, default_bank_size, preset, run_name
 from .data import ImageDataset
-from .devices import select_device
+from .devices import DevicePolicy, select_device
 from .methods import build_method
 from .models import Teacher
 from .published import published_config
@@ -35,6 +35,8 @@ class Session:
         self.analyze_runs, self.pictures = analyze, pictures
         self.force_teacher = force_teacher  # the teacher's own switch, applied at its first load
         self.device = select_device(cfg.device)
+        self.policy = DevicePolicy.choose(self.device, cfg.precision, cfg.deterministic)
+        self.policy.apply_global_settings()
         self.paths = OutputPaths(cfg.output_dir)
         self._dataset: ImageDataset | None = None
         self._teacher: tuple[Teacher, dict] | None = None
@@ -52,7 +54,7 @@ class Session:
         """The teacher with its projection head, loaded (or trained) once per session."""
         if self._teacher is None:
             validate_config(self.cfg, self.dataset)
-            self._teacher = load_or_train_teacher(self.cfg, self.dataset, self.device,
+            self._teacher = load_or_train_teacher(self.cfg, self.dataset, self.policy,
                                                   force=self.force_teacher, resume=resume)
         return self._teacher
 
@@ -82,7 +84,7 @@ class Session:
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             group = train.train_students([cfgs[i] for i in members], self.dataset, teacher,
-                                         self.device, force=forced[members[0]], resume=resume)
+                                         self.policy, force=forced[members[0]], resume=resume)
             results.update(zip(members, group))
             self.trained_count += len({r.name for r in group if not r.cached})
             if forced[members[0]]:
@@ -97,12 +99,12 @@ class Session:
         """Section 7 metrics (and pictures) of a finished run, computed once and stored."""
         if result.analysis is None or force:
             result.analysis = evaluation.analyze_student_checkpoint(
-                result.checkpoint, self.dataset, self.device, self.teacher()[0], self.pictures)
+                result.checkpoint, self.dataset, self.policy, self.teacher()[0], self.pictures)
         return result.analysis
 
     def analyze_teacher(self) -> dict:
         teacher, metrics = self.teacher()
-        return evaluation.analyze_teacher(teacher, self.cfg, metrics, self.dataset, self.device,
+        return evaluation.analyze_teacher(teacher, self.cfg, metrics, self.dataset, self.policy,
                                           self.pictures)
 
     def run(self, cfg: RunConfig, force: bool = False, resume: bool = True) -> train.RunResult:
@@ -171,13 +173,15 @@ def results_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def quickstart(cfg: RunConfig, force: bool = False, force_teacher: bool = False) -> list[dict]:
-    """Teacher, then one student per method, then a results table (printed and saved)."""
+def quickstart(cfg: RunConfig, force: bool = False, force_teacher: bool = False,
+               resume: bool = True) -> list[dict]:
+    """Teacher, then one student per method, then a results table (printed and saved).
+    `resume=False` ignores epoch checkpoints and starts interrupted runs over."""
     started = time.perf_counter()
     session = Session(cfg, force_teacher=force_teacher)
-    _, teacher_metrics = session.teacher()
+    _, teacher_metrics = session.teacher(resume=resume)
     labelled = quickstart_configs(cfg)
-    results = session.run_many([c for _, c in labelled], force=force)
+    results = session.run_many([c for _, c in labelled], force=force, resume=resume)
     rows = [{"method": "teacher " + cfg.model.teacher_arch, "test_acc": teacher_metrics["test_acc"],
              "train_acc": teacher_metrics.get("train_acc"), "seconds": None, "run": "teacher"}]
     rows[0].update(session.analyze_teacher())

@@ -15,14 +15,15 @@ import torch
 from . import data as data_mod
 from .checkpoint import CheckpointError, atomic_write_json, check_writable, load_checkpoint
 from .config import RunConfig
-from .devices import autocast_for, memory_format
+from .devices import as_policy
+from .errors import DesupconError
 
 log = logging.getLogger("desupcon")
 
 EVAL_BATCH = 512
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DesupconError, RuntimeError):
     """Training produced NaN/inf; the message names the run, epoch and step."""
 
     def __init__(self, message: str, name: str = "", epoch: int = 0, step: int = 0):
@@ -91,12 +92,13 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
 
 @torch.no_grad()
 def evaluate_accuracy(logits_fn, images: torch.Tensor, labels: torch.Tensor,
-                      dataset: data_mod.ImageDataset, device: torch.device) -> float:
+                      dataset: data_mod.ImageDataset, policy) -> float:
     """Top-1 accuracy in percent; `logits_fn(normalised_batch) -> logits`."""
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    policy = as_policy(policy)
+    correct = torch.zeros((), dtype=torch.long, device=policy.device)
     for x, y in data_mod.eval_batches(images, labels, EVAL_BATCH, dataset.mean, dataset.std):
-        with autocast_for(device):
-            logits = logits_fn(x.contiguous(memory_format=memory_format(device)))
+        with policy.autocast():
+            logits = logits_fn(policy.inputs(x))
         correct += (logits.argmax(1) == y).sum()
     return 100.0 * correct.item() / max(labels.shape[0], 1)
 

@@ -8,149 +8,108 @@ identity."""
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import data as data_mod
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
 from .config import HUB_TEACHER, RunConfig, teacher_run_name
-from .devices import autocast_for, make_adam, make_scheduler, memory_format
-from .models import Teacher, build_encoder, load_matching_state_dict
+from .config import MethodConfig, OptimConfig
+from .devices import as_policy, make_scheduler
+from .methods import build_method
+from .models import Student, Teacher, build_encoder, load_matching_state_dict
 from .published import PUBLISHED_SOURCE, file_sha256, imported_path
 from .teacher_weights import (fingerprint, is_plain_state_dict_file, load_encoder_weights,
                               read_state_dict, resolve_source, split_projection)
-from .runs import (NonFiniteLossError, OutputPaths, cached_checkpoint, check_finite, check_output_dirs,
-                   evaluate_accuracy, global_rng_state, grads_finite, load_partial, non_finite_error,
-                   params_finite, remove_partial, save_log, set_global_rng_state, summary_line, with_kept_state)
+from .train import Run, train_group
+from .runs import OutputPaths, check_output_dirs, evaluate_accuracy, remove_partial
 from .validation import validate_config
 
 log = logging.getLogger("desupcon")
 
 
-def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, device: torch.device,
-                          paths: OutputPaths, resume: bool = True) -> tuple[nn.Module, list[dict]]:
-    """Cross-entropy training of the teacher backbone + classifier (single augmented view).
+def teacher_training_config(cfg: RunConfig) -> RunConfig:
+    """The teacher's cross-entropy training as a run: the `ce` method on the teacher's architecture,
+    with the teacher's own settings (never the student's)."""
+    t = cfg.teacher
+    return cfg.replace(model={"student_arch": cfg.model.teacher_arch}, method=MethodConfig(method="ce"),
+                       optim=OptimConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                                         weight_decay=t.weight_decay, schedule=t.schedule,
+                                         drop_last=True, seed=t.seed))
 
-    Like a student run, it writes an epoch checkpoint (`pth_models/in_progress/<teacher>.pth`) and
-    resumes from one bit-identically unless `resume` is False.
-    """
+
+def probe_config(cfg: RunConfig) -> RunConfig:
+    """The cosine probe of the projection head as a run (constant Adam, no weight decay)."""
+    t = cfg.teacher
+    return cfg.replace(method=MethodConfig(method="ce"),
+                       optim=OptimConfig(epochs=max(t.probe_epochs, 1), batch_size=t.batch_size,
+                                         lr=t.probe_lr, drop_last=True, seed=t.seed + 7))
+
+
+class CosineProbe(nn.Module):
+    """The teacher's projection head under a bias-free cosine classifier (SPEC 2): logits =
+    cos(head(f), W_c) / T on the frozen backbone's features; W is discarded after the probe."""
+
+    def __init__(self, teacher: Teacher, num_classes: int, temperature: float):
+        super().__init__()
+        self.teacher = teacher
+        self.weight = nn.Parameter(torch.randn(num_classes, teacher.head[-1].out_features) * 0.01)
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor, detach_classifier: bool = False):
+        with torch.no_grad():
+            features = self.teacher.encoder.forward_features(x)
+        z = self.teacher.project(features.float())
+        return features, z, z @ F.normalize(self.weight, dim=1).T / self.temperature
+
+
+def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, policy,
+                          paths: OutputPaths, resume: bool = True) -> tuple[nn.Module, list[dict]]:
+    """Cross-entropy training of the teacher backbone + classifier (single augmented view), through
+    the one training loop: epoch checkpoints (`pth_models/in_progress/<teacher>.pth`), exact resume
+    unless `resume` is False, the deferred finiteness check."""
+    policy = as_policy(policy)
+    tcfg = teacher_training_config(cfg)
     t = cfg.teacher
     torch.manual_seed(t.seed)
-    encoder = build_encoder(cfg.model.teacher_arch, dataset.num_classes, cfg.model.init).to(device)
-    encoder = encoder.to(memory_format=memory_format(device))
-    opt = make_adam([{"params": encoder.parameters(), "lr": t.lr, "weight_decay": t.weight_decay}], device)
-    epochs = t.epochs
-    sched = make_scheduler(opt, [t.schedule], epochs)
-    augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
-    gen = torch.Generator().manual_seed(cfg.teacher.seed)
-    name = teacher_run_name(cfg)
-    identity = cfg.teacher_backbone_identity()
-    partial = paths.partial_checkpoint(name)
-    entries: list[dict] = []
-    done = 0
-    state = load_partial(partial, identity, name) if resume else None
-    if state is not None:
-        encoder.load_state_dict(state["encoder"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["rng"]["data"])
-        set_global_rng_state(state["rng"])
-        entries, done = list(state["log"]), state["epoch"]
-        log.info(f"[{name}] resuming after epoch {done}")
-    for epoch in range(done + 1, epochs + 1):
-        encoder.train()
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        n_steps = data_mod.batches_per_epoch(len(dataset.train_labels), t.batch_size)
-        batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels,
-                                         t.batch_size, augment, gen, views=1)
-        try:
-            for step, (_, x, _, y) in enumerate(tqdm(batches, total=n_steps, leave=False,
-                                                     desc=f"{name} {epoch}/{epochs}"), 1):
-                with autocast_for(device):
-                    logits = encoder(x.contiguous(memory_format=memory_format(device)))
-                loss = F.cross_entropy(logits.float(), y)
-                if device.type == "cpu":
-                    check_finite(loss, name, epoch, step)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if device.type == "cpu" and not bool(grads_finite(opt)):
-                    raise non_finite_error(name, "gradients", epoch, step)
-                opt.step()
-                loss_sum += loss.detach() * y.shape[0]
-                correct += (logits.argmax(1) == y).sum()
-                seen += y.shape[0]
-            check_finite(loss_sum, name, epoch, n_steps)
-            if not params_finite([encoder]):
-                raise non_finite_error(name, "weights", epoch, n_steps)
-        except NonFiniteLossError as exc:
-            raise with_kept_state(exc, partial, epoch - 1) from None
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        encoder.eval()
-        entry = {"epoch": epoch, "loss": loss_sum.item() / seen, "train_acc": 100.0 * correct.item() / seen,
-                 "test_acc": evaluate_accuracy(encoder, dataset.test_images, dataset.test_labels,
-                                               dataset, device),
-                 "lr": lr, "seconds": time.perf_counter() - start}
-        entries.append(entry)
-        save_log(paths, name, entries)
-        if epoch < epochs:
-            atomic_torch_save(partial, {
-                "format": CHECKPOINT_FORMAT, "kind": "in_progress", "name": name, "identity": identity,
-                "epoch": epoch, "log": entries, "encoder": encoder.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": {"data": gen.get_state(), **global_rng_state()}})
-        log.info(summary_line(name, entry, epochs))
-    return encoder, entries
+    model = policy.prepare(Student(build_encoder(cfg.model.teacher_arch, dataset.num_classes, cfg.model.init)))
+    optimizer = policy.make_adam([{"params": model.encoder.parameters(), "lr": t.lr,
+                                   "weight_decay": t.weight_decay}])
+    run = Run(tcfg, teacher_run_name(cfg), cfg.teacher_backbone_identity(), build_method(tcfg.method), model,
+              None, optimizer, make_scheduler(optimizer, [t.schedule], t.epochs), policy, tcfg.optim,
+              data_views=1, kind="teacher")
+    finished, failures = train_group([run], dataset, None, paths, resume=resume, save_every=cfg.save_every)
+    if failures:
+        raise failures[0]
+    return finished[0].model.encoder, finished[0].log
 
 
 def train_projection_probe(teacher: Teacher, cfg: RunConfig, dataset: data_mod.ImageDataset,
-                           device: torch.device) -> list[dict]:
-    """Cosine probe: logits = cos(head(f), W_c) / T with L2-normalised, bias-free rows W_c; Adam;
-    the frozen backbone's features come from augmented views. W is discarded afterwards."""
+                           policy, paths: OutputPaths | None = None) -> list[dict]:
+    """Cosine probe of the teacher's projection head on the frozen backbone, through the one
+    training loop (augmented views, Adam, constant lr). Returns the probe's log."""
+    if cfg.teacher.probe_epochs < 1:
+        return []
+    policy = as_policy(policy)
+    pcfg = probe_config(cfg)
     torch.manual_seed(cfg.teacher.seed)
-    head_dim = teacher.head[-1].out_features
-    weight = nn.Parameter(torch.randn(dataset.num_classes, head_dim, device=device) * 0.01)
-    opt = torch.optim.Adam([*teacher.head.parameters(), weight], lr=cfg.teacher.probe_lr)
-    augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
-    gen = torch.Generator().manual_seed(cfg.teacher.seed + 7)
-    entries = []
-    teacher.train()
-    for epoch in range(1, cfg.teacher.probe_epochs + 1):
-        start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen = 0
-        batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels,
-                                         cfg.teacher.batch_size, augment, gen, views=1)
-        for _, x, _, y in batches:
-            with autocast_for(device):
-                features, _ = teacher(x.contiguous(memory_format=memory_format(device)))
-            z = teacher.project(features.float())
-            logits = z @ F.normalize(weight, dim=1).T / cfg.teacher.probe_temperature
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * y.shape[0]
-            correct += (logits.argmax(1) == y).sum()
-            seen += y.shape[0]
-        check_finite(loss_sum, f"{teacher_run_name(cfg, with_projection=True)} (projection probe)",
-                      epoch, data_mod.batches_per_epoch(len(dataset.train_labels), cfg.teacher.batch_size))
-        entry = {"epoch": epoch, "loss": loss_sum.item() / seen,
-                 "train_acc": 100.0 * correct.item() / seen, "lr": cfg.teacher.probe_lr,
-                 "seconds": time.perf_counter() - start}
-        entries.append(entry)
-        log.info(summary_line("projection probe", entry, cfg.teacher.probe_epochs))
+    probe = CosineProbe(teacher, dataset.num_classes, cfg.teacher.probe_temperature).to(policy.device)
+    optimizer = policy.make_adam([{"params": [*teacher.head.parameters(), probe.weight],
+                                   "lr": cfg.teacher.probe_lr, "weight_decay": 0.0}])
+    name = teacher_run_name(cfg, with_projection=True)
+    identity = {**cfg.teacher_identity(), "backbone": fingerprint(teacher.encoder)}
+    run = Run(pcfg, name, identity, build_method(pcfg.method), probe, None, optimizer,
+              make_scheduler(optimizer, ["constant"], pcfg.optim.epochs), policy, pcfg.optim,
+              data_views=1, kind="probe")
+    finished, failures = train_group([run], dataset, None, paths or OutputPaths(cfg.output_dir),
+                                     save_every=cfg.save_every)
+    if failures:
+        raise failures[0]
     teacher.eval()
-    return entries
+    return finished[0].log
 
 
 def _teacher_checkpoint(kind: str, name: str, identity: dict, cfg: RunConfig, teacher: Teacher,
@@ -165,11 +124,11 @@ def _teacher_checkpoint(kind: str, name: str, identity: dict, cfg: RunConfig, te
     return ckpt
 
 
-def _finish(teacher: Teacher, metrics: dict, device: torch.device) -> tuple[Teacher, dict]:
-    """The teacher on `device` in eval mode, with its content fingerprint and source attached."""
+def _finish(teacher: Teacher, metrics: dict, policy) -> tuple[Teacher, dict]:
+    """The teacher on the policy's device in eval mode, with its content fingerprint and source."""
     teacher.fingerprint = metrics["fingerprint"] = fingerprint(teacher.encoder, teacher.head)
     teacher.source = metrics.get("source", "")
-    return teacher.to(device).to(memory_format=memory_format(device)).eval(), metrics
+    return policy.prepare(teacher).eval(), metrics
 
 
 def _published_teacher_files(cfg: RunConfig, paths: OutputPaths) -> tuple[Path | None, Path | None]:
@@ -184,7 +143,7 @@ def _published_teacher_files(cfg: RunConfig, paths: OutputPaths) -> tuple[Path |
     return found[0], found[1]
 
 
-def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, device: torch.device,
+def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, policy,
                           force: bool = False, resume: bool = True) -> tuple[Teacher, dict]:
     """The frozen teacher with its probe-trained projection head, from cache when possible.
 
@@ -195,6 +154,7 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, device
     Returns (teacher, metrics); `teacher.fingerprint` identifies its weights.
     """
     validate_config(cfg, dataset)
+    policy = as_policy(policy)
     paths = OutputPaths(cfg.output_dir)
     check_output_dirs(paths)
     identity = cfg.teacher_identity()
@@ -218,20 +178,20 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, device
             load_encoder_weights(teacher.encoder, body, str(published_proj), dataset.num_classes, dataset.name,
                                  cfg.model.teacher_arch)
             load_matching_state_dict(teacher.head, head, source=f"{published_proj} (projection head)")
-            teacher = teacher.to(device)
+            teacher = policy.prepare(teacher)
             test_acc = evaluate_accuracy(teacher.encoder, dataset.test_images, dataset.test_labels,
-                                         dataset, device)
+                                         dataset, policy)
             metrics = {"test_acc": test_acc, "train_acc": None, "source": PUBLISHED_SOURCE}
             atomic_torch_save(own_proj, _teacher_checkpoint("teacher_projection", proj_name, identity, cfg,
                                                             teacher, metrics, [], source))
             log.info(f"[{proj_name}] imported the published teacher with projection {published_proj} "
                      f"(test acc {test_acc:.2f}%; its head is used as published, not re-probed)")
-            return _finish(teacher, metrics, device)
-        return _from_checkpoint(cached, encoder, proj_name, device)
+            return _finish(teacher, metrics, policy)
+        return _from_checkpoint(cached, encoder, proj_name, policy)
 
     cached_proj = None if force else _load_if(own_proj, "teacher_projection", identity)
     if cached_proj is not None:
-        return _from_checkpoint(cached_proj, encoder, proj_name, device)
+        return _from_checkpoint(cached_proj, encoder, proj_name, policy)
 
     backbone_identity = cfg.teacher_backbone_identity()
     entries: list[dict] = []
@@ -259,12 +219,12 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, device
                              dataset.num_classes, dataset.name, cfg.model.teacher_arch)
         log.info(f"[{name}] teacher weights from {cfg.model.teacher_weights} ({path})")
     else:
-        encoder, entries = train_teacher_encoder(cfg, dataset, device, paths,
+        encoder, entries = train_teacher_encoder(cfg, dataset, policy, paths,
                                                  resume=resume and not force)
-    encoder = encoder.to(device).to(memory_format=memory_format(device))
+    encoder = policy.prepare(encoder)
     torch.manual_seed(cfg.teacher.seed)  # the projection head's initialisation
-    teacher = Teacher(encoder).to(device)
-    test_acc = evaluate_accuracy(teacher.encoder, dataset.test_images, dataset.test_labels, dataset, device)
+    teacher = policy.prepare(Teacher(encoder))
+    test_acc = evaluate_accuracy(teacher.encoder, dataset.test_images, dataset.test_labels, dataset, policy)
     metrics = {"test_acc": test_acc, "train_acc": entries[-1]["train_acc"] if entries else None,
                "source": source["kind"] if source["kind"] != "weights" else source["file"]}
     if cached is None:
@@ -273,11 +233,11 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, device
         remove_partial(paths, name)
     log.info(f"[{name}] teacher test accuracy {test_acc:.2f}%")
 
-    probe_log = train_projection_probe(teacher, cfg, dataset, device)
+    probe_log = train_projection_probe(teacher, cfg, dataset, policy, paths)
     metrics = {**metrics, "probe_train_acc": probe_log[-1]["train_acc"] if probe_log else None}
     atomic_torch_save(own_proj, _teacher_checkpoint("teacher_projection", proj_name, identity, cfg,
                                                     teacher, metrics, probe_log, source))
-    return _finish(teacher, metrics, device)
+    return _finish(teacher, metrics, policy)
 
 
 def _load_if(path: Path, kind: str, identity: dict, accept=lambda ckpt: True) -> dict | None:
@@ -296,12 +256,12 @@ def _load_if(path: Path, kind: str, identity: dict, accept=lambda ckpt: True) ->
     return None
 
 
-def _from_checkpoint(ckpt: dict, encoder: nn.Module, name: str, device: torch.device) -> tuple[Teacher, dict]:
+def _from_checkpoint(ckpt: dict, encoder: nn.Module, name: str, policy) -> tuple[Teacher, dict]:
     teacher = Teacher(encoder)
     load_matching_state_dict(teacher.encoder, ckpt["encoder"], source=name)
     teacher.head.load_state_dict(ckpt["head"])
     log.info(f"[{name}] loaded from cache (test acc {ckpt['metrics']['test_acc']:.2f}%)")
-    return _finish(teacher, dict(ckpt["metrics"]), device)
+    return _finish(teacher, dict(ckpt["metrics"]), policy)
 
 
 def teacher_checkpoint_path(cfg: RunConfig) -> Path:

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, describe_load_failure
 from .config import HUB_TEACHER
+from .errors import DesupconError
 from .models import CheckpointMismatchError, load_matching_state_dict, normalise_state_dict_layout
 
 log = logging.getLogger("desupcon")
@@ -30,7 +31,7 @@ DROPPED_PREFIXES = ("aux_classifier.",)
 PROJECTION_PREFIX = "projection."  # the published teacher-with-projection head (SPEC 11)
 
 
-class TeacherWeightsUnavailableError(FileNotFoundError):
+class TeacherWeightsUnavailableError(DesupconError, FileNotFoundError):
     """The configured teacher weights cannot be had; the message says every way on."""
 
 

@@ -1,13 +1,16 @@
-"""The one student training loop (SPEC section 6); the teacher is in `teacher.py`.
+"""The one training loop (SPEC sections 6 and 15): every method, the teacher's cross-entropy
+training and its cosine probe go through it.
 
-One loop trains every method. Several students can train in *lockstep* over the same batches, so
-each batch's teacher backbone forward is computed once for all of them; a single run is a lockstep
-group of one, so both paths are the same code. Each student owns its optimiser, teacher projection
-head, memory bank (with its own sampling generator), online classifier and log, which is why a
-student trained in lockstep ends identical to the same student trained alone.
+A *run* owns its model, method, optimiser (with a gradient scaler and schedule), teacher head,
+memory bank and log. Several runs can train in *lockstep* over the same batches, so each batch's
+teacher backbone forward is computed once for all of them; a single run is a lockstep group of
+one, so both paths are the same code, and a run trained in lockstep ends identical to the same
+run trained alone. Device choices come from one `DevicePolicy`; the finiteness check is deferred
+to the end of each epoch on every device (no host synchronisation inside the step).
 
-Per step: one teacher forward over both views (features and logits together), one student forward
-over both views, the teacher head and the online classifier trained in the same backward pass.
+Per step: one teacher forward over the views (features and float32 logits together), one model
+forward, the method's losses in float32, one backward for the model, the teacher head and the
+online classifier; then the memory bank.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import distributed as dist
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
-from .config import RunConfig, run_name
-from .devices import autocast_for, make_adam, make_scheduler, memory_format
+from .config import OptimConfig, RunConfig, run_name
+from .devices import DevicePolicy, as_policy, make_scheduler
 from .memory_bank import MomentumMemoryBank
 from .methods import Method, StepOutputs, build_method
 from .models import Student, Teacher, build_encoder, load_matching_state_dict
@@ -42,101 +46,144 @@ log = logging.getLogger("desupcon")
 
 
 @dataclass
-class StudentRun:
-    """Everything one student owns during training: models, optimiser, bank, log."""
+class Run:
+    """Everything one run owns during training: model, optimiser, teacher head, bank, log.
+
+    `model(x, detach_classifier=...)` returns (features, normalised projection, logits): a
+    `Student`, or the teacher's cosine probe. `data_views` is how many augmented views of each
+    image the loop draws for it (2 for students, 1 for teacher training and probes).
+    """
 
     cfg: RunConfig
+    name: str
+    identity: dict
     method: Method
-    student: Student
+    model: nn.Module
     teacher_head: nn.Module | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    bank: MomentumMemoryBank | None
-    bank_generator: torch.Generator
-    device: torch.device
-    name: str
+    policy: DevicePolicy
+    optim: OptimConfig
+    bank: MomentumMemoryBank | None = None
+    bank_generator: torch.Generator = field(default_factory=torch.Generator)
+    data_views: int = 2
+    kind: str = "student"
     teacher_fingerprint: str | None = None
     log: list[dict] = field(default_factory=list)
     epoch: int = 0  # epochs completed
 
+    def __post_init__(self):
+        self.scaler = self.policy.grad_scaler()
+        self.forward_model = dist.wrap_model(self.model, self.policy, self.method, self.cfg.sync_batchnorm)
+
+    @property
+    def student(self) -> nn.Module:
+        """The model a student run trains (its `Student`)."""
+        return self.model
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.model, self.teacher_head, *self.method.trainable_modules()) if m is not None]
+
     # Per-epoch accumulators, kept on the device (no host sync inside the step).
     def start_epoch(self) -> None:
-        self.student.train()
-        if self.teacher_head is not None:
-            self.teacher_head.train()
+        for module in self.modules:
+            module.train()
+        device = self.policy.device
         self._loss_sums: dict[str, torch.Tensor] = {}
-        self._total = torch.zeros((), device=self.device)
-        self._correct = torch.zeros((), dtype=torch.long, device=self.device)
-        self._seen = 0
+        self._total = torch.zeros((), device=device)
+        self._correct = torch.zeros((), dtype=torch.long, device=device)
+        self._seen = torch.zeros((), dtype=torch.long, device=device)
         self._steps = 0
-        self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)
+        self._first_bad = torch.zeros((), dtype=torch.long, device=device)  # step, 0 = none
+        self._bad_loss = torch.zeros((), dtype=torch.bool, device=device)  # the loss itself was bad
+        self._bad_value = torch.zeros((), device=device)
         self._started = time.perf_counter()
 
-    def step(self, indices: torch.Tensor, view1: torch.Tensor, views: torch.Tensor,
+    def step(self, indices: torch.Tensor, view1: torch.Tensor, views: torch.Tensor | None,
              labels: torch.Tensor, teacher_out: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        policy, method = self.policy, self.method
         batch = labels.shape[0]
-        device = self.device
-        with autocast_for(device):
-            if self.method.views == 1:
-                _, s_proj, s_logits = self.student(view1, detach_classifier=False)
-                step_labels = labels
-            else:
-                _, s_proj, s_logits = self.student(views, detach_classifier=self.method.online_classifier)
-                step_labels = torch.cat([labels, labels])
-        outputs = StepOutputs(step_labels, s_proj.float(), s_logits.float())
-        if self.method.uses_teacher:
+        two_views = method.views == 2
+        with policy.autocast():
+            _, s_proj, s_logits = self.forward_model(views if two_views else view1,
+                                                     detach_classifier=method.online_classifier)
+        step_labels = torch.cat([labels, labels]) if two_views else labels
+        outputs = StepOutputs(step_labels, s_proj.float(), s_logits.float(), epoch=self.epoch + 1,
+                              indices=indices, classifier_labels=labels)
+        if method.uses_teacher:
             t_features, t_logits = teacher_out
-            with autocast_for(device):
-                t_proj = F.normalize(self.teacher_head(t_features), dim=1)
-            outputs.teacher_projection = t_proj.float()
+            if not two_views:
+                t_features, t_logits = t_features[:batch], t_logits[:batch]
+            if self.teacher_head is not None:
+                with policy.autocast():
+                    t_proj = F.normalize(self.teacher_head(t_features), dim=1)
+                outputs.teacher_projection = t_proj.float()
             outputs.teacher_logits = t_logits.float()
+        outputs = dist.gather_step_outputs(outputs, method)
         if self.bank is not None:
             outputs.bank_embeddings, outputs.bank_labels = self.bank.sample(
-                self.cfg.method.bank_size, exclude=indices, generator=self.bank_generator,
+                self.cfg.method.bank_size, exclude=outputs.indices, generator=self.bank_generator,
                 written_only=self.cfg.method.bank_mode == "class-aware")
-        with torch.autocast(device.type, enabled=False):
-            losses = self.method.losses(outputs)
+        with policy.full_precision():
+            losses = method.losses(outputs)
         total = sum(losses.values())
         self._steps += 1
-        if device.type == "cpu":  # free to check here; on CUDA the epoch end checks (no sync)
-            check_finite(total, self.name, self.epoch + 1, self._steps)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        finite = grads_finite(self.optimizer)
-        if device.type == "cpu":
-            if not bool(finite):
-                raise non_finite_error(self.name, "gradients", self.epoch + 1, self._steps)
-        else:  # remember the first bad step on the device; finish_epoch reports it
-            bad = ~(finite & torch.isfinite(total.detach())) & (self._first_bad == 0)
-            self._first_bad = torch.where(bad, self._steps, self._first_bad)
-        self.optimizer.step()
+        self.scaler.scale(total).backward()
+        dist.average_gradients([m for m in self.modules if m is not self.model])  # DDP does the model's
+        self.scaler.unscale_(self.optimizer)
+        if self.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for m in self.modules for p in m.parameters()],
+                                           self.optim.grad_clip)
+        # One finiteness path on every device: remember the first bad step on the device; the
+        # epoch end reports it. With fp16 the scaler skips steps whose gradients overflow.
+        loss_finite = torch.isfinite(total.detach())
+        finite = loss_finite if self.scaler.is_enabled() else loss_finite & grads_finite(self.optimizer)
+        first = ~finite & (self._first_bad == 0)
+        self._first_bad = torch.where(first, self._steps, self._first_bad)
+        self._bad_loss = torch.where(first, ~loss_finite, self._bad_loss)
+        self._bad_value = torch.where(first, total.detach().float(), self._bad_value)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         if self.bank is not None:
-            self.bank.update(torch.cat([indices, indices]), outputs.teacher_projection.detach())
+            self.bank.update(torch.cat([outputs.indices, outputs.indices]),
+                             outputs.teacher_projection.detach())
+        method.after_step(outputs)
         for key, value in losses.items():
             self._loss_sums[key] = self._loss_sums.get(key, 0) + value.detach() * batch
         self._total += total.detach() * batch
         self._correct += (s_logits[:batch].argmax(1) == labels).sum()
         self._seen += batch
 
-    def finish_epoch(self, dataset: data_mod.ImageDataset, seconds: float | None = None) -> dict:
+    def finish_epoch(self, dataset: data_mod.ImageDataset, seconds: float | None = None,
+                     group: tuple[float, int] | None = None) -> dict:
         """Close the epoch (raising NonFiniteLossError before anything is recorded if it went bad)."""
         epoch = self.epoch + 1
-        first_bad = int(self._first_bad)
+        totals = dist.sum_over_ranks([self._total, self._correct.double(), self._seen.double(),
+                                      *self._loss_sums.values()])
+        total, correct, seen, *loss_sums = totals
+        first_bad = int(dist.max_over_ranks(self._first_bad))
         if first_bad:
-            raise non_finite_error(self.name, "loss or gradients", epoch, first_bad)
-        check_finite(self._total, self.name, epoch, self._steps)
-        if not params_finite([self.student, self.teacher_head]):
+            what = f"loss ({float(self._bad_value)})" if bool(self._bad_loss) else "gradients"
+            raise non_finite_error(self.name, what, epoch, first_bad)
+        check_finite(total, self.name, epoch, self._steps)
+        if not params_finite(self.modules):
             raise non_finite_error(self.name, "weights", epoch, self._steps)
         self.epoch = epoch
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        self.student.eval()
-        test_acc = evaluate_accuracy(lambda x: self.student(x)[2], dataset.test_images,
-                                     dataset.test_labels, dataset, self.device)
-        entry = {"epoch": self.epoch, "loss": self._total.item() / self._seen,
-                 "losses": {k: v.item() / self._seen for k, v in self._loss_sums.items()},
-                 "train_acc": 100.0 * self._correct.item() / self._seen, "test_acc": test_acc,
-                 "lr": lr, "seconds": seconds if seconds is not None else time.perf_counter() - self._started}
+        for module in self.modules:
+            module.eval()
+        test_acc = evaluate_accuracy(lambda x: self.model(x)[2], dataset.test_images,
+                                     dataset.test_labels, dataset, self.policy)
+        seen = seen.item()
+        entry = {"epoch": self.epoch, "loss": total.item() / seen,
+                 "losses": {k: v.item() / seen for k, v in zip(self._loss_sums, loss_sums)},
+                 "train_acc": 100.0 * correct.item() / seen, "test_acc": test_acc, "lr": lr,
+                 "seconds": seconds if seconds is not None else time.perf_counter() - self._started}
+        if group is not None:  # lockstep: `seconds` is an equal share of the group's wall time
+            entry["group_seconds"], entry["group_size"] = group
         self.log.append(entry)
         return entry
 
@@ -144,11 +191,12 @@ class StudentRun:
     def training_state(self, data_generator: torch.Generator) -> dict:
         """Everything needed to continue bit-identically from the end of `self.epoch`."""
         return {"format": CHECKPOINT_FORMAT, "kind": "in_progress", "name": self.name,
-                "identity": self.identity(), "epoch": self.epoch, "log": self.log,
-                "method_state": self.method.state_dict(),
-                "student": self.student.state_dict(),
+                "identity": self.identity, "epoch": self.epoch, "log": self.log,
+                "model": self.model.state_dict(),
                 "teacher_head": self.teacher_head.state_dict() if self.teacher_head is not None else None,
+                "method_state": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "bank": self.bank.state_dict() if self.bank is not None else None,
                 "rng": {"data": data_generator.get_state(), "bank": self.bank_generator.get_state(),
                         **global_rng_state()}}
@@ -156,51 +204,63 @@ class StudentRun:
     def load_training_state(self, state: dict, data_generator: torch.Generator) -> None:
         self.epoch = state["epoch"]
         self.log = list(state["log"])
-        self.student.load_state_dict(state["student"])
+        self.model.load_state_dict(state["model"])
         if self.teacher_head is not None:
             self.teacher_head.load_state_dict(state["teacher_head"])
+        self.method.load_state_dict(state.get("method_state") or {})
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.method.load_state_dict(state.get("method_state") or {})
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if self.bank is not None:
             self.bank.load_state_dict(state["bank"])
         data_generator.set_state(state["rng"]["data"])
         self.bank_generator.set_state(state["rng"]["bank"])
         set_global_rng_state(state["rng"])
 
-    def identity(self) -> dict:
-        return self.cfg.identity(self.teacher_fingerprint)
-
     def final_checkpoint(self, metrics: dict) -> dict:
+        """A student's final checkpoint (the teacher writes its own format from `model`)."""
+        student = self.model
         return {"format": CHECKPOINT_FORMAT, "kind": "student", "name": self.name,
-                "identity": self.identity(), "config": self.cfg.to_dict(),
+                "identity": self.identity, "config": self.cfg.to_dict(),
                 "teacher_fingerprint": self.teacher_fingerprint,
                 "student_arch": self.cfg.model.student_arch,
-                "num_classes": self.student.classifier.out_features,
-                "student": {k: v.cpu() for k, v in self.student.state_dict().items()},
+                "num_classes": student.classifier.out_features,
+                "student": {k: v.cpu() for k, v in student.state_dict().items()},
                 "teacher_head": ({k: v.cpu() for k, v in self.teacher_head.state_dict().items()}
                                  if self.teacher_head is not None else None),
+                "method_state": self.method.state_dict(),
                 "metrics": metrics, "log": self.log}
 
+
+# ----------------------------------------------------------------------------------------------
+# Building runs
+# ----------------------------------------------------------------------------------------------
 
 def build_student(arch: str, num_classes: int, init: str = "kaiming") -> Student:
     return Student(build_encoder(arch, num_classes, init))
 
 
+def make_optimizer(optim: OptimConfig, groups: list[dict], policy: DevicePolicy) -> torch.optim.Optimizer:
+    if optim.optimizer == "sgd":
+        return policy.make_sgd(groups, optim.momentum)
+    return policy.make_adam(groups)
+
+
 def make_student_run(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Teacher | None,
-                     device: torch.device) -> StudentRun:
+                     policy) -> Run:
     """A fresh student with its optimiser: parameters seeded by the run's seed alone.
 
-    One Adam, three parameter groups (SPEC 6): the encoder and projector (the student's lr, weight
-    decay and schedule), the classifier and the teacher head. A contrastive method's online
-    classifier and the teacher head have their own constant learning rate and no weight decay; a
-    CE student's classifier is part of the student and follows the student's settings.
+    One optimiser, parameter groups of their own (SPEC 6): the encoder and projector (the
+    student's lr, weight decay and schedule), the classifier, the teacher head and any module the
+    method owns. A contrastive method's online classifier and the teacher head have their own
+    constant learning rate and no weight decay; a CE student's classifier is part of the student.
     """
+    policy = as_policy(policy)
     method = build_method(cfg.method)
     o = cfg.optim
     torch.manual_seed(o.seed)
-    student = build_student(cfg.model.student_arch, dataset.num_classes, cfg.model.init).to(device)
-    student = student.to(memory_format=memory_format(device))
+    student = policy.prepare(build_student(cfg.model.student_arch, dataset.num_classes, cfg.model.init))
     classifier_ids = {id(p) for p in student.classifier.parameters()}
     groups = [{"params": [p for p in student.parameters() if id(p) not in classifier_ids],
                "lr": o.lr, "weight_decay": o.weight_decay}]
@@ -214,21 +274,25 @@ def make_student_run(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Te
                        "weight_decay": o.weight_decay})
         schedules.append(o.schedule)
     teacher_head = None
-    if method.uses_teacher:
-        teacher_head = copy.deepcopy(teacher.head).to(device)
+    if method.uses_teacher and method.uses_teacher_head:
+        teacher_head = copy.deepcopy(teacher.head).to(policy.device)
         groups.append({"params": list(teacher_head.parameters()), "lr": o.head_lr, "weight_decay": 0.0})
         schedules.append("constant")
-    optimizer = make_adam(groups, device)
-    scheduler = make_scheduler(optimizer, schedules, o.epochs)
+    method.setup(dataset, student, teacher, policy)
+    for module in method.trainable_modules():  # e.g. crd-nce's embedding heads: the student's settings
+        groups.append({"params": list(module.parameters()), "lr": o.lr, "weight_decay": o.weight_decay})
+        schedules.append(o.schedule)
+    optimizer = make_optimizer(o, groups, policy)
+    scheduler = make_scheduler(optimizer, schedules, o.epochs, tuple(o.milestones), o.lr_decay)
     bank = None
     if method.uses_bank:
         bank = MomentumMemoryBank(len(dataset.train_labels), teacher_head[-1].out_features,
-                                  dataset.train_labels, cfg.method.bank_momentum, device=device)
+                                  dataset.train_labels, cfg.method.bank_momentum, device=policy.device)
     if cfg.compile:
         student.forward = torch.compile(student.forward)
     fp = getattr(teacher, "fingerprint", None) if method.uses_teacher else None
-    return StudentRun(cfg, method, student, teacher_head, optimizer, scheduler, bank,
-                      torch.Generator().manual_seed(o.seed + 1), device, run_name(cfg), teacher_fingerprint=fp)
+    return Run(cfg, run_name(cfg), cfg.identity(fp), method, student, teacher_head, optimizer, scheduler,
+               policy, o, bank, torch.Generator().manual_seed(o.seed + 1), teacher_fingerprint=fp)
 
 
 def lockstep_key(cfg: RunConfig) -> tuple:
@@ -262,7 +326,163 @@ def final_metrics(entries: list[dict], epochs: int) -> dict:
     return {"test_acc": last["test_acc"], "train_acc": last["train_acc"],
             "train_test_gap": last["train_acc"] - last["test_acc"],
             "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
-            "seconds": sum(e["seconds"] for e in entries), "epochs": epochs}
+            "seconds": sum(e["seconds"] for e in entries),
+            # trained in lockstep: `seconds` is this run's equal share of the group's time
+            "seconds_shared": any("group_seconds" in e for e in entries), "epochs": epochs}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+def train_group(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teacher | None,
+                paths: OutputPaths, resume: bool = True, save_every: int = 1
+                ) -> tuple[list[Run], list[NonFiniteLossError]]:
+    """Train runs that share data order, batch size and epochs in lockstep, resuming each from its
+    epoch checkpoint unless `resume` is False. Returns (finished runs, errors of stopped runs).
+
+    Runs are grouped by the epoch their checkpoint reached: each group shares one data generator
+    state and trains in lockstep from there.
+    """
+    by_start: dict[int, list[tuple[Run, dict | None]]] = {}
+    for run in runs:
+        state = load_partial(paths.partial_checkpoint(run.name), run.identity, run.name) if resume else None
+        by_start.setdefault(state["epoch"] if state else 0, []).append((run, state))
+    finished, failures = [], []
+    for start_epoch in sorted(by_start):
+        members = by_start[start_epoch]
+        generator = torch.Generator().manual_seed(runs[0].optim.seed)
+        for run, state in members:
+            if state is not None:
+                run.load_training_state(state, generator)
+                log.info(f"[{run.name}] resuming after epoch {run.epoch}")
+        done, failed = _train_lockstep([r for r, _ in members], dataset, teacher, generator, paths,
+                                       save_every)
+        finished += done
+        failures += failed
+    return finished, failures
+
+
+def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teacher | None,
+                    generator: torch.Generator, paths: OutputPaths, save_every: int = 1
+                    ) -> tuple[list[Run], list[NonFiniteLossError]]:
+    """Train `runs` over the same batches to their last epoch, writing logs and epoch checkpoints
+    (every `save_every` epochs; not fsync'd: the final checkpoint is).
+
+    A run whose loss, gradients or weights become non-finite stops there (its last good epoch
+    checkpoint stays on disk); the others go on. Returns (finished runs, errors of stopped runs).
+    """
+    first = runs[0]
+    policy, o = first.policy, first.optim
+    epochs, batch_size = o.epochs, o.batch_size
+    augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
+    rank, world = dist.rank(), dist.world_size()
+    n_steps = data_mod.batches_per_epoch(len(dataset.train_labels), batch_size, o.drop_last)
+    label = first.name if len(runs) == 1 else f"{len(runs)} runs in lockstep"
+    data_views = first.data_views
+    active, failures = list(runs), []
+    teacher_views = max((2 if r.method.views == 2 else 1) for r in runs)
+
+    def stop(run: Run, exc: NonFiniteLossError) -> None:
+        active.remove(run)
+        failures.append(with_kept_state(exc, paths.partial_checkpoint(run.name), run.epoch))
+        if active:
+            log.warning(f"{failures[-1]} The other runs in lockstep go on.")
+
+    for epoch in range(first.epoch + 1, epochs + 1):
+        if not active:
+            break
+        started = time.perf_counter()
+        for run in active:
+            run.start_epoch()
+        batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels, batch_size,
+                                         augment, generator, drop_last=o.drop_last, views=data_views,
+                                         shard=(rank, world))
+        for indices, view1, view2, labels in tqdm(batches, total=n_steps, leave=False,
+                                                  desc=f"{label} {epoch}/{epochs}", disable=rank != 0):
+            view1 = policy.inputs(view1)
+            views = policy.inputs(torch.cat([view1, view2])) if view2 is not None else None
+            teacher_out = None
+            if teacher is not None and any(r.method.uses_teacher for r in active):
+                teacher_out = teacher.features_and_logits(views if teacher_views == 2 and views is not None
+                                                          else view1, policy)
+            for run in active:
+                run.step(indices, view1, views, labels, teacher_out)
+        seconds = time.perf_counter() - started
+        group = (seconds, len(active)) if len(runs) > 1 else None
+        for run in list(active):
+            try:
+                entry = run.finish_epoch(dataset, seconds / len(active), group)
+            except NonFiniteLossError as exc:
+                stop(run, exc)
+                continue
+            if dist.is_main():
+                save_log(paths, run.name, run.log)
+                if epoch < epochs and (epoch % save_every == 0):
+                    atomic_torch_save(paths.partial_checkpoint(run.name), run.training_state(generator),
+                                      durable=False)
+                log.info(summary_line(run.name, entry, epochs))
+    return active, failures
+
+
+# ----------------------------------------------------------------------------------------------
+# Students: cache, published checkpoints, training
+# ----------------------------------------------------------------------------------------------
+
+def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teacher: Teacher | None,
+                   policy, force: bool = False, resume: bool = True) -> list[RunResult]:
+    """Train student configurations that share data order and teacher in lockstep.
+
+    Cached runs (same name, same identity) and published checkpoints of the same run are loaded,
+    not trained. Runs with an epoch checkpoint resume from it unless `resume` is False. Returns
+    results in the order given.
+    """
+    if not cfgs:
+        return []
+    policy = as_policy(policy)
+    keys = {lockstep_key(c) for c in cfgs}
+    if len(keys) != 1:
+        raise ValueError("lockstep training needs the same dataset, seed, batch size, epochs and "
+                         "teacher for every run; train such groups separately")
+    for cfg in cfgs:
+        validate_config(cfg, dataset)
+    paths = OutputPaths(cfgs[0].output_dir)
+    check_output_dirs(paths)
+    results: dict[str, RunResult] = {}
+    pending: list[RunConfig] = []
+    fp = getattr(teacher, "fingerprint", None)
+    for cfg in cfgs:
+        name = run_name(cfg)
+        found = None if force else find_cached_run(cfg, paths, fp, dataset, policy)
+        if found is not None:
+            path, ckpt = found
+            log.info(f"[{name}] loaded from {'a ' + PUBLISHED_SOURCE if _is_published(ckpt) else 'cache'}"
+                     f": test acc {ckpt['metrics']['test_acc']:.2f}%")
+            results[name] = _result_from_checkpoint(cfg, path, ckpt, cached=True)
+        elif name not in results and all(run_name(p) != name for p in pending):
+            pending.append(cfg)
+
+    runs = [make_student_run(cfg, dataset, teacher, policy) for cfg in pending]
+    finished, failures = ([], []) if not runs else train_group(
+        runs, dataset, teacher, paths, resume=resume and not force, save_every=cfgs[0].save_every)
+    for run in finished:
+        ckpt = run.final_checkpoint(final_metrics(run.log, run.epoch))
+        if dist.is_main():
+            atomic_torch_save(paths.checkpoint(run.name), ckpt)
+            remove_partial(paths, run.name)
+        dist.barrier()
+        results[run.name] = _result_from_checkpoint(run.cfg, paths.checkpoint(run.name), ckpt, False)
+    if failures:  # the other runs are finished and saved; report every run that went bad
+        if len(failures) == 1:
+            raise failures[0]
+        raise NonFiniteLossError("\n".join(str(f) for f in failures), failures[0].name,
+                                 failures[0].epoch, failures[0].step)
+    return [results[run_name(c)] for c in cfgs]
+
+
+def train_student(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Teacher | None,
+                  policy, force: bool = False, resume: bool = True) -> RunResult:
+    return train_students([cfg], dataset, teacher, policy, force, resume)[0]
 
 
 def _is_published(ckpt: dict) -> bool:
@@ -270,7 +490,7 @@ def _is_published(ckpt: dict) -> bool:
 
 
 def find_cached_run(cfg: RunConfig, paths: OutputPaths, teacher_fingerprint: str | None,
-                    dataset: data_mod.ImageDataset, device: torch.device) -> tuple[Path, dict] | None:
+                    dataset: data_mod.ImageDataset, policy) -> tuple[Path, dict] | None:
     """A finished run of exactly this configuration and teacher: our checkpoint, or a published
     checkpoint under one of the run's published names (imported on first use). None: train it.
 
@@ -282,7 +502,7 @@ def find_cached_run(cfg: RunConfig, paths: OutputPaths, teacher_fingerprint: str
     for published_name in published_names(cfg):
         original = paths.checkpoint(published_name)
         if original.is_file() and not _is_ours(original):
-            return import_published_student(original, cfg, identity, dataset, device, paths.models)
+            return import_published_student(original, cfg, identity, dataset, policy, paths.models)
     path = paths.checkpoint(name)
     if not path.is_file():
         return None
@@ -313,8 +533,7 @@ def _is_ours(path: Path) -> bool:
 
 
 def import_published_student(original: Path, cfg: RunConfig | None, identity: dict | None,
-                             dataset: data_mod.ImageDataset, device: torch.device,
-                             models_dir: Path) -> tuple[Path, dict]:
+                             dataset: data_mod.ImageDataset, policy, models_dir: Path) -> tuple[Path, dict]:
     """Import a published student file (SPEC 11) as a desupcon checkpoint beside it, once.
 
     `cfg` is the run its name describes (None: an unnamed student, analysable only). The import
@@ -340,9 +559,10 @@ def import_published_student(original: Path, cfg: RunConfig | None, identity: di
     arch = cfg.model.student_arch
     student = build_student(arch, classifier.shape[0])
     load_matching_state_dict(student, state, source=f"published student {original} (expected {arch})")
-    student = student.to(device).eval()
+    policy = as_policy(policy)
+    student = policy.prepare(student).eval()
     test_acc = evaluate_accuracy(lambda x: student(x)[2], dataset.test_images, dataset.test_labels,
-                                 dataset, device)
+                                 dataset, policy)
     metrics = {"test_acc": test_acc, "train_acc": None, "train_test_gap": None, "best_test_acc": None,
                "best_epoch": None, "seconds": None, "epochs": cfg.optim.epochs}
     ckpt = {"format": CHECKPOINT_FORMAT, "kind": "student", "name": name,
@@ -364,136 +584,12 @@ def _unnamed_student_config(dataset: data_mod.ImageDataset) -> RunConfig:
     return preset("paper").replace(data={"dataset": dataset.name}, method={"method": "unknown"})
 
 
-def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teacher: Teacher | None,
-                   device: torch.device, force: bool = False, resume: bool = True) -> list[RunResult]:
-    """Train student configurations that share data order and teacher in lockstep.
-
-    Cached runs (same name, same identity) are loaded, not retrained. Runs with an epoch
-    checkpoint resume from it unless `resume` is False. Returns results in the order given.
-    """
-    if not cfgs:
-        return []
-    keys = {lockstep_key(c) for c in cfgs}
-    if len(keys) != 1:
-        raise ValueError("lockstep training needs the same dataset, seed, batch size, epochs and "
-                         "teacher for every run; train such groups separately")
-    for cfg in cfgs:
-        validate_config(cfg, dataset)
-    paths = OutputPaths(cfgs[0].output_dir)
-    check_output_dirs(paths)
-    results: dict[str, RunResult] = {}
-    pending: list[RunConfig] = []
-    fp = getattr(teacher, "fingerprint", None)
-    for cfg in cfgs:
-        name = run_name(cfg)
-        found = None if force else find_cached_run(cfg, paths, fp, dataset, device)
-        if found is not None:
-            path, ckpt = found
-            log.info(f"[{name}] loaded from {'a ' + PUBLISHED_SOURCE if _is_published(ckpt) else 'cache'}"
-                     f": test acc {ckpt['metrics']['test_acc']:.2f}%")
-            results[name] = _result_from_checkpoint(cfg, path, ckpt, cached=True)
-        elif name not in results and all(run_name(p) != name for p in pending):
-            pending.append(cfg)
-
-    # Group pending runs by the epoch their epoch checkpoint reached: each group shares one data
-    # generator state and trains in lockstep from there.
-    groups: dict[int, list[tuple[StudentRun, dict | None]]] = {}
-    for cfg in pending:
-        run = make_student_run(cfg, dataset, teacher, device)
-        state = None
-        if resume and not force:
-            state = load_partial(paths.partial_checkpoint(run.name), run.identity(), run.name)
-        groups.setdefault(state["epoch"] if state else 0, []).append((run, state))
-    failures: list[NonFiniteLossError] = []
-    for start_epoch in sorted(groups):
-        members = groups[start_epoch]
-        generator = torch.Generator().manual_seed(cfgs[0].optim.seed)
-        for run, state in members:
-            if state is not None:
-                run.load_training_state(state, generator)
-                log.info(f"[{run.name}] resuming after epoch {run.epoch}")
-        finished, failed = _train_lockstep([r for r, _ in members], dataset, teacher, device,
-                                           generator, paths)
-        failures += failed
-        for run in finished:
-            ckpt = run.final_checkpoint(final_metrics(run.log, run.epoch))
-            atomic_torch_save(paths.checkpoint(run.name), ckpt)
-            remove_partial(paths, run.name)
-            results[run.name] = _result_from_checkpoint(run.cfg, paths.checkpoint(run.name), ckpt, False)
-    if failures:  # the other runs are finished and saved; report every run that went bad
-        if len(failures) == 1:
-            raise failures[0]
-        raise NonFiniteLossError("\n".join(str(f) for f in failures), failures[0].name,
-                                 failures[0].epoch, failures[0].step)
-    return [results[run_name(c)] for c in cfgs]
-
-
-def _train_lockstep(runs: list[StudentRun], dataset: data_mod.ImageDataset, teacher: Teacher | None,
-                    device: torch.device, generator: torch.Generator, paths: OutputPaths
-                    ) -> tuple[list[StudentRun], list[NonFiniteLossError]]:
-    """Train `runs` over the same batches to their last epoch, writing logs and epoch checkpoints.
-
-    A run whose loss, gradients or weights become non-finite stops there (its last good epoch
-    checkpoint stays on disk); the others go on. Returns (finished runs, errors of stopped runs).
-    """
-    cfg = runs[0].cfg
-    epochs, batch_size = cfg.optim.epochs, cfg.optim.batch_size
-    augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
-    drop_last = cfg.optim.drop_last
-    n_steps = data_mod.batches_per_epoch(len(dataset.train_labels), batch_size, drop_last)
-    label = runs[0].name if len(runs) == 1 else f"{len(runs)} students in lockstep"
-    fmt = memory_format(device)
-    active, failures = list(runs), []
-
-    def stop(run: StudentRun, exc: NonFiniteLossError) -> None:
-        active.remove(run)
-        failures.append(with_kept_state(exc, paths.partial_checkpoint(run.name), run.epoch))
-        if active:
-            log.warning(f"{failures[-1]} The other runs in lockstep go on.")
-
-    for epoch in range(runs[0].epoch + 1, epochs + 1):
-        if not active:
-            break
-        started = time.perf_counter()
-        for run in active:
-            run.start_epoch()
-        batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels, batch_size,
-                                         augment, generator, drop_last=drop_last)
-        for indices, view1, view2, labels in tqdm(batches, total=n_steps, leave=False,
-                                                  desc=f"{label} {epoch}/{epochs}"):
-            views = torch.cat([view1, view2]).contiguous(memory_format=fmt)
-            view1 = view1.contiguous(memory_format=fmt)
-            teacher_out = None
-            if any(r.method.uses_teacher for r in active):
-                with autocast_for(device):
-                    teacher_out = teacher(views)
-            for run in list(active):
-                try:
-                    run.step(indices, view1, views, labels, teacher_out)
-                except NonFiniteLossError as exc:
-                    stop(run, exc)
-        seconds = (time.perf_counter() - started) / max(len(active), 1)
-        for run in list(active):
-            try:
-                entry = run.finish_epoch(dataset, seconds)
-            except NonFiniteLossError as exc:
-                stop(run, exc)
-                continue
-            save_log(paths, run.name, run.log)
-            if epoch < epochs:
-                atomic_torch_save(paths.partial_checkpoint(run.name), run.training_state(generator))
-            log.info(summary_line(run.name, entry, epochs))
-    return active, failures
-
-
-def train_student(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Teacher | None,
-                  device: torch.device, force: bool = False, resume: bool = True) -> RunResult:
-    return train_students([cfg], dataset, teacher, device, force, resume)[0]
-
-
-def load_student(path: str | Path, device: torch.device | str = "cpu") -> tuple[Student, dict]:
-    """A trained (or imported) student and its checkpoint dict (configuration, metrics, log)."""
+def load_student(path: str | Path, device="cpu") -> tuple[Student, dict]:
+    """A trained (or imported) student and its checkpoint dict (configuration, metrics, log).
+    `device` is a device (name) or a `DevicePolicy` (whose memory format is then used)."""
     ckpt = load_checkpoint(path, expected_kind="student")
     student = build_student(ckpt["student_arch"], ckpt["num_classes"])
     load_matching_state_dict(student, ckpt["student"], source=str(path))
+    if isinstance(device, DevicePolicy):
+        return device.prepare(student).eval(), ckpt
     return student.to(device).eval(), ckpt

@@ -5,12 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .config import BANK_MODES, HYBRID_SCALINGS, INITS, METHODS, SCHEDULES, RunConfig
+import torch
+
+from .config import BANK_MODES, HYBRID_SCALINGS, INITS, METHODS, OPTIMIZERS, SCHEDULES, RunConfig
+from .devices import PRECISIONS
 from .data import DATASETS
+from .errors import DesupconError
 from .models import ARCHITECTURES
 
 
-class ConfigError(ValueError):
+class ConfigError(DesupconError, ValueError):
     """An invalid setting; the message names it, its value and the allowed range."""
 
 
@@ -19,9 +23,22 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_device(name: str) -> None:
+    """A device name torch knows, and CUDA only where there is CUDA (what select_device needs)."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    _require(device.type != "cuda" or torch.cuda.is_available(),
+             f"--device {name}: CUDA is not available on this machine; use --device cpu")
+
+
 def validate_config(cfg: RunConfig, dataset=None) -> None:
     """Raise ConfigError on the first invalid setting. With `dataset`, also check sizes against it."""
     m, o = cfg.method, cfg.optim
+    _check_device(cfg.device)
     _require(m.method in METHODS, f"--method {m.method!r} is unknown; known: {', '.join(METHODS)}")
     for flag, arch in (("--teacher-arch", cfg.model.teacher_arch), ("--student-arch", cfg.model.student_arch)):
         _require(arch in ARCHITECTURES,
@@ -47,6 +64,16 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
     _require(o.batch_size >= 2, f"--batch-size must be >= 2 (contrastive losses need pairs), got {o.batch_size}")
     _require(o.lr > 0, f"--lr must be > 0, got {o.lr}")
     _require(o.weight_decay >= 0, f"--weight-decay must be >= 0, got {o.weight_decay}")
+    _require(o.optimizer in OPTIMIZERS, f"--optimizer {o.optimizer!r} is unknown; known: {', '.join(OPTIMIZERS)}")
+    _require(0 <= o.momentum < 1, f"--momentum must be in [0, 1), got {o.momentum}")
+    _require(o.grad_clip is None or o.grad_clip > 0, f"--grad-clip must be > 0, got {o.grad_clip}")
+    _require(o.schedule != "step" or bool(o.milestones),
+             "--schedule step needs --milestones (epochs after which the lr is multiplied by --lr-decay)")
+    _require(all(isinstance(m, int) and 0 < m for m in o.milestones),
+             f"--milestones must be positive epoch numbers, got {o.milestones}")
+    _require(0 < o.lr_decay <= 1, f"--lr-decay must be in (0, 1], got {o.lr_decay}")
+    _require(cfg.precision in PRECISIONS, f"--precision {cfg.precision!r} is unknown; known: {', '.join(PRECISIONS)}")
+    _require(cfg.save_every >= 1, f"--save-every must be >= 1, got {cfg.save_every}")
     _require(o.classifier_lr > 0, f"--classifier-lr must be > 0, got {o.classifier_lr}")
     _require(o.head_lr > 0, f"--head-lr must be > 0, got {o.head_lr}")
     _require(o.schedule in SCHEDULES, f"--schedule {o.schedule!r} is unknown; known: {', '.join(SCHEDULES)}")
@@ -79,3 +106,57 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
         _require(cfg.teacher.batch_size <= n_train or cfg.model.teacher_weights is not None,
                  f"--teacher-batch-size {cfg.teacher.batch_size} is larger than the training set "
                  f"({n_train} images)")
+
+
+_PLAIN_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
+
+
+def _checked_value(annotation, value, where: str):
+    """`value` if it fits the field's annotation (`int | None`, `list[int]`, ...; an int where a
+    float is expected becomes a float), else ConfigError. An annotation not understood here
+    accepts anything (validate_config checks the ranges later)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    kinds = []
+    for part in text.replace(" ", "").split("|"):
+        if part.startswith("list["):
+            kinds.append(list)
+        elif part in _PLAIN_TYPES:
+            kinds.append(_PLAIN_TYPES[part])
+        else:
+            return value
+    if isinstance(value, bool):  # a bool is an int to Python, never to a setting
+        fits = bool in kinds
+    elif isinstance(value, int) and int not in kinds and float in kinds:
+        return float(value)
+    else:
+        fits = isinstance(value, tuple(kinds))
+    _require(fits, f"{where} must be {text}, got {value!r}")
+    return value
+
+
+def checked_config_dict(d, source: str) -> dict:
+    """`d` (a configuration read from a file) checked to have the shape of `RunConfig.to_dict()`:
+    known sections and settings, each of its type; a setting left out takes its default.
+    Returns a copy with ints in float settings made floats. `source` names the file."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected one configuration (a JSON object, as written by "
+                          f"`train --print-config`), got a JSON {type(d).__name__}")
+    default = RunConfig()
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(d) - set(fields))
+    _require(not unknown, f"{source}: unknown setting(s) {', '.join(unknown)}; a configuration has "
+                          f"{', '.join(fields)}")
+    out = {}
+    for name, value in d.items():
+        section = getattr(default, name)
+        if not dataclasses.is_dataclass(section):
+            out[name] = _checked_value(fields[name].type, value, f"{source}: {name}")
+            continue
+        _require(isinstance(value, dict), f"{source}: {name} must be an object of settings, got {value!r}")
+        known = {f.name: f for f in dataclasses.fields(section)}
+        unknown = sorted(set(value) - set(known))
+        _require(not unknown, f"{source}: unknown {name} setting(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(known)}")
+        out[name] = {key: _checked_value(known[key].type, item, f"{source}: {name}.{key}")
+                     for key, item in value.items()}
+    return out

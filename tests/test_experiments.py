@@ -78,25 +78,26 @@ def test_alpha_sweep_with_two_seeds_then_nothing_retrains(tmp_path, monkeypatch,
 def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch, tiny_config):
     base = tiny_config(tmp_path, train_images=128, test_images=48, epochs=1)
     finished = []
-    original = train.StudentRun.finish_epoch
+    original = train.Run.finish_epoch
 
     def stop_on_third_run(self, *args, **kwargs):
-        if len(finished) == 2:
+        if self.kind == "student" and len(finished) == 2:
             raise KeyboardInterrupt  # as if the process were stopped during the third run
         entry = original(self, *args, **kwargs)
-        finished.append(self.name)
+        if self.kind == "student":
+            finished.append(self.name)
         return entry
-    monkeypatch.setattr(train.StudentRun, "finish_epoch", stop_on_third_run)
+    monkeypatch.setattr(train.Run, "finish_epoch", stop_on_third_run)
     with pytest.raises(KeyboardInterrupt):
         experiments.sweep(base, "beta", pictures=False)
     assert len(list((tmp_path / "pth_models").glob("student_*.pth"))) == 2
 
-    monkeypatch.setattr(train.StudentRun, "finish_epoch", original)
+    monkeypatch.setattr(train.Run, "finish_epoch", original)
     trained = []
     original_lockstep = train._train_lockstep
 
     def counting(runs, *args, **kwargs):
-        trained.extend(r.name for r in runs)
+        trained.extend(r.name for r in runs if r.kind == "student")
         return original_lockstep(runs, *args, **kwargs)
     monkeypatch.setattr(train, "_train_lockstep", counting)
     results, _ = experiments.sweep(base, "beta", pictures=False)

@@ -208,7 +208,7 @@ def test_force_retrains_each_student_once_and_never_the_teacher(tmp_path, tiny_c
     real_lockstep, real_teacher = train._train_lockstep, train_teacher_fn()
 
     def counting_lockstep(runs, *args, **kwargs):
-        trained_students.extend(r.name for r in runs)
+        trained_students.extend(r.name for r in runs if r.kind == "student")
         return real_lockstep(runs, *args, **kwargs)
 
     def counting_teacher(*args, **kwargs):
@@ -285,15 +285,17 @@ def test_hybrid_resume_is_bit_identical(tmp_path, tiny_config, monkeypatch):
     whole = Session(cfg, analyze=False).run(cfg)
     resumed_cfg = cfg.replace(output_dir=str(tmp_path / "b"))
     calls = {"epochs": 0}
-    real = train.StudentRun.finish_epoch
+    real = train.Run.finish_epoch
 
     def stop_after_two(self, *args, **kwargs):
+        if self.kind != "student":
+            return real(self, *args, **kwargs)
         if calls["epochs"] == 2:
             raise KeyboardInterrupt
         calls["epochs"] += 1
         return real(self, *args, **kwargs)
     with monkeypatch.context() as m:
-        m.setattr(train.StudentRun, "finish_epoch", stop_after_two)
+        m.setattr(train.Run, "finish_epoch", stop_after_two)
         with pytest.raises(KeyboardInterrupt):
             Session(resumed_cfg, analyze=False).run(resumed_cfg)
     partial = load_checkpoint(tmp_path / "b" / "pth_models" / "in_progress" / f"{whole.name}.pth")
@@ -395,7 +397,7 @@ def test_published_student_and_teacher_are_loaded_not_trained(tmp_path, monkeypa
 
     def no_training(*args, **kwargs):
         raise AssertionError("something was trained")
-    monkeypatch.setattr(train, "_train_lockstep", no_training)
+    monkeypatch.setattr(train, "train_group", no_training)
     import desupcon.teacher as teacher_mod
     monkeypatch.setattr(teacher_mod, "train_teacher_encoder", no_training)
     monkeypatch.setattr(teacher_mod, "train_projection_probe", no_training)

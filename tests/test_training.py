@@ -1,6 +1,8 @@
 """Training pipeline: every method trains, checkpoints reload, the cache hits, lockstep = solo."""
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +19,21 @@ METHOD_VARIANTS = [("ce", 0), ("supcon", 0), ("crd", 0), ("crd", 64), ("lw-supcr
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory, tiny_config):
-    return Session(tiny_config(tmp_path_factory.mktemp("runs")))
+def teacher_root(tmp_path_factory, tiny_config) -> Path:
+    """A teacher trained once for this module; tests copy it and never write here."""
+    root = tmp_path_factory.mktemp("teacher")
+    Session(tiny_config(root)).teacher()
+    return root
+
+
+@pytest.fixture
+def session(tmp_path, teacher_root, tiny_config) -> Session:
+    """Every test its own output folder, holding a copy of the module's teacher, so that no test
+    sees another's runs (each runs the same in any order, alone or with the others)."""
+    (tmp_path / "pth_models").mkdir()
+    for teacher_file in (teacher_root / "pth_models").glob("teacher_*.pth"):
+        shutil.copy2(teacher_file, tmp_path / "pth_models" / teacher_file.name)
+    return Session(tiny_config(tmp_path))
 
 
 def _fixed_batch(session, cfg):
@@ -82,11 +97,10 @@ def test_every_method_trains_reloads_and_caches(session, method, bank):
     assert not session.paths.partial_checkpoint(result.name).exists()
 
 
-def test_teacher_outputs_are_where_spec_says(session):
-    session.teacher()
-    cfg = session.cfg
-    assert session.paths.checkpoint(teacher_run_name(cfg)).is_file()
-    proj = session.paths.checkpoint(teacher_run_name(cfg, with_projection=True))
+def test_teacher_outputs_are_where_spec_says(teacher_root, tiny_config):
+    cfg, paths = tiny_config(teacher_root), runs.OutputPaths(teacher_root)  # where it was trained
+    assert paths.checkpoint(teacher_run_name(cfg)).is_file()
+    proj = paths.checkpoint(teacher_run_name(cfg, with_projection=True))
     assert proj.name.endswith("_with_projection.pth") and proj.is_file()
     assert load_checkpoint(proj, "teacher_projection")["head"]
 
@@ -98,8 +112,7 @@ def test_teacher_head_trains_and_backbone_does_not(session):
     run = train.make_student_run(cfg, session.dataset, teacher, session.device)
     head_before = {k: v.clone() for k, v in run.teacher_head.state_dict().items()}
     gen = torch.Generator().manual_seed(0)
-    train._train_lockstep([run], session.dataset, teacher, session.device, gen,
-                          runs.OutputPaths(cfg.output_dir + "/scratch"))
+    train._train_lockstep([run], session.dataset, teacher, gen, runs.OutputPaths(cfg.output_dir + "/scratch"))
     for k, v in teacher.encoder.state_dict().items():  # BN running stats included
         assert torch.equal(v, encoder_before[k]), f"teacher {k} changed"
     changed = [k for k, v in run.teacher_head.state_dict().items() if not torch.equal(v, head_before[k])]
