@@ -17,7 +17,10 @@ test: $(PY)
 	$(PY) -m pytest -q
 
 bench: $(PY)
-	$(PY) benchmarks/bench_training.py --preset paper --method lw-supcrd --device cpu --batch-size 32
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_step.py --preset paper --method lw-supcrd --batch-size 32
+	$(PY) benchmarks/bench_flops.py --preset paper --method lw-supcrd --batch-size 32
+	$(PY) benchmarks/bench_lockstep.py
 	$(PY) benchmarks/bench_analysis.py
 
 clean-outputs:

@@ -1,4 +1,5 @@
-"""The straightforward pipeline that `bench_training.py` measures desupcon's training step against.
+"""The straightforward pipeline that bench_data.py, bench_step.py and bench_flops.py measure
+desupcon against.
 
 This is how the published code trained a student, made explicit and kept honest (same models,
 same losses from `desupcon.losses`, same optimiser groups, same batch size):

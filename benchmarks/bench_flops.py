@@ -129,7 +129,8 @@ def main() -> None:
     t_arch, s_arch = args.teacher_arch or cfg.model.teacher_arch, args.student_arch or cfg.model.student_arch
     method = MethodConfig(method=args.method, bank_size=args.bank_size)
     print(f"desupcon FLOP count: preset {args.preset}, method {args.method}, {t_arch} -> {s_arch}, "
-          f"batch {args.batch_size} ({2 * args.batch_size} views), {args.image_size}x{args.image_size}, {args.classes} classes")
+          f"batch {args.batch_size} ({2 * args.batch_size} views), {args.image_size}x{args.image_size}, "
+          f"{args.classes} classes")
 
     header("FLOPs per training step (torch.utils.flop_counter.FlopCounterMode on meta tensors)")
     rows, per_step = [], {}

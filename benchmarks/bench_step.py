@@ -10,8 +10,8 @@ interleaved so that a change in machine load hits both alike) of:
 and the peak extra memory of two steps of each pipeline, each measured in a fresh process.
 The teacher is randomly initialised: timing does not depend on its weights.
 
-    python benchmarks/bench_step.py --preset paper --method lw-supcrd --batch-size 32   # ResNet-50 -> ResNet-18
-    python benchmarks/bench_step.py --preset quick                                        # small CIFAR ResNets
+    python benchmarks/bench_step.py --preset paper --method lw-supcrd --batch-size 32  # ResNet-50 -> 18
+    python benchmarks/bench_step.py --preset quick                                       # small ResNets
 """
 
 from __future__ import annotations
@@ -179,11 +179,13 @@ def main() -> None:
         ["ours: Run.step + 1 shared teacher fwd, batch ready", f"{ours['step']:.3f}",
          f"{bs / ours['step']:.1f}", f"{baseline['step'] / ours['step']:.2f}x", "-"],
         ["ours: end to end (epoch_batches + TwoViewAugment + step)", f"{ours['total']:.3f}",
-         f"{bs / ours['total']:.1f}", f"{baseline['total'] / ours['total']:.2f}x", f"{mem['ours']['extra_mb']:.0f}"],
+         f"{bs / ours['total']:.1f}", f"{baseline['total'] / ours['total']:.2f}x",
+         f"{mem['ours']['extra_mb']:.0f}"],
         ["baseline: step only (2 teacher fwd, 2 student fwd), batch ready", f"{baseline['step']:.3f}",
          f"{bs / baseline['step']:.1f}", "1.00x", "-"],
-        [f"baseline: end to end (PIL DataLoader, {args.num_workers} workers + step)", f"{baseline['total']:.3f}",
-         f"{bs / baseline['total']:.1f}", "1.00x", f"{mem['baseline']['extra_mb']:.0f}"]]))
+        [f"baseline: end to end (PIL DataLoader, {args.num_workers} workers + step)",
+         f"{baseline['total']:.3f}", f"{bs / baseline['total']:.1f}", "1.00x",
+         f"{mem['baseline']['extra_mb']:.0f}"]]))
     print(f"data wait per step: ours {ours['data'] * 1e3:.1f} ms, baseline {baseline['data'] * 1e3:.1f} ms. "
           f"Peak memory: {mem['ours'].get('how', '?')}; process peak ours {mem['ours']['peak_mb']:.0f} MB, "
           f"baseline {mem['baseline']['peak_mb']:.0f} MB.")

@@ -22,14 +22,43 @@ HUB_TEACHER = "hf-hub:edadaltocg/resnet50_cifar100"
 # Method settings each method actually reads; the others do not enter its identity.
 _BANK = ("bank_size", "bank_momentum", "bank_mode")
 _LW = ("alpha", "beta", "temperature", "adaptive_beta", "kd_temperature")
+# Any representation method may add a logit term (RepDistiller's gamma CE + alpha KD + beta rep).
+_COMBO = ("logit_term", "logit_weight", "ce_weight", "logit_temperature", "dkd_alpha", "dkd_beta", "warmup")
+_KD = ("ce_weight", "kd_weight", "logit_temperature", "warmup")
+_DKD = ("ce_weight", "dkd_alpha", "dkd_beta", "logit_temperature", "warmup")
+_SDD = ("sdd_scales", "complementary_weight")
 METHOD_FIELDS = {
     "ce": (),
-    "supcon": ("temperature",),
-    "crd": ("temperature", *_BANK),
-    "lw-supcrd": (*_LW, *_BANK),
-    "hybrid": ("lam", "hybrid_scaling", "hybrid_scale_steps", *_LW, *_BANK),
+    "supcon": ("temperature", *_COMBO),
+    "crd": ("temperature", *_BANK, *_COMBO),
+    "lw-supcrd": (*_LW, *_BANK, *_COMBO),
+    "hybrid": ("lam", "hybrid_scaling", "hybrid_scale_steps", *_LW, *_BANK, *_COMBO),
+    # logit distillers (SPEC 13): one view, cross-entropy on the student's own classifier
+    "kd": _KD, "kd-ls": _KD, "dkd": _DKD, "dkd-ls": _DKD,
+    "sd-kd": (*_KD, *_SDD), "sd-dkd": (*_DKD, *_SDD), "sdd-lskd": (*_DKD, *_SDD),
+    "sdd-lskd-calibrated": (*_DKD, *_SDD),
+    # the literature's CRD (SPEC 14)
+    "crd-nce": ("ce_weight", "nce_weight", "nce_dim", "nce_negatives", "nce_momentum", "nce_temperature"),
 }
 METHODS = tuple(METHOD_FIELDS)
+LOGIT_METHODS = ("kd", "kd-ls", "dkd", "dkd-ls", "sd-kd", "sd-dkd", "sdd-lskd", "sdd-lskd-calibrated")
+# Each method's own defaults where they differ from MethodConfig's (SPEC 13 and 14); applied when
+# a method is chosen (`with_method`), under any flag given explicitly.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "kd": {"ce_weight": 0.1, "kd_weight": 0.9, "logit_temperature": 4.0, "warmup": 0},
+    "kd-ls": {"ce_weight": 0.1, "kd_weight": 9.0, "logit_temperature": 2.0, "warmup": 0},
+    "dkd": {"ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "logit_temperature": 4.0, "warmup": 20},
+    "dkd-ls": {"ce_weight": 1.0, "dkd_alpha": 9.0, "dkd_beta": 72.0, "logit_temperature": 2.0, "warmup": 20},
+    "sd-kd": {"ce_weight": 0.1, "kd_weight": 0.9, "logit_temperature": 4.0, "warmup": 0,
+              "sdd_scales": [1, 2]},
+    "sd-dkd": {"ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "logit_temperature": 4.0, "warmup": 20},
+    "sdd-lskd": {"ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "logit_temperature": 4.0, "warmup": 20},
+    "sdd-lskd-calibrated": {"ce_weight": 1.0, "dkd_alpha": 9.0, "dkd_beta": 72.0, "logit_temperature": 2.0,
+                            "warmup": 20},
+    "crd-nce": {"ce_weight": 1.0},
+}
+# DKD's beta of the literature's pairs with a smaller gap (SPEC 13).
+DKD_BETA_BY_PAIR = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0}
 # Methods whose result does not depend on the teacher (their identity and name leave it out).
 TEACHERLESS_METHODS = {"ce", "supcon"}
 
@@ -47,6 +76,7 @@ class DataConfig:
     dataset: str = "cifar100"
     data_root: str = "data"
     download: bool = True
+    color_jitter: float = 0.2  # brightness/contrast/saturation factors in [1 - j, 1 + j]; 0: none
     train_subset: int | None = None  # seeded random subset of the training split (CPU-sized runs)
     test_subset: int | None = None
     image_size: int | None = None  # resize every image (None: the dataset's own size)
@@ -81,6 +111,24 @@ class MethodConfig:
     # "class-aware": slots written at least once, the anchor's class positive (SPEC 5);
     # "negatives-only": every bank entry a negative, drawn from all slots (the published README).
     bank_mode: str = "class-aware"
+    # Logit distillation (SPEC 13). A representation method adds `logit_weight * <logit_term>`
+    # and then trains its classifier end to end with `ce_weight * CE` (RepDistiller's form).
+    logit_term: str = "none"  # none | kd | dkd
+    logit_weight: float = 1.0
+    ce_weight: float = 1.0
+    kd_weight: float = 0.9
+    logit_temperature: float = 4.0
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    warmup: int = 0  # epochs over which the distillation term ramps up linearly (DKD: 20)
+    sdd_scales: list[int] = field(default_factory=lambda: [1, 2, 4])
+    complementary_weight: float = 2.0
+    # The literature's CRD (SPEC 14).
+    nce_weight: float = 0.8
+    nce_dim: int = 128
+    nce_negatives: int = 16384
+    nce_momentum: float = 0.5
+    nce_temperature: float = 0.07
 
     def relevant(self) -> dict:
         return {"method": self.method, **{k: getattr(self, k) for k in METHOD_FIELDS.get(self.method, ())}}
@@ -169,13 +217,22 @@ class RunConfig:
                 setattr(out, section, changes)
         return out
 
+    def with_method(self, method: str, **settings) -> "RunConfig":
+        """This configuration with another method: its own defaults (METHOD_DEFAULTS, DKD's beta
+        for the pair), then `settings`."""
+        defaults = dict(METHOD_DEFAULTS.get(method, {}))
+        pair = (self.model.teacher_arch, self.model.student_arch)
+        if "dkd_beta" in defaults and defaults["dkd_beta"] == 8.0 and pair in DKD_BETA_BY_PAIR:
+            defaults["dkd_beta"] = DKD_BETA_BY_PAIR[pair]
+        return self.replace(method={"method": method, **defaults, **settings})
+
     @property
     def trains_teacher(self) -> bool:
         return self.model.teacher_weights is None
 
     @property
     def uses_teacher(self) -> bool:
-        return self.method.method not in TEACHERLESS_METHODS
+        return self.method.method not in TEACHERLESS_METHODS or self.method.logit_term != "none"
 
     # -- identities -------------------------------------------------------------------------
     def data_identity(self) -> dict:
@@ -233,12 +290,26 @@ PRESETS = {
                               probe_epochs=3),
     ),
 }
+PRESETS["mdistiller"] = RunConfig(
+    # The logit-distillation literature's CIFAR-100 protocol (SPEC 13): one augmented view (crop and
+    # flip, no colour jitter), SGD, step decay; resnet32x4 -> resnet8x4 by default.
+    preset="mdistiller",
+    data=DataConfig(color_jitter=0.0),
+    model=ModelConfig(teacher_arch="resnet32x4", student_arch="resnet8x4", teacher_weights=None),
+    method=MethodConfig(method="kd", **METHOD_DEFAULTS["kd"]),
+    optim=OptimConfig(epochs=240, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9,
+                      weight_decay=5e-4, schedule="step", milestones=[150, 180, 210], lr_decay=0.1,
+                      drop_last=False, seed=0),
+    teacher=TeacherConfig(epochs=240, lr=0.05, batch_size=64, weight_decay=5e-4, schedule="cosine", seed=0),
+)
 PRESET_HELP = {
     "paper": "the published main table and sweeps: CIFAR-100, ResNet-50 -> ResNet-18, Adam 1e-3, "
              "no weight decay, constant lr, last batch kept, the published teacher",
     "paper-bank": "the published memory-bank ablation: as paper, with weight decay 1e-4, cosine lr, "
                   "last batch dropped",
     "quick": "CPU-sized: the embedded digits at 16 px, resnet14 -> resnet8, a few epochs",
+    "mdistiller": "the logit-distillation literature's CIFAR-100 protocol: resnet32x4 -> resnet8x4, "
+                  "one view, SGD 0.05, weight decay 5e-4, batch 64, 240 epochs, lr x0.1 at 150/180/210",
 }
 PAPER_BANK_SIZE = 4096
 QUICK_BANK_SIZE = 512
@@ -306,6 +377,12 @@ _TAGS = {
     ("method", "adaptive_beta"): "adaptive", ("method", "kd_temperature"): "kdT",
     ("method", "lam"): "lam", ("method", "bank_momentum"): "bankmom", ("method", "bank_mode"): "bank",
     ("method", "hybrid_scaling"): "scaling", ("method", "hybrid_scale_steps"): "scalesteps",
+    ("method", "logit_term"): "plus", ("method", "logit_weight"): "lw", ("method", "ce_weight"): "ce",
+    ("method", "kd_weight"): "kdw", ("method", "logit_temperature"): "T", ("method", "dkd_alpha"): "a",
+    ("method", "dkd_beta"): "b", ("method", "warmup"): "warm", ("method", "sdd_scales"): "M",
+    ("method", "complementary_weight"): "cw", ("method", "nce_weight"): "ncew", ("method", "nce_dim"): "nced",
+    ("method", "nce_negatives"): "ncek", ("method", "nce_momentum"): "ncem",
+    ("method", "nce_temperature"): "ncet", ("data", "color_jitter"): "jitter",
     ("optim", "epochs"): "ep", ("optim", "batch_size"): "bs", ("optim", "lr"): "lr",
     ("optim", "weight_decay"): "wd", ("optim", "schedule"): "sched", ("optim", "drop_last"): "droplast",
     ("optim", "classifier_lr"): "clslr", ("optim", "head_lr"): "headlr", ("optim", "seed"): "seed",
@@ -353,7 +430,7 @@ def _teacher_tags(cfg: RunConfig, ref: RunConfig) -> list[str]:
 def teacher_run_name(cfg: RunConfig, with_projection: bool = False) -> str:
     """`teacher_resnet50_cifar100[.._with_projection]` for the published teacher, tagged otherwise."""
     paper = PRESETS["paper"]
-    tags = _differing(cfg, paper, "data", ("train_subset", "test_subset", "image_size"))
+    tags = _differing(cfg, paper, "data", ("train_subset", "test_subset", "image_size", "color_jitter"))
     if cfg.trains_teacher:
         tags = ["trained", *_differing(cfg, paper, "teacher", _TEACHER_TRAINING),
                 *_differing(cfg, paper, "model", ("init",)), *tags]
@@ -406,9 +483,11 @@ def run_name(cfg: RunConfig) -> str:
     m = cfg.method
     tags = []
     method_keys = [k for k in METHOD_FIELDS.get(m.method, ()) if k not in named and k != "bank_size"]
-    tags += _differing(cfg, ref, "method", method_keys)
+    method_ref = ref.replace(model={"teacher_arch": cfg.model.teacher_arch,
+                                    "student_arch": cfg.model.student_arch}).with_method(m.method)
+    tags += _differing(cfg, method_ref, "method", method_keys)
     tags += _differing(cfg, ref, "optim", [f.name for f in dataclasses.fields(OptimConfig)])
-    tags += _differing(cfg, ref, "data", ("train_subset", "test_subset", "image_size"))
+    tags += _differing(cfg, ref, "data", ("train_subset", "test_subset", "image_size", "color_jitter"))
     tags += _differing(cfg, ref, "model", ("init",))
     if cfg.uses_teacher:
         tags += _differing(cfg, ref, "model", ("teacher_arch",))

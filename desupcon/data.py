@@ -298,8 +298,9 @@ class TwoViewAugment:
     """
 
     @classmethod
-    def for_size(cls, mean: torch.Tensor, std: torch.Tensor, image_size: int) -> "TwoViewAugment":
-        return cls(mean, std, padding=max(1, image_size // 8))
+    def for_size(cls, mean: torch.Tensor, std: torch.Tensor, image_size: int,
+                 jitter: float = 0.2) -> "TwoViewAugment":
+        return cls(mean, std, padding=max(1, image_size // 8), jitter=jitter)
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, padding: int = 4,
                  flip_prob: float = 0.5, jitter: float = 0.2):

@@ -30,6 +30,11 @@ class StepOutputs:
     epoch: int = 1  # the epoch this step belongs to (1-based), for warm-ups
     indices: torch.Tensor | None = None  # (B,) training-set indices of the batch's images (CPU)
     classifier_labels: torch.Tensor | None = None  # (B,) labels of view 1 on this process
+    view1_teacher_logits: torch.Tensor | None = None  # (B,) rows of view 1 on this process
+    student_features: torch.Tensor | None = None  # (M, C) pooled backbone features
+    teacher_features: torch.Tensor | None = None  # (M, C_t), detached
+    student_feature_map: torch.Tensor | None = None  # (M, C, H, W), for methods that need it
+    teacher_feature_map: torch.Tensor | None = None
 
 
 class Method(abc.ABC):
@@ -48,9 +53,14 @@ class Method(abc.ABC):
     online_classifier = True  # classifier sees detached features and trains beside the encoder
     gathers_batch = True
     uses_every_parameter = True
+    needs_feature_maps = False
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
+        if getattr(cfg, "logit_term", "none") != "none":
+            # RepDistiller's form: the classifier trains end to end with CE and the logit term.
+            self.online_classifier = False
+            self.uses_teacher = True
 
     @property
     def uses_bank(self) -> bool:
@@ -75,6 +85,15 @@ class Method(abc.ABC):
 
     def losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         result = self.representation_losses(out)
+        c = self.cfg
+        if getattr(c, "logit_term", "none") != "none":
+            batch = out.student_logits.shape[0] // self.views
+            labels = out.classifier_labels if out.classifier_labels is not None else out.labels[:batch]
+            z_s = out.student_logits[:batch]
+            z_t = out.view1_teacher_logits if out.view1_teacher_logits is not None else out.teacher_logits[:batch]
+            result["ce"] = c.ce_weight * F.cross_entropy(z_s, labels)
+            result[c.logit_term] = c.logit_weight * warmup_factor(c.warmup, out.epoch) * logit_term(
+                c, c.logit_term, z_s, z_t, labels)
         if self.online_classifier:
             # the classifier's logits are this process's view 1 (never gathered across GPUs)
             batch = out.student_logits.shape[0] // self.views
@@ -177,12 +196,166 @@ class HybridMethod(LWSupCRDMethod):
         return {"hybrid": c.lam * supcon / scales[0] + (1 - c.lam) * lw / scales[1]}
 
 
+def warmup_factor(warmup: int, epoch: int) -> float:
+    """min(epoch / W, 1): the distillation term's linear warm-up (epochs are 1-based)."""
+    return min(epoch / warmup, 1.0) if warmup > 0 else 1.0
+
+
+def logit_term(c: MethodConfig, base: str, z_s: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor,
+               standardize: bool = False) -> torch.Tensor:
+    """kd: kd_weight * KD; dkd: alpha TCKD + beta NCKD (both with T^2), optionally on z-scored logits."""
+    if standardize:
+        z_s, z_t = losses.standardize_logits(z_s), losses.standardize_logits(z_t)
+    if base == "kd":
+        return c.kd_weight * losses.kd_loss(z_s, z_t, c.logit_temperature)
+    return losses.dkd_loss(z_s, z_t, labels, c.dkd_alpha, c.dkd_beta, c.logit_temperature)
+
+
+class LogitDistillationMethod(Method):
+    """Logit distillers (SPEC 13): one view, CE on the student's own classifier (weight
+    `ce_weight`) plus the warmed-up distillation term on the teacher's float32 logits."""
+
+    uses_teacher_head = False
+    views = 1
+    online_classifier = False
+    gathers_batch = False
+    uses_every_parameter = False  # the projector gets no gradient
+    base = "kd"
+    standardize = False
+
+    def distillation(self, out: StepOutputs) -> torch.Tensor:
+        return logit_term(self.cfg, self.base, out.student_logits, out.teacher_logits, out.labels,
+                          self.standardize)
+
+    def representation_losses(self, out):
+        c = self.cfg
+        return {"ce": c.ce_weight * F.cross_entropy(out.student_logits, out.labels),
+                self.cfg.method.replace("-", "_"): warmup_factor(c.warmup, out.epoch) * self.distillation(out)}
+
+
+class KDMethod(LogitDistillationMethod):
+    base = "kd"
+
+
+class DKDMethod(LogitDistillationMethod):
+    base = "dkd"
+
+
+class KDStandardizedMethod(KDMethod):
+    standardize = True
+
+
+class DKDStandardizedMethod(DKDMethod):
+    standardize = True
+
+
+class ScaleDecoupledMethod(LogitDistillationMethod):
+    """SDD: the base loss on every region of the final feature maps (levels `sdd_scales`), each
+    model's own classifier applied per region, complementary regions weighted up."""
+
+    needs_feature_maps = True
+    base = "dkd"
+
+    def setup(self, dataset, student, teacher, policy) -> None:
+        self.student_classifier = student.classifier
+        self.teacher_classifier = teacher.encoder.fc
+
+    def distillation(self, out: StepOutputs) -> torch.Tensor:
+        c = self.cfg
+        scales = tuple(c.sdd_scales)
+        student = losses.region_logits(out.student_feature_map, self.student_classifier, scales)
+        teacher = losses.region_logits(out.teacher_feature_map, self.teacher_classifier, scales)
+        weight = c.kd_weight if self.base == "kd" else 1.0
+        return weight * losses.sdd_loss(student, teacher, out.labels, base=self.base, alpha=c.dkd_alpha,
+                                         beta=c.dkd_beta, temperature=c.logit_temperature,
+                                         complementary_weight=c.complementary_weight,
+                                         standardize=self.standardize)
+
+
+class SDKDMethod(ScaleDecoupledMethod):
+    base = "kd"
+
+
+class SDDKDMethod(ScaleDecoupledMethod):
+    base = "dkd"
+
+
+class SDDLSKDMethod(ScaleDecoupledMethod):
+    """The fusion (seed 003): SDD with DKD as base on z-score standardised region logits."""
+
+    base = "dkd"
+    standardize = True
+
+
+class CRDNCEMethod(Method):
+    """The literature's CRD (SPEC 14): Linear(d, nce_dim) + L2 embedding heads on the student's
+    and teacher's pooled features, two momentum banks, class-aware negatives, the NCE loss with
+    its fixed normalising constants; CE + nce_weight * CRD. One view."""
+
+    uses_teacher_head = False
+    views = 1
+    online_classifier = False
+    gathers_batch = False
+    uses_every_parameter = False
+
+    def setup(self, dataset, student, teacher, policy) -> None:
+        from .crd_memory import CRDMemory
+        c = self.cfg
+        self.embed_student = torch.nn.Linear(student.encoder.feature_dim, c.nce_dim).to(policy.device)
+        self.embed_teacher = torch.nn.Linear(teacher.encoder.feature_dim, c.nce_dim).to(policy.device)
+        self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        self.memory = CRDMemory(dataset.train_labels.cpu(), dim=c.nce_dim, momentum=c.nce_momentum,
+                                device=policy.device, generator=self.generator)
+        # negatives are drawn with replacement: more than the training set brings nothing new
+        self.negatives = min(c.nce_negatives, len(dataset.train_labels))
+        self._pending = None
+
+    def trainable_modules(self) -> list:
+        return [self.embed_student, self.embed_teacher]
+
+    def representation_losses(self, out):
+        c = self.cfg
+        v_s = F.normalize(self.embed_student(out.student_features), dim=1)
+        v_t = F.normalize(self.embed_teacher(out.teacher_features), dim=1)
+        crd = self.memory.loss(v_s, v_t, out.indices, None, self.negatives, self.generator,
+                               c.nce_temperature)
+        self._pending = (out.indices, v_s.detach(), v_t.detach())
+        return {"ce": c.ce_weight * F.cross_entropy(out.student_logits, out.labels),
+                "crd_nce": c.nce_weight * crd}
+
+    def after_step(self, out: StepOutputs) -> None:
+        if self._pending is not None:
+            self.memory.update(*self._pending)
+            self._pending = None
+
+    def state_dict(self) -> dict:
+        return {"memory": self.memory.state_dict(), "embed_student": self.embed_student.state_dict(),
+                "embed_teacher": self.embed_teacher.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.memory.load_state_dict(state["memory"])
+        self.embed_student.load_state_dict(state["embed_student"])
+        self.embed_teacher.load_state_dict(state["embed_teacher"])
+        self.generator.set_state(state["generator"])
+
+
 METHODS: dict[str, type[Method]] = {
     "ce": CrossEntropyMethod,
     "supcon": SupConMethod,
     "crd": CRDMethod,
     "lw-supcrd": LWSupCRDMethod,
     "hybrid": HybridMethod,
+    "kd": KDMethod,
+    "dkd": DKDMethod,
+    "kd-ls": KDStandardizedMethod,
+    "dkd-ls": DKDStandardizedMethod,
+    "sd-kd": SDKDMethod,
+    "sd-dkd": SDDKDMethod,
+    "sdd-lskd": SDDLSKDMethod,
+    "sdd-lskd-calibrated": SDDLSKDMethod,
+    "crd-nce": CRDNCEMethod,
 }
 
 

@@ -36,8 +36,11 @@ class CifarTorchvisionResNet(torchvision.models.ResNet):
         x = self.relu(self.bn1(self.conv1(x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def pool_features(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(feature_map), 1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.avgpool(self.forward_feature_map(x)), 1)
+        return self.pool_features(self.forward_feature_map(x))
 
 
 class BasicBlock(nn.Module):
@@ -90,8 +93,11 @@ class SmallCifarResNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
 
+    def pool_features(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(feature_map, 1).flatten(1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.forward_feature_map(x), 1).flatten(1)
+        return self.pool_features(self.forward_feature_map(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
@@ -162,11 +168,13 @@ class Student(nn.Module):
     def classifier(self) -> nn.Linear:
         return self.encoder.fc
 
-    def forward(self, x: torch.Tensor, detach_classifier: bool = False):
-        features = self.encoder.forward_features(x)
+    def forward(self, x: torch.Tensor, detach_classifier: bool = False, feature_map: bool = False):
+        """(features, projection, logits), plus the final feature map with `feature_map`."""
+        fmap = self.encoder.forward_feature_map(x)
+        features = self.encoder.pool_features(fmap)
         projection = F.normalize(self.projector(features), dim=1)
         logits = self.classifier(features.detach() if detach_classifier else features)
-        return features, projection, logits
+        return (features, projection, logits, fmap) if feature_map else (features, projection, logits)
 
 
 class Teacher(nn.Module):
@@ -189,17 +197,20 @@ class Teacher(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One backbone pass giving (features, logits), both detached; the classifier runs in
-        float32 even inside an autocast region (its logits set LW-SupCRD's weights)."""
-        features = self.encoder.forward_features(x)
+    def forward(self, x: torch.Tensor, feature_map: bool = False):
+        """One backbone pass giving (features, logits), plus the final feature map with
+        `feature_map`, all detached; the classifier runs in float32 even inside an autocast region
+        (its logits set LW-SupCRD's weights and every logit distiller's targets)."""
+        fmap = self.encoder.forward_feature_map(x)
+        features = self.encoder.pool_features(fmap)
         with torch.autocast(features.device.type, enabled=False):
-            return features, self.encoder.fc(features.float())
+            logits = self.encoder.fc(features.float())
+        return (features, logits, fmap) if feature_map else (features, logits)
 
-    def features_and_logits(self, x: torch.Tensor, policy) -> tuple[torch.Tensor, torch.Tensor]:
+    def features_and_logits(self, x: torch.Tensor, policy, feature_map: bool = False):
         """`forward` under the device policy's autocast (the logits stay float32)."""
         with policy.autocast():
-            return self(x)
+            return self(x, feature_map=feature_map)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Normalised head output; gradients reach the head only."""

@@ -105,21 +105,27 @@ class Run:
         policy, method = self.policy, self.method
         batch = labels.shape[0]
         two_views = method.views == 2
+        maps = {"feature_map": True} if method.needs_feature_maps else {}
         with policy.autocast():
-            _, s_proj, s_logits = self.forward_model(views if two_views else view1,
-                                                     detach_classifier=method.online_classifier)
+            s_features, s_proj, s_logits, *s_map = self.forward_model(
+                views if two_views else view1, detach_classifier=method.online_classifier, **maps)
         step_labels = torch.cat([labels, labels]) if two_views else labels
         outputs = StepOutputs(step_labels, s_proj.float(), s_logits.float(), epoch=self.epoch + 1,
-                              indices=indices, classifier_labels=labels)
+                              indices=indices, classifier_labels=labels, student_features=s_features.float(),
+                              student_feature_map=s_map[0].float() if s_map else None)
         if method.uses_teacher:
-            t_features, t_logits = teacher_out
-            if not two_views:
-                t_features, t_logits = t_features[:batch], t_logits[:batch]
+            t_features, t_logits, *t_map = teacher_out
+            rows = slice(None) if two_views else slice(0, batch)  # the teacher saw both views
+            t_features, t_logits = t_features[rows], t_logits[rows]
             if self.teacher_head is not None:
                 with policy.autocast():
                     t_proj = F.normalize(self.teacher_head(t_features), dim=1)
                 outputs.teacher_projection = t_proj.float()
             outputs.teacher_logits = t_logits.float()
+            outputs.view1_teacher_logits = outputs.teacher_logits[:batch]
+            outputs.teacher_features = t_features.float()
+            if t_map:
+                outputs.teacher_feature_map = t_map[0][rows].float()
         outputs = dist.gather_step_outputs(outputs, method)
         if self.bank is not None:
             outputs.bank_embeddings, outputs.bank_labels = self.bank.sample(
@@ -375,13 +381,15 @@ def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Te
     first = runs[0]
     policy, o = first.policy, first.optim
     epochs, batch_size = o.epochs, o.batch_size
-    augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
+    augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size,
+                                               first.cfg.data.color_jitter)
     rank, world = dist.rank(), dist.world_size()
     n_steps = data_mod.batches_per_epoch(len(dataset.train_labels), batch_size, o.drop_last)
     label = first.name if len(runs) == 1 else f"{len(runs)} runs in lockstep"
     data_views = first.data_views
     active, failures = list(runs), []
-    teacher_views = max((2 if r.method.views == 2 else 1) for r in runs)
+    teacher_views = max(r.method.views for r in runs if r.method.uses_teacher) if any(
+        r.method.uses_teacher for r in runs) else 1
 
     def stop(run: Run, exc: NonFiniteLossError) -> None:
         active.remove(run)
@@ -404,8 +412,9 @@ def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Te
             views = policy.inputs(torch.cat([view1, view2])) if view2 is not None else None
             teacher_out = None
             if teacher is not None and any(r.method.uses_teacher for r in active):
-                teacher_out = teacher.features_and_logits(views if teacher_views == 2 and views is not None
-                                                          else view1, policy)
+                teacher_out = teacher.features_and_logits(
+                    views if teacher_views == 2 and views is not None else view1, policy,
+                    feature_map=any(r.method.needs_feature_maps for r in active))
             for run in active:
                 run.step(indices, view1, views, labels, teacher_out)
         seconds = time.perf_counter() - started
