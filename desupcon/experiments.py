@@ -23,7 +23,13 @@ ALPHAS = (1.0, 2.0, 5.0, 10.0)
 BETAS = (1.0, 5.0, 10.0, 12.0)
 TEMPERATURES = (0.05, 0.07)
 LAMBDAS = (0.3, 0.5, 0.7, 0.9)
-GROUPS = ("baselines", "alpha", "beta", "temp", "lambda", "bank")
+GROUPS = ("baselines", "alpha", "beta", "temp", "lambda", "bank")  # the published plan (`all`)
+EXTRA_GROUPS = ("logit",)  # comparisons beyond the published plan
+# The logit-distillers table (SPEC 13): (label, method); CE and KD are the references.
+LOGIT_TABLE = (("CE student", "ce"), ("KD", "kd"), ("DKD", "dkd"), ("KD+LS", "kd-ls"), ("DKD+LS", "dkd-ls"),
+               ("SD-KD", "sd-kd"), ("SD-DKD", "sd-dkd"), ("SDD-LSKD", "sdd-lskd"),
+               ("SDD-LSKD (LSKD calibration)", "sdd-lskd-calibrated"), ("CRD (NCE, Tian et al.)", "crd-nce"),
+               ("LW-SupCRD", "lw-supcrd"))
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,9 @@ def group_plan(base: RunConfig, group: str) -> list[Experiment]:
                            bank_base.replace(method={"method": method, "bank_size": k, "temperature": 0.07,
                                                 "alpha": 1.0, "beta": 10.0}))
                 for method, name in (("crd", "CRD"), ("lw-supcrd", "LW-SupCRD")) for k in (0, bank)]
-    raise ValueError(f"unknown sweep group {group!r}; known: {', '.join(GROUPS)}, all")
+    if group == "logit":  # on the base's teacher/student pair, under the base's protocol
+        return [Experiment(group, label, method, base.with_method(method)) for label, method in LOGIT_TABLE]
+    raise ValueError(f"unknown sweep group {group!r}; known: {', '.join(GROUPS + EXTRA_GROUPS)}, all")
 
 
 def with_seeds(experiments: list[Experiment], seeds: list[int] | None) -> list[Experiment]:
@@ -117,7 +125,7 @@ def run_experiments(base: RunConfig, experiments: list[Experiment], force: bool 
 
 def plot_group(base: RunConfig, group: str, results: list[tuple[Experiment, RunResult]]) -> str | None:
     """Accuracy, class alignment and uniformity against the swept value (mean over seeds)."""
-    if group in ("baselines", "bank"):
+    if group in ("baselines", "bank", "logit"):
         return None
     points: dict[float, list[RunResult]] = {}
     for e, r in results:

@@ -46,6 +46,28 @@ PUBLISHED = {
 }
 PUBLISHED_TEACHER_SOURCES = (HUB_TEACHER, PUBLISHED_SOURCE)
 
+# SPEC 13: CIFAR-100 under the mdistiller protocol, best epoch over training (not last epoch).
+# (teacher arch, student arch) -> {method: test acc %}; "teacher" and "ce" are the two models alone.
+PUBLISHED_LOGIT = {
+    ("resnet32x4", "resnet8x4"): {"teacher": 79.42, "ce": 72.50, "kd": 73.33, "dkd": 76.32, "crd-nce": 75.51,
+                                  "kd-ls": 76.62, "dkd-ls": 77.01, "sd-kd": 76.63, "sd-dkd": 76.63},
+    ("resnet56", "resnet20"): {"teacher": 72.34, "ce": 69.06, "kd": 70.66, "dkd": 71.97, "crd-nce": 71.16,
+                               "kd-ls": 71.43, "dkd-ls": 72.32},
+    ("resnet110", "resnet32"): {"teacher": 74.31, "ce": 71.14, "kd": 73.08, "dkd": 74.11, "crd-nce": 73.48,
+                                "dkd-ls": 74.29},
+}
+LOGIT_TABLE_METHODS = ("ce", "kd", "dkd", "kd-ls", "dkd-ls", "sd-kd", "sd-dkd", "sdd-lskd",
+                       "sdd-lskd-calibrated", "crd-nce", "lw-supcrd")
+
+
+def mdistiller_protocol(cfg: RunConfig) -> bool:
+    """The mdistiller protocol on any teacher/student pair (SPEC 13)."""
+    from .config import PRESETS
+    ref = PRESETS["mdistiller"]
+    return cfg.preset == "mdistiller" and protocol_of(cfg.replace(
+        model={"teacher_arch": ref.model.teacher_arch, "student_arch": ref.model.student_arch,
+               "teacher_weights": ref.model.teacher_weights})) == "mdistiller"
+
 
 def has_published_teacher(record: dict) -> bool:
     """Whether the run was distilled from (or is) the published teacher: loaded from the hub id or
@@ -182,6 +204,9 @@ TABLES = [
      and c.cfg.method.alpha == 1.0 and c.cfg.method.beta == 10.0),
     ("lambda", "Hybrid lambda sweep (lambda SupCon + (1 - lambda) LW-SupCRD)", "lam",
      lambda c: c.kind == "student" and c.cfg.method.method == "hybrid" and not c.cfg.method.bank_size),
+    ("logit", "Logit distillers (SPEC 13; published figures are best-epoch: compare the best-epoch column)",
+     None, lambda c: c.kind == "student" and c.cfg.method.method in LOGIT_TABLE_METHODS
+     and (c.cfg.method.method != "lw-supcrd" or _defaults(c.cfg.method) and not c.cfg.method.bank_size)),
     ("bank", "Memory bank ablation", None,
      lambda c: c.kind == "student" and (c.cfg.method.method == "crd" and c.cfg.method.temperature == 0.07
                                         or c.cfg.method.method == "lw-supcrd" and _defaults(c.cfg.method))),
@@ -189,7 +214,8 @@ TABLES = [
 REFERENCE = {"main": lambda c: c.kind == "student" and c.cfg.method.method == "ce",
              "alpha": lambda c: c.cfg.method.alpha == 1.0, "beta": lambda c: c.cfg.method.beta == 10.0,
              "temp": lambda c: c.cfg.method.temperature == 0.07, "lambda": lambda c: c.cfg.method.lam == 0.5,
-             "bank": lambda c: c.cfg.method.method == "lw-supcrd" and not c.cfg.method.bank_size}
+             "bank": lambda c: c.cfg.method.method == "lw-supcrd" and not c.cfg.method.bank_size,
+             "logit": lambda c: c.cfg.method.method == "kd"}
 
 
 # -- statistics ---------------------------------------------------------------------------------
@@ -218,7 +244,7 @@ def _fmt(mean, sd=None, digits=2) -> str:
 
 def _main_order(c: Configuration) -> tuple:
     order = ["teacher", "ce", "supcon", "crd", "crd bank", "lw-supcrd", "lw-supcrd bank", "hybrid",
-             "hybrid bank"]
+             "hybrid bank", *LOGIT_TABLE_METHODS[1:]]
     tag = _tag(c)
     return (order.index(tag) if tag in order else len(order)), c.label
 
@@ -230,13 +256,27 @@ def _row_label(table: str, key: str | None, c: Configuration) -> str:
         return f"teacher {c.cfg.model.teacher_arch}"
     m = c.cfg.method
     label = {"ce": "CE student", "supcon": "SupCon", "crd": "CRD", "lw-supcrd": "LW-SupCRD",
-             "hybrid": f"Hybrid (lambda {m.lam})"}.get(m.method, m.method)
+             "hybrid": f"Hybrid (lambda {m.lam})", "kd": "KD", "dkd": "DKD", "kd-ls": "KD+LS",
+             "dkd-ls": "DKD+LS", "sd-kd": "SD-KD", "sd-dkd": "SD-DKD", "sdd-lskd": "SDD-LSKD",
+             "sdd-lskd-calibrated": "SDD-LSKD (LSKD calibration)",
+             "crd-nce": "CRD (NCE, Tian et al.)"}.get(m.method, m.method)
+    if getattr(m, "logit_term", "none") != "none":
+        label += f" + {m.logit_term.upper()}"
     return label + (f" + bank {m.bank_size}" if m.bank_size and m.method in ("crd", "lw-supcrd", "hybrid") else "")
 
 
 def _published(table: str, key: str | None, c: Configuration):
     """The SPEC 9 figures for this row, only for a run of the same protocol distilled from (or
     being) the published teacher, with the published method settings."""
+    if table == "logit":
+        if not mdistiller_protocol(c.cfg):
+            return None
+        figures = PUBLISHED_LOGIT.get((c.cfg.model.teacher_arch, c.cfg.model.student_arch), {})
+        m = c.cfg.method
+        if m.method == "sd-kd" and list(m.sdd_scales) != [1, 2]:
+            return None  # the published SD-KD used M = [1, 2]
+        acc = figures.get("teacher" if c.kind == "teacher" else m.method)
+        return None if acc is None else (acc, None, None, None)
     protocol = c.protocol
     if protocol not in ("paper", "paper-bank") or not has_published_teacher(c.first):
         return None
@@ -326,6 +366,8 @@ def build_report(root: str | Path, tables: list[str] | None = None) -> str:
             if tables is not None and table not in tables:
                 continue
             chosen = [c for c in configs if member(c)]
+            if table == "logit" and not any(c.cfg.method.method in LOGIT_TABLE_METHODS[1:-1] for c in chosen):
+                continue  # no logit distiller among these runs
             if chosen:
                 out += [render_table(table, title, key, chosen), ""]
         if tables is None:
