@@ -161,6 +161,7 @@ class TeacherConfig:
     cosine probe of its projection head. Never borrowed from the student's."""
 
     epochs: int = 50
+    optimizer: str = "adam"  # or "sgd" (momentum 0.9)
     lr: float = 1e-3
     batch_size: int = 128
     weight_decay: float = 1e-4
@@ -243,7 +244,8 @@ class RunConfig:
         t = dataclasses.asdict(self.teacher)
         training = None
         if self.trains_teacher:
-            training = {k: t[k] for k in ("epochs", "lr", "batch_size", "weight_decay", "schedule", "seed")}
+            training = {k: t[k] for k in ("epochs", "optimizer", "lr", "batch_size", "weight_decay", "schedule",
+                                          "seed")}
             training["init"] = self.model.init
         return {"data": self.data_identity(), "arch": self.model.teacher_arch,
                 "weights": self.model.teacher_weights, "training": training}
@@ -300,7 +302,8 @@ PRESETS["mdistiller"] = RunConfig(
     optim=OptimConfig(epochs=240, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9,
                       weight_decay=5e-4, schedule="step", milestones=[150, 180, 210], lr_decay=0.1,
                       drop_last=False, seed=0),
-    teacher=TeacherConfig(epochs=240, lr=0.05, batch_size=64, weight_decay=5e-4, schedule="cosine", seed=0),
+    teacher=TeacherConfig(epochs=240, optimizer="sgd", lr=0.05, batch_size=64, weight_decay=5e-4,
+                          schedule="cosine", seed=0),
 )
 PRESET_HELP = {
     "paper": "the published main table and sweeps: CIFAR-100, ResNet-50 -> ResNet-18, Adam 1e-3, "
@@ -390,12 +393,12 @@ _TAGS = {
     ("optim", "lr_decay"): "decay", ("optim", "grad_clip"): "clip",
     ("data", "train_subset"): "ntrain", ("data", "test_subset"): "ntest", ("data", "image_size"): "img",
     ("model", "teacher_arch"): "teacher", ("model", "init"): "init",
-    ("teacher", "epochs"): "tep", ("teacher", "lr"): "tlr", ("teacher", "batch_size"): "tbs",
+    ("teacher", "epochs"): "tep", ("teacher", "optimizer"): "topt", ("teacher", "lr"): "tlr", ("teacher", "batch_size"): "tbs",
     ("teacher", "weight_decay"): "twd", ("teacher", "schedule"): "tsched", ("teacher", "seed"): "tseed",
     ("teacher", "probe_epochs"): "pep", ("teacher", "probe_lr"): "plr",
     ("teacher", "probe_temperature"): "ptemp",
 }
-_TEACHER_TRAINING = ("epochs", "lr", "batch_size", "weight_decay", "schedule", "seed")
+_TEACHER_TRAINING = ("epochs", "optimizer", "lr", "batch_size", "weight_decay", "schedule", "seed")
 _TEACHER_PROBE = ("probe_epochs", "probe_lr", "probe_temperature")
 
 

@@ -169,9 +169,15 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
                         "teacher": teacher_info}
     atomic_torch_save(path, ckpt)
     source = (ckpt.get("source") or {}).get("kind", "trained")
+    record = _record("student", ckpt["name"], cfg, ckpt["metrics"], metrics, pics, source, teacher_info)
+    if "two_stage" in ckpt["config"]:  # a two-stage run (two_stage.py): not its phase-1 method's
+        record["config"]["two_stage"] = ckpt["config"]["two_stage"]
+        record["method"] = "two-stage"
+    if ckpt.get("probes"):  # probes.probe_checkpoint's results, beside `accuracy`
+        record["probes"] = {kind: {k: v for k, v in entry.items() if k != "log"}
+                            for kind, entry in ckpt["probes"].items()}
     update_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset),
-                        ckpt["name"], _record("student", ckpt["name"], cfg, ckpt["metrics"], metrics, pics,
-                                              source, teacher_info))
+                        ckpt["name"], record)
     log.info(f"[{ckpt['name']}] alignment {metrics['alignment_class']:.4f} "
              f"uniformity {metrics['uniformity']:.4f} (projection head); backbone alignment "
              f"{metrics['backbone']['alignment_class']:.4f} uniformity {metrics['backbone']['uniformity']:.4f}")

@@ -30,12 +30,14 @@ class Session:
     """Dataset, device and teacher for runs that share them (same data and teacher identity)."""
 
     def __init__(self, cfg: RunConfig, analyze: bool = True, pictures: bool = True,
-                 force_teacher: bool = False):
+                 force_teacher: bool = False, policy: DevicePolicy | None = None):
         self.cfg = cfg
         self.analyze_runs, self.pictures = analyze, pictures
         self.force_teacher = force_teacher  # the teacher's own switch, applied at its first load
-        self.device = select_device(cfg.device)
-        self.policy = DevicePolicy.choose(self.device, cfg.precision, cfg.deterministic)
+        # One device policy for everything this session runs (tests pass any policy on the CPU).
+        self.policy = policy or DevicePolicy.choose(select_device(cfg.device), cfg.precision,
+                                                    cfg.deterministic)
+        self.device = self.policy.device
         self.policy.apply_global_settings()
         self.paths = OutputPaths(cfg.output_dir)
         self._dataset: ImageDataset | None = None

@@ -24,7 +24,7 @@ from .models import Student, Teacher, build_encoder, load_matching_state_dict
 from .published import PUBLISHED_SOURCE, file_sha256, imported_path
 from .teacher_weights import (fingerprint, is_plain_state_dict_file, load_encoder_weights,
                               read_state_dict, resolve_source, split_projection)
-from .train import Run, train_group
+from .train import Run, make_optimizer, train_group
 from .runs import OutputPaths, check_output_dirs, evaluate_accuracy, remove_partial
 from .validation import validate_config
 
@@ -36,8 +36,8 @@ def teacher_training_config(cfg: RunConfig) -> RunConfig:
     with the teacher's own settings (never the student's)."""
     t = cfg.teacher
     return cfg.replace(model={"student_arch": cfg.model.teacher_arch}, method=MethodConfig(method="ce"),
-                       optim=OptimConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-                                         weight_decay=t.weight_decay, schedule=t.schedule,
+                       optim=OptimConfig(epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer,
+                                         lr=t.lr, weight_decay=t.weight_decay, schedule=t.schedule,
                                          drop_last=True, seed=t.seed))
 
 
@@ -76,8 +76,8 @@ def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, policy
     t = cfg.teacher
     torch.manual_seed(t.seed)
     model = policy.prepare(Student(build_encoder(cfg.model.teacher_arch, dataset.num_classes, cfg.model.init)))
-    optimizer = policy.make_adam([{"params": model.encoder.parameters(), "lr": t.lr,
-                                   "weight_decay": t.weight_decay}])
+    optimizer = make_optimizer(tcfg.optim, [{"params": model.encoder.parameters(), "lr": t.lr,
+                                             "weight_decay": t.weight_decay}], policy)
     run = Run(tcfg, teacher_run_name(cfg), cfg.teacher_backbone_identity(), build_method(tcfg.method), model,
               None, optimizer, make_scheduler(optimizer, [t.schedule], t.epochs), policy, tcfg.optim,
               data_views=1, kind="teacher")

@@ -84,6 +84,8 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
              f"--hybrid-scaling {m.hybrid_scaling!r} is unknown; known: {', '.join(HYBRID_SCALINGS)}")
     _require(m.hybrid_scale_steps >= 1, f"--hybrid-scale-steps must be >= 1, got {m.hybrid_scale_steps}")
     _require(m.bank_mode in BANK_MODES, f"--bank-mode {m.bank_mode!r} is unknown; known: {', '.join(BANK_MODES)}")
+    _require(cfg.teacher.optimizer in OPTIMIZERS,
+             f"--teacher-optimizer {cfg.teacher.optimizer!r} is unknown; known: {', '.join(OPTIMIZERS)}")
     _require(cfg.teacher.lr > 0, f"--teacher-lr must be > 0, got {cfg.teacher.lr}")
     _require(cfg.teacher.weight_decay >= 0, f"--teacher-weight-decay must be >= 0, got {cfg.teacher.weight_decay}")
     _require(cfg.teacher.batch_size >= 2, f"--teacher-batch-size must be >= 2, got {cfg.teacher.batch_size}")

@@ -152,18 +152,16 @@ def assert_equals_reference(root: Path, ref: dict) -> None:
 
 KILLER = r"""
 import os, signal, sys
-from desupcon import data
+from desupcon import train
 epoch, step = int(sys.argv[1]), int(sys.argv[2])
-real_batches, epochs_started = data.epoch_batches, [0]
+real_step = train.Run.step
 
-def batches_or_death(*args, **kwargs):  # the training loop asks for one epoch's batches per epoch
-    epochs_started[0] += 1
-    for i, batch in enumerate(real_batches(*args, **kwargs), 1):
-        if epochs_started[0] == epoch and i == step:  # steps 1 .. step-1 of `epoch` have run
-            os.kill(os.getpid(), signal.SIGKILL)
-        yield batch
+def step_or_death(self, *args, **kwargs):  # SIGKILL this process just before a student's (epoch, step)
+    if self.name.startswith("student") and self.epoch + 1 == epoch and self._steps + 1 == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_step(self, *args, **kwargs)
 
-data.epoch_batches = batches_or_death
+train.Run.step = step_or_death
 from desupcon.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -178,6 +176,7 @@ def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_run(tmp_path, teach
     killed = subprocess.run([sys.executable, "-c", KILLER, "2", "3", *argv], cwd=REPO, env=ENV,
                             capture_output=True, text=True, timeout=240)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert partial.is_file(), f"no epoch checkpoint after epoch 1:\n{killed.stderr[-3000:]}"
     # Killed inside epoch 2: one finished epoch on disk, no final checkpoint.
     state = torch.load(partial, weights_only=True)  # the epoch checkpoint loads safely
     assert state["epoch"] == 1 and len(state["log"]) == 1

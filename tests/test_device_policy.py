@@ -1,0 +1,98 @@
+"""Every device policy a GPU run uses, exercised on the CPU: bf16 autocast, channels_last, fused
+Adam and the deferred finiteness check (the one path on every device)."""
+
+import shutil
+
+import pytest
+import torch
+
+from desupcon import runs, train
+from desupcon.checkpoint import load_checkpoint
+from desupcon.devices import DevicePolicy
+from desupcon.pipeline import Session
+
+CPU = torch.device("cpu")
+POLICIES = {
+    "fp32": DevicePolicy(CPU),
+    "bf16": DevicePolicy(CPU, precision="bf16"),
+    "channels_last+fused": DevicePolicy(CPU, channels_last=True, fused_adam=True),
+    "gpu-like": DevicePolicy(CPU, precision="bf16", channels_last=True, fused_adam=True),
+}
+
+
+def test_automatic_choice():
+    auto = DevicePolicy.choose("cpu")
+    assert (auto.precision, auto.channels_last, auto.fused_adam) == ("fp32", False, False)
+    assert DevicePolicy.choose("cpu", "bf16").precision == "bf16"
+    with pytest.raises(ValueError, match="--precision"):
+        DevicePolicy.choose("cpu", "fp8")
+    assert DevicePolicy(CPU, precision="fp16").grad_scaler().is_enabled()
+    assert not DevicePolicy(CPU, precision="bf16").grad_scaler().is_enabled()
+
+
+@pytest.fixture(scope="module")
+def teacher_root(tmp_path_factory, tiny_config):
+    root = tmp_path_factory.mktemp("policy-teacher")
+    Session(tiny_config(root)).teacher()
+    return root
+
+
+def _session(tmp_path, teacher_root, tiny_config, policy, epochs=2):
+    (tmp_path / "pth_models").mkdir(parents=True, exist_ok=True)
+    for f in (teacher_root / "pth_models").glob("teacher_*.pth"):
+        shutil.copy2(f, tmp_path / "pth_models" / f.name)
+    return Session(tiny_config(tmp_path, epochs=epochs), analyze=False, policy=policy)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_each_policy_trains_and_lockstep_equals_solo(tmp_path, teacher_root, tiny_config, name):
+    policy = POLICIES[name]
+    session = _session(tmp_path / "lockstep", teacher_root, tiny_config, policy, epochs=3)
+    cfgs = [session.cfg.replace(method={"method": m}) for m in ("lw-supcrd", "ce")]
+    together = session.run_many(cfgs)
+    for result in together:
+        losses = [e["loss"] for e in result.log]
+        assert losses[-1] < losses[0], f"{name} {result.name}: {losses}"
+    solo = _session(tmp_path / "solo", teacher_root, tiny_config, policy, epochs=3)
+    alone = solo.run(cfgs[0].replace(output_dir=str(tmp_path / "solo")))
+    a, b = load_checkpoint(together[0].checkpoint)["student"], load_checkpoint(alone.checkpoint)["student"]
+    assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: lockstep differs from solo"
+    if policy.channels_last:
+        run = train.make_student_run(cfgs[0], session.dataset, session.teacher()[0], policy)
+        assert run.model.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        assert run.optimizer.defaults.get("fused") is True
+
+
+@pytest.mark.parametrize("name", ["fp32", "gpu-like"])
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, teacher_root, tiny_config, name,
+                                                             monkeypatch):
+    policy = POLICIES[name]
+    session = _session(tmp_path, teacher_root, tiny_config, policy, epochs=3)
+    cfg = session.cfg.replace(method={"method": "lw-supcrd"})
+    real_losses = train.Run.step
+    calls = {"n": 0}
+
+    def poisoned_step(self, indices, view1, views, labels, teacher_out):
+        calls["n"] += 1
+        if calls["n"] == 7:  # epoch 2 (5 steps per epoch), step 2
+            view1, views = view1 * float("nan"), views * float("nan")
+        return real_losses(self, indices, view1, views, labels, teacher_out)
+    monkeypatch.setattr(train.Run, "step", poisoned_step)
+    with pytest.raises(runs.NonFiniteLossError) as info:
+        session.run(cfg)
+    assert "at epoch 2, step 2" in str(info.value)
+    partial = session.paths.partial_checkpoint(train.run_name(cfg))
+    state = load_checkpoint(partial, "in_progress")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not session.paths.checkpoint(train.run_name(cfg)).exists()
+
+
+def test_teacher_logits_are_float32_under_bf16(teacher_root, tiny_config, tmp_path):
+    session = _session(tmp_path, teacher_root, tiny_config, POLICIES["bf16"])
+    teacher, _ = session.teacher()
+    x = torch.randn(4, 3, 16, 16)
+    features, logits = teacher.features_and_logits(x, POLICIES["bf16"])
+    assert features.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    expected = teacher.encoder.fc(features.float())
+    assert torch.allclose(logits, expected)

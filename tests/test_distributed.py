@@ -1,0 +1,137 @@
+"""Several processes (SPEC 15), tested on the CPU with the gloo backend and 2 processes: the
+gathered contrastive losses and their gradients equal the single-process computation on the same
+global batch, sharded batches cover the global batch, and a torchrun run writes once and resumes."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from desupcon import data, distributed
+from desupcon.config import MethodConfig
+from desupcon.methods import StepOutputs, build_method
+
+WORLD = 2
+B, D, C, K = 6, 8, 3, 5  # global batch, embedding size, classes, bank rows
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, C, (B,), generator=g)
+    return {"s": torch.randn(2 * B, D, generator=g, dtype=torch.float64),
+            "t": torch.randn(2 * B, D, generator=g, dtype=torch.float64),
+            "logits": torch.randn(2 * B, C, generator=g, dtype=torch.float64),
+            "labels": labels, "bank": torch.randn(K, D, generator=g, dtype=torch.float64),
+            "bank_labels": torch.randint(0, C, (K,), generator=g)}
+
+
+METHOD_CASES = {
+    "supcon": MethodConfig(method="supcon"),
+    "crd": MethodConfig(method="crd"),
+    "lw-supcrd": MethodConfig(method="lw-supcrd"),
+    "lw-supcrd+bank": MethodConfig(method="lw-supcrd", bank_size=K),
+    "hybrid": MethodConfig(method="hybrid", hybrid_scaling="plain"),
+}
+
+
+def _outputs(batch, rows, bank: bool):
+    """StepOutputs of `rows` (image positions) in the [view 1; view 2] layout."""
+    v1, v2 = rows, [r + B for r in rows]
+    pick = v1 + v2
+    s = batch["s"][pick].clone().requires_grad_(True)
+    t = batch["t"][pick].clone().requires_grad_(True)
+    out = StepOutputs(torch.cat([batch["labels"][rows]] * 2), s, torch.zeros(2 * len(rows), C, dtype=torch.float64),
+                      teacher_projection=t, teacher_logits=batch["logits"][pick],
+                      indices=torch.tensor(rows), classifier_labels=batch["labels"][rows])
+    if bank:
+        out.bank_embeddings, out.bank_labels = batch["bank"], batch["bank_labels"]
+    return out, s, t
+
+
+def _representation_loss(method, out):
+    return sum(method.representation_losses(out).values())
+
+
+def _worker(rank, port, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    batch = _global_batch()
+    rows = list(range(rank * B // WORLD, (rank + 1) * B // WORLD))
+    results = {}
+    for name, cfg in METHOD_CASES.items():
+        method = build_method(cfg)
+        out, s, t = _outputs(batch, rows, bank="bank" in name)
+        out = distributed.gather_step_outputs(out, method)
+        loss = _representation_loss(method, out)
+        loss.backward()
+        # DDP averages over processes the gradients that the all-gather's backward summed
+        results[name] = {"loss": loss.detach(), "grad_s": s.grad / WORLD, "grad_t": t.grad / WORLD,
+                         "labels": out.labels, "indices": out.indices}
+    torch.save(results, f"{result_path}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_gathered_losses_and_gradients_equal_the_single_process(tmp_path):
+    result_path = tmp_path / "ranks"
+    mp.spawn(_worker, args=(_free_port(), str(result_path)), nprocs=WORLD, join=True)
+    per_rank = [torch.load(f"{result_path}.{r}") for r in range(WORLD)]
+    batch = _global_batch()
+    for name, cfg in METHOD_CASES.items():
+        method = build_method(cfg)
+        out, s, t = _outputs(batch, list(range(B)), bank="bank" in name)
+        loss = _representation_loss(method, out)
+        loss.backward()
+        half = B // WORLD
+        for rank, res in enumerate(per_rank):
+            r = res[name]
+            assert torch.allclose(r["loss"], loss.detach(), rtol=1e-10, atol=1e-12), name
+            assert torch.equal(r["labels"], out.labels) and torch.equal(r["indices"], torch.arange(B)), name
+            mine = list(range(rank * half, (rank + 1) * half))
+            rows = mine + [m + B for m in mine]
+            assert torch.allclose(r["grad_s"], s.grad[rows], rtol=1e-9, atol=1e-12), f"{name}: student grads"
+            assert torch.allclose(r["grad_t"], t.grad[rows], rtol=1e-9, atol=1e-12), f"{name}: teacher grads"
+
+
+def test_sharded_batches_are_the_global_batch():
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(40) % 4
+    aug = data.TwoViewAugment(torch.zeros(3), torch.ones(3), padding=1)
+    whole = list(data.epoch_batches(images, labels, 8, aug, torch.Generator().manual_seed(3), drop_last=False))
+    shards = [list(data.epoch_batches(images, labels, 8, aug, torch.Generator().manual_seed(3), drop_last=False,
+                                      shard=(r, 2))) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(whole)
+    for full, a, b in zip(whole, *shards):
+        for i in (0, 1, 2, 3):  # indices, view 1, view 2, labels
+            assert torch.equal(torch.cat([a[i], b[i]]), full[i])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on POSIX")
+def test_torchrun_two_processes_write_once_and_resume(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+            str(_free_port()), str(REPO / "desupcon.py"), "train", "--preset", "quick", "--method", "lw-supcrd",
+            "--device", "cpu", "--epochs", "2", "--train-subset", "128", "--test-subset", "32",
+            "--teacher-arch", "resnet8", "--teacher-epochs", "1", "--probe-epochs", "1",
+            "--output-dir", str(out)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    students = list((out / "pth_models").glob("student_*.pth"))
+    logs = list((out / "json_results" / "training_logs").glob("student_*.json"))
+    assert len(students) == 1 and len(logs) == 1
+    assert not (out / "pth_models" / "in_progress").exists()
+    # a second launch finds the finished run: nothing is trained again
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "loaded from cache" in again.stderr + again.stdout
