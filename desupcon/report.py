@@ -89,6 +89,9 @@ class Configuration:
         for seed, r in self.records.items():
             if key in ("test_acc", "train_acc", "train_test_gap", "best_test_acc"):
                 v = r["accuracy"].get(key)
+            elif key.startswith("probe:"):  # probe:<kind>:<top1|top5>
+                _, kind, which = key.split(":")
+                v = ((r.get("probes") or {}).get(kind) or {}).get(which)
             else:
                 metrics = r.get("metrics") or {}
                 v = (metrics.get("backbone") or {}).get(key) if space == "backbone" else metrics.get(key)
@@ -99,6 +102,11 @@ class Configuration:
     @property
     def first(self) -> dict:
         return next(iter(self.records.values()))
+
+    @property
+    def method(self) -> str:
+        """The method as recorded (two-stage runs keep their phase-1 method in the config)."""
+        return self.first.get("method") or self.cfg.method.method
 
     @property
     def protocol(self) -> str:
@@ -154,7 +162,8 @@ def load_records(root: str | Path) -> dict[str, dict]:
         m = ckpt["metrics"]
         analysis = ckpt.get("analysis") or {}
         records[path.stem] = {
-            "run": path.stem, "kind": "student", "method": cfg.method.method, "seed": cfg.optim.seed,
+            "run": path.stem, "kind": "student", "seed": cfg.optim.seed, "probes": ckpt.get("probes"),
+            "method": "two-stage" if "two_stage" in ckpt["config"] else cfg.method.method,
             "protocol": protocol_of(cfg), "source": (ckpt.get("source") or {}).get("kind", "trained"),
             "teacher": analysis.get("teacher") or {"fingerprint": ckpt.get("teacher_fingerprint")},
             "config": ckpt["config"],
@@ -187,6 +196,10 @@ def _tag(c: Configuration) -> str:
     return m.method + (" bank" if m.bank_size and m.method != "supcon" and m.method != "ce" else "")
 
 
+def _two_stage(c) -> bool:
+    return c.method == "two-stage"
+
+
 TABLES = [
     ("main", "Main results", None,
      lambda c: c.kind == "teacher" or c.cfg.method.method in ("ce", "supcon") and c.cfg.method.temperature == 0.07
@@ -207,6 +220,8 @@ TABLES = [
     ("logit", "Logit distillers (SPEC 13; published figures are best-epoch: compare the best-epoch column)",
      None, lambda c: c.kind == "student" and c.cfg.method.method in LOGIT_TABLE_METHODS
      and (c.cfg.method.method != "lw-supcrd" or _defaults(c.cfg.method) and not c.cfg.method.bank_size)),
+    ("two-stage", "Two-stage distillation and end-to-end references (SPEC 12; probes on frozen features)", None,
+     lambda c: c.kind == "student" and (_two_stage(c) or c.cfg.method.method in ("kd", "crd", "crd-nce", "ce"))),
     ("bank", "Memory bank ablation", None,
      lambda c: c.kind == "student" and (c.cfg.method.method == "crd" and c.cfg.method.temperature == 0.07
                                         or c.cfg.method.method == "lw-supcrd" and _defaults(c.cfg.method))),
@@ -215,7 +230,8 @@ REFERENCE = {"main": lambda c: c.kind == "student" and c.cfg.method.method == "c
              "alpha": lambda c: c.cfg.method.alpha == 1.0, "beta": lambda c: c.cfg.method.beta == 10.0,
              "temp": lambda c: c.cfg.method.temperature == 0.07, "lambda": lambda c: c.cfg.method.lam == 0.5,
              "bank": lambda c: c.cfg.method.method == "lw-supcrd" and not c.cfg.method.bank_size,
-             "logit": lambda c: c.cfg.method.method == "kd"}
+             "logit": lambda c: c.cfg.method.method == "kd",
+             "two-stage": lambda c: c.cfg.method.method == "kd" and not _two_stage(c)}
 
 
 # -- statistics ---------------------------------------------------------------------------------
@@ -262,6 +278,8 @@ def _row_label(table: str, key: str | None, c: Configuration) -> str:
              "crd-nce": "CRD (NCE, Tian et al.)"}.get(m.method, m.method)
     if getattr(m, "logit_term", "none") != "none":
         label += f" + {m.logit_term.upper()}"
+    if _two_stage(c):
+        label = f"two-stage ({label} phase 1, KD probe)"
     return label + (f" + bank {m.bank_size}" if m.bank_size and m.method in ("crd", "lw-supcrd", "hybrid") else "")
 
 
@@ -303,7 +321,8 @@ def _published_cell(pub) -> str:
 HEADER = ["run", "seeds", "test acc % (last epoch)", "best-epoch test acc %", "train acc %", "gap",
           "alignment (class, proj)", "uniformity (proj)", "alignment (instance, proj)",
           "alignment (class, backbone)", "uniformity (backbone)", "Δ test acc (paired)",
-          "published acc / align / unif", "protocol", "teacher", "source"]
+          "published acc / align / unif", "protocol", "teacher", "source",
+          "linear probe top-1 / top-5", "k-NN top-1 / top-5", "KD probe top-1"]
 
 
 def render_table(table: str, title: str, key: str | None, configs: list[Configuration]) -> str:
@@ -335,6 +354,9 @@ def render_table(table: str, title: str, key: str | None, configs: list[Configur
             cells.append("")
         cells += [_published_cell(_published(table, key, c)), c.protocol, c.teacher,
                   c.first.get("source") or "trained"]
+        for kind, both in (("linear", True), ("knn", True), ("kd", False)):
+            top1 = stat(f"probe:{kind}:top1")
+            cells.append(top1 + (f" / {stat(f'probe:{kind}:top5')}" if both and top1 else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -365,7 +387,9 @@ def build_report(root: str | Path, tables: list[str] | None = None) -> str:
         for table, title, key, member in TABLES:
             if tables is not None and table not in tables:
                 continue
-            chosen = [c for c in configs if member(c)]
+            chosen = [c for c in configs if member(c) and (table == "two-stage" or not _two_stage(c))]
+            if table == "two-stage" and not any(_two_stage(c) for c in chosen):
+                continue  # no two-stage run among these
             if table == "logit" and not any(c.cfg.method.method in LOGIT_TABLE_METHODS[1:-1] for c in chosen):
                 continue  # no logit distiller among these runs
             if chosen:
