@@ -13,6 +13,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import pipeline
 from .checkpoint import CheckpointError, check_json_records, check_writable, load_checkpoint
+from .devices import PRECISIONS
 from .config import HUB_TEACHER, METHODS, PRESET_HELP, PRESETS, RunConfig, config_json, preset, run_name
 from .errors import DesupconError, InputFileError
 from .runs import OutputPaths
@@ -65,6 +66,29 @@ RUN_FLAGS = {
     "--teacher-schedule": ("teacher", "schedule", str, "teacher learning-rate schedule: constant or cosine"),
     "--teacher-seed": ("teacher", "seed", int, "teacher seed (its training and its probe)"),
     "--probe-epochs": ("teacher", "probe_epochs", int, "cosine-probe epochs of the teacher's projection head"),
+    "--teacher-optimizer": ("teacher", "optimizer", str, "teacher cross-entropy optimiser: adam or sgd"),
+    "--optimizer": ("optim", "optimizer", str, "student optimiser: adam or sgd (momentum --momentum)"),
+    "--momentum": ("optim", "momentum", float, "SGD momentum"),
+    "--milestones": ("optim", "milestones", [int], "epochs after which --schedule step multiplies the lr "
+                     "by --lr-decay (e.g. 150 180 210)"),
+    "--lr-decay": ("optim", "lr_decay", float, "learning-rate factor at each milestone of --schedule step"),
+    "--grad-clip": ("optim", "grad_clip", float, "clip the gradient norm at this value (SDD's trainer: 40)"),
+    "--color-jitter": ("data", "color_jitter", float, "colour-jitter strength j (factors in [1-j, 1+j]; 0: "
+                       "none, as the mdistiller protocol)"),
+    "--logit-term": ("method", "logit_term", str, "add a logit term to a representation method: none, kd "
+                     "or dkd (the classifier then trains end to end with --ce-weight CE)"),
+    "--logit-weight": ("method", "logit_weight", float, "weight of --logit-term"),
+    "--ce-weight": ("method", "ce_weight", float, "weight of the student's cross-entropy in logit distillers"),
+    "--kd-weight": ("method", "kd_weight", float, "weight of the KD term (kd: 0.9; kd-ls: 9)"),
+    "--logit-temperature": ("method", "logit_temperature", float, "temperature T of KD/DKD/SDD (4; LS: 2)"),
+    "--dkd-alpha": ("method", "dkd_alpha", float, "DKD's weight of the target-class term (TCKD)"),
+    "--dkd-beta": ("method", "dkd_beta", float, "DKD's weight of the non-target term (NCKD)"),
+    "--warmup": ("method", "warmup", int, "epochs over which the distillation term ramps up (DKD: 20)"),
+    "--sdd-scales": ("method", "sdd_scales", [int], "SDD's pooling levels M (default 1 2 4; SD-KD 1 2)"),
+    "--complementary-weight": ("method", "complementary_weight", float,
+                               "SDD's weight of regions whose teacher prediction differs from the global one"),
+    "--nce-negatives": ("method", "nce_negatives", int, "crd-nce's negatives per anchor (16384)"),
+    "--nce-weight": ("method", "nce_weight", float, "crd-nce's weight beside CE (0.8)"),
 }
 # flag pairs -> (section, field, help of the positive flag, help of the negative flag)
 BOOL_FLAGS = {
@@ -94,10 +118,22 @@ def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) ->
     p.add_argument("--compile", action="store_true", help="torch.compile the student (GPU)")
     p.add_argument("--print-config", action="store_true",
                    help="print the fully resolved configuration(s) as JSON and exit")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (bf16 on GPUs that have it natively, fp16 with loss scaling on older "
+                        "GPUs, fp32 on CPU), bf16, fp16 or fp32")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (no cuDNN autotuning, no TF32): slower, repeatable")
+    p.add_argument("--save-every", type=int, default=1, metavar="N",
+                   help="write the in-progress checkpoint every N epochs (final results always)")
+    p.add_argument("--sync-batchnorm", action="store_true",
+                   help="several GPUs (torchrun): BatchNorm statistics over the global batch")
     if not with_run_flags:
         return
     for flag, (_, _, kind, text) in RUN_FLAGS.items():
-        p.add_argument(flag, type=kind, default=None, dest=_dest(flag), help=text)
+        if isinstance(kind, list):  # a list setting: several values after the flag
+            p.add_argument(flag, type=kind[0], nargs="+", default=None, dest=_dest(flag), help=text)
+        else:
+            p.add_argument(flag, type=kind, default=None, dest=_dest(flag), help=text)
     for (yes, no), (_, key, yes_help, no_help) in BOOL_FLAGS.items():
         p.add_argument(yes, dest=key, action="store_true", default=None, help=yes_help)
         p.add_argument(no, dest=key, action="store_false", help=no_help)
@@ -162,8 +198,18 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if getattr(args, "teacher_weights", None):
             raise ConfigError("--train-teacher and --teacher-weights contradict each other; give one")
         changes.setdefault("model", {})["teacher_weights"] = None
+    method = changes.get("method", {}).pop("method", None)
+    if method is not None and method != "two-stage":
+        # the method's own defaults (SPEC 13) first, then every flag given
+        model = changes.get("model", {})
+        cfg = cfg.replace(model=model) if model else cfg
+        cfg = cfg.with_method(method)
     cfg = cfg.replace(**changes)
-    return cfg.replace(device=args.device, output_dir=str(args.output_dir), compile=args.compile)
+    return cfg.replace(device=args.device, output_dir=str(args.output_dir), compile=args.compile,
+                       precision=getattr(args, "precision", "auto"),
+                       deterministic=getattr(args, "deterministic", False),
+                       save_every=getattr(args, "save_every", 1),
+                       sync_batchnorm=getattr(args, "sync_batchnorm", False))
 
 
 def preflight(cfgs: list[RunConfig], teacher: bool = True) -> None:
@@ -241,14 +287,41 @@ def cmd_teacher(args) -> None:
           f"(source: {teacher.source}, fingerprint {teacher.fingerprint})")
 
 
+def two_stage_settings(args, cfg: RunConfig):
+    """(phase-1 configuration, TwoStageConfig) of `train --method two-stage`."""
+    from .probes import ProbeConfig
+    from .two_stage import TwoStageConfig
+    phase1 = cfg.with_method(args.phase1_method)
+    epochs = args.phase2_epochs or (50 if cfg.preset.startswith("paper") or cfg.preset == "mdistiller"
+                                    else cfg.optim.epochs)
+    settings = TwoStageConfig(phase1_method=args.phase1_method, phase1_optimizer=args.phase1_optimizer,
+                              phase2=ProbeConfig(epochs=epochs, batch_size=cfg.optim.batch_size,
+                                                 schedule="constant"),
+                              finetune_last_stage=args.finetune_last_stage, two_level_crd=args.two_level_crd)
+    settings.check()
+    return phase1, settings
+
+
 def cmd_train(args) -> None:
     cfg = config_from_args(args)
+    two_stage = getattr(args, "method", None) == "two-stage"
+    if two_stage:
+        cfg, settings = two_stage_settings(args, cfg)
     if args.print_config:
         return print_config(cfg)
     preflight([cfg])
     session = pipeline.Session(cfg, force_teacher=args.force_teacher)
-    result = session.run(cfg, force=args.force, resume=not args.no_resume)
-    session.analyze_teacher()  # the report shows the teacher beside its students (once, cached)
+    if two_stage:
+        from .two_stage import train_two_stage
+        result = train_two_stage(cfg, settings, session.dataset, session.teacher()[0], session.policy,
+                                 force=args.force, resume=not args.no_resume)
+        session.analyze(result)
+        print(f"two-stage phase 2 (KD probe on the frozen encoder): test {result.metrics['test_acc']:.2f}% "
+              f"(last epoch)")
+    else:
+        result = session.run(cfg, force=args.force, resume=not args.no_resume)
+    if session.analyze_runs:
+        session.analyze_teacher()  # the report shows the teacher beside its students (once, cached)
     m = result.metrics
     how = (result.source if result.source != "trained" else "cached") if result.cached \
         else f"{m['seconds']:.0f} s"
@@ -273,6 +346,36 @@ def cmd_analyze(args) -> None:
             print(f"{key:<{width}}  {value if value is None else f'{value:.6f}'}")
 
 
+def cmd_probe(args) -> None:
+    """A probe on a saved student's frozen encoder (SPEC 12), recorded beside its other results."""
+    from .checkpoint import load_checkpoint
+    from .devices import DevicePolicy, select_device
+    from .probes import ProbeConfig, probe_checkpoint
+    from .runs import prepare_dataset
+    path = Path(args.run)
+    if not path.is_file():
+        path = Path(args.output_dir) / "pth_models" / f"{args.run}.pth"
+    if not path.is_file():
+        raise InputFileError(f"{args.run}: neither a checkpoint file nor a run name with a checkpoint in "
+                             f"{Path(args.output_dir) / 'pth_models'}")
+    ckpt = load_checkpoint(path, expected_kind="student")
+    cfg = RunConfig.from_dict(ckpt["config"]).replace(device=args.device, output_dir=str(args.output_dir),
+                                                      **({"data": {"data_root": args.data_root}}
+                                                         if args.data_root else {}))
+    teacher = None
+    if args.kind == "kd":
+        session = pipeline.Session(cfg, analyze=False)
+        dataset, teacher, policy = session.dataset, session.teacher()[0], session.policy
+    else:
+        policy = DevicePolicy.choose(select_device(args.device))
+        dataset = prepare_dataset(cfg, policy.device)
+    config = ProbeConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         finetune_last_stage=args.finetune_last_stage)
+    result = probe_checkpoint(path, args.kind, dataset, policy, teacher=teacher, config=config, k=args.k)
+    print(f"{ckpt['name']}: {args.kind} probe top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+          f"(online classifier, unchanged: {ckpt['metrics']['test_acc']:.2f}%)")
+
+
 def cmd_report(args) -> None:
     text, path = pipeline.report(args.output_dir)
     print(text)
@@ -295,8 +398,22 @@ def cmd_sweep(args) -> None:
     preflight([base])
     _, text = experiments.sweep(base, args.group, seeds=args.seeds, force=args.force,
                                 force_bank=args.force_bank, force_teacher=args.force_teacher,
-                                lockstep=args.lockstep, pictures=not args.no_plots, resume=not args.no_resume)
+                                lockstep=args.lockstep, pictures=not args.no_plots, resume=not args.no_resume,
+                                shard=parse_shard(args.shard))
     print(text)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """`I/N` -> (I, N) with 1 <= I <= N."""
+    if text is None:
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 1/4 (the first of four parts)") from None
+    if not 1 <= index <= count:
+        raise ConfigError(f"--shard {text}: I must be between 1 and N")
+    return index, count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,13 +433,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(p)
     p.set_defaults(func=cmd_teacher)
 
-    p = sub.add_parser("train", help=f"train one student run (methods: {', '.join(METHODS)})")
+    p = sub.add_parser("train", help=f"train one student run (methods: {', '.join(METHODS)}, two-stage)")
     add_common_flags(p)
+    p.add_argument("--phase1-method", default="crd",
+                   help="two-stage: the representation method of phase 1 (crd, supcon, lw-supcrd, hybrid, crd-nce)")
+    p.add_argument("--phase1-optimizer", choices=("adam", "sgd"), default="adam",
+                   help="two-stage: phase 1 with the run's Adam settings, or the seed's SGD (0.05, momentum "
+                        "0.9, weight decay 5e-4, batch 64)")
+    p.add_argument("--phase2-epochs", type=int, default=None,
+                   help="two-stage: epochs of the KD probe (default 50; the run's epochs on the quick preset)")
+    p.add_argument("--finetune-last-stage", action="store_true",
+                   help="two-stage: fine-tune the encoder's last stage in phase 2 (lr 1e-5, BatchNorm in train mode)")
+    p.add_argument("--two-level-crd", action="store_true",
+                   help="two-stage: CRD on the final feature map and on the pooled features in phase 1")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("probe", help="probe a saved student's frozen encoder (linear, k-NN or KD probe)")
+    p.add_argument("run", help="a student checkpoint (.pth) or a run name under --output-dir")
+    p.add_argument("--kind", choices=("linear", "knn", "kd"), required=True,
+                   help="linear: a fresh linear classifier; knn: k-nearest neighbours (cosine) on train "
+                        "features; kd: linear head with 0.7 KD + 0.3 CE from the teacher's logits")
+    p.add_argument("--epochs", type=int, default=50, help="training epochs of the linear and KD probes")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the probe's head")
+    p.add_argument("--batch-size", type=int, default=128, help="probe batch size")
+    p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN probe")
+    p.add_argument("--finetune-last-stage", action="store_true",
+                   help="also fine-tune the encoder's last stage (lr 1e-5, BatchNorm in train mode)")
+    p.add_argument("--output-dir", default=".", help="root of pth_models/ and json_results/")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the run's own)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=cmd_probe)
+
     p = sub.add_parser("sweep", help="run a group of the published plan (missing runs only)")
-    p.add_argument("group", choices=["alpha", "beta", "temp", "lambda", "bank", "baselines", "all"],
-                   help="which group of the published plan to run (all: every group)")
+    p.add_argument("group", choices=["alpha", "beta", "temp", "lambda", "bank", "baselines", "logit", "all"],
+                   help="which group to run: one of the published plan's (all: every one of them) or "
+                        "logit (the logit distillers on the preset's pair)")
+    p.add_argument("--shard", metavar="I/N", default=None,
+                   help="run only the I-th of N disjoint parts of the plan (lockstep groups stay whole); "
+                        "N processes or jobs with I = 1..N cover it once")
     add_common_flags(p)
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run every configuration once per seed (default: the preset's seed)")
@@ -371,10 +519,15 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["sweep", "all", *argv]
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from . import distributed
+    if distributed.launched_by_torchrun() and hasattr(args, "device"):
+        args.device = distributed.init_from_environment(args.device)  # one process per GPU
+    # only the first process of a torchrun job talks (and writes)
+    logging.basicConfig(level=logging.INFO if distributed.is_main() else logging.WARNING, format="%(message)s")
     try:
         with logging_redirect_tqdm():
             args.func(args)
+        distributed.shutdown()
     except USER_ERRORS as exc:
         if debug:
             traceback.print_exc()

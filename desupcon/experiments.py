@@ -15,7 +15,7 @@ from . import plots
 from .config import RunConfig, bank_protocol, dataset_tag, default_bank_size, run_name
 from .pipeline import Session
 from .report import write_report
-from .train import RunResult
+from .train import RunResult, lockstep_key
 
 log = logging.getLogger("desupcon")
 
@@ -91,6 +91,27 @@ def plan(base: RunConfig, groups: list[str] | str = "all", seeds: list[int] | No
     return with_seeds([e for g in names for e in group_plan(base, g)], seeds)
 
 
+def shard_plan(experiments: list[Experiment], shard: tuple[int, int] | None,
+               lockstep: bool = False) -> list[Experiment]:
+    """The I-th of N disjoint parts of a plan (`shard=(I, N)`, 1-based).
+
+    The units are the distinct runs, or with `lockstep` whole lockstep groups (runs sharing data,
+    seed, batch, epochs and teacher); in order of first appearance they go to parts 1, 2, ..., N,
+    1, ... So N processes (or SLURM array tasks) with I = 1..N train every run exactly once. A part
+    keeps every experiment of its runs (a run listed in two groups appears in both).
+    """
+    if shard is None:
+        return experiments
+    index, count = shard
+
+    def unit(e: Experiment):
+        return lockstep_key(e.cfg) if lockstep else run_name(e.cfg)
+    order: dict = {}
+    for e in experiments:
+        order.setdefault(unit(e), len(order))
+    return [e for e in experiments if order[unit(e)] % count == index - 1]
+
+
 def run_experiments(base: RunConfig, experiments: list[Experiment], force: bool = False,
                     force_groups: tuple[str, ...] = (), lockstep: bool = False,
                     session: Session | None = None, resume: bool = True) -> list[tuple[Experiment, RunResult]]:
@@ -155,13 +176,14 @@ def plot_group(base: RunConfig, group: str, results: list[tuple[Experiment, RunR
 
 def sweep(base: RunConfig, groups: str | list[str] = "all", seeds: list[int] | None = None,
           force: bool = False, force_bank: bool = False, force_teacher: bool = False, lockstep: bool = False,
-          pictures: bool = True, resume: bool = True) -> tuple[list, str]:
+          pictures: bool = True, resume: bool = True, shard: tuple[int, int] | None = None) -> tuple[list, str]:
     """Run sweep groups (`all` = the whole plan), plot them and write the report.
 
     `pictures=False` skips the per-run pictures (metrics are always computed); `resume=False`
-    ignores epoch checkpoints and starts interrupted runs over.
+    ignores epoch checkpoints and starts interrupted runs over; `shard=(I, N)` runs only the I-th
+    of N disjoint parts of the plan (`shard_plan`).
     """
-    experiments = plan(base, groups, seeds)
+    experiments = shard_plan(plan(base, groups, seeds), shard, lockstep)
     results = run_experiments(base, experiments, force=force,
                               force_groups=("bank",) if force_bank else (), lockstep=lockstep,
                               session=Session(base, pictures=pictures, force_teacher=force_teacher),

@@ -10,7 +10,7 @@ import logging
 import time
 from pathlib import Path
 
-from . import evaluation, train
+from . import distributed, evaluation, train
 from .checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
 from .config import RunConfig, default_bank_size, preset, run_name
 from .data import ImageDataset
@@ -32,7 +32,8 @@ class Session:
     def __init__(self, cfg: RunConfig, analyze: bool = True, pictures: bool = True,
                  force_teacher: bool = False, policy: DevicePolicy | None = None):
         self.cfg = cfg
-        self.analyze_runs, self.pictures = analyze, pictures
+        # several processes (torchrun): only the first analyses and writes
+        self.analyze_runs, self.pictures = analyze and distributed.is_main(), pictures
         self.force_teacher = force_teacher  # the teacher's own switch, applied at its first load
         # One device policy for everything this session runs (tests pass any policy on the CPU).
         self.policy = policy or DevicePolicy.choose(select_device(cfg.device), cfg.precision,

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as data_mod
+from . import distributed as dist
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
 from .config import HUB_TEACHER, RunConfig, teacher_run_name
 from .config import MethodConfig, OptimConfig
@@ -29,6 +30,13 @@ from .runs import OutputPaths, check_output_dirs, evaluate_accuracy, remove_part
 from .validation import validate_config
 
 log = logging.getLogger("desupcon")
+
+
+def _save(path: Path, obj) -> None:
+    """Only the first process writes (several GPUs); the others wait for the file."""
+    if dist.is_main():
+        atomic_torch_save(path, obj)
+    dist.barrier()
 
 
 def teacher_training_config(cfg: RunConfig) -> RunConfig:
@@ -182,7 +190,7 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, policy
             test_acc = evaluate_accuracy(teacher.encoder, dataset.test_images, dataset.test_labels,
                                          dataset, policy)
             metrics = {"test_acc": test_acc, "train_acc": None, "source": PUBLISHED_SOURCE}
-            atomic_torch_save(own_proj, _teacher_checkpoint("teacher_projection", proj_name, identity, cfg,
+            _save(own_proj, _teacher_checkpoint("teacher_projection", proj_name, identity, cfg,
                                                             teacher, metrics, [], source))
             log.info(f"[{proj_name}] imported the published teacher with projection {published_proj} "
                      f"(test acc {test_acc:.2f}%; its head is used as published, not re-probed)")
@@ -228,14 +236,14 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, policy
     metrics = {"test_acc": test_acc, "train_acc": entries[-1]["train_acc"] if entries else None,
                "source": source["kind"] if source["kind"] != "weights" else source["file"]}
     if cached is None:
-        atomic_torch_save(own_name, _teacher_checkpoint("teacher", name, backbone_identity, cfg, teacher,
+        _save(own_name, _teacher_checkpoint("teacher", name, backbone_identity, cfg, teacher,
                                                         metrics, entries, source))
         remove_partial(paths, name)
     log.info(f"[{name}] teacher test accuracy {test_acc:.2f}%")
 
     probe_log = train_projection_probe(teacher, cfg, dataset, policy, paths)
     metrics = {**metrics, "probe_train_acc": probe_log[-1]["train_acc"] if probe_log else None}
-    atomic_torch_save(own_proj, _teacher_checkpoint("teacher_projection", proj_name, identity, cfg,
+    _save(own_proj, _teacher_checkpoint("teacher_projection", proj_name, identity, cfg,
                                                     teacher, metrics, probe_log, source))
     return _finish(teacher, metrics, policy)
 

@@ -32,6 +32,7 @@ def base_config(args):
         model={"teacher_arch": args.teacher, "student_arch": args.student, "teacher_weights": None},
         optim={"epochs": args.epochs, "batch_size": 64, "schedule": "cosine", "milestones": []},
         teacher={"epochs": args.teacher_epochs, "batch_size": 64, "probe_epochs": 2},
+        method={"nce_negatives": args.nce_negatives},
         device="cpu", output_dir=str(args.output_dir), save_every=max(args.epochs, 1))
 
 
@@ -43,9 +44,11 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=2000, help="test images (seeded subset)")
     p.add_argument("--teacher", default="resnet20", help="teacher architecture")
     p.add_argument("--student", default="resnet8", help="student architecture")
-    p.add_argument("--epochs", type=int, default=10, help="student epochs")
+    p.add_argument("--epochs", type=int, default=6, help="student epochs")
     p.add_argument("--teacher-epochs", type=int, default=15, help="teacher epochs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="student seeds")
+    p.add_argument("--nce-negatives", type=int, default=1024,
+                   help="crd-nce negatives per anchor (the literature's 16,384 is more than a CPU subset holds)")
     p.add_argument("--output-dir", type=Path, default=REPO / "runs" / "cpu_comparison", help="where runs go")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

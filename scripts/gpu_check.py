@@ -1,0 +1,76 @@
+"""Short `paper`-shaped runs on a GPU (ResNet-50 -> ResNet-18, 32x32, 100 classes, synthetic data):
+eager and with --compile, and one lockstep group; prints images/s, seconds per epoch and peak GPU
+memory as a table. Run through scripts/gpu_check.sh on a machine with CUDA."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from desupcon.config import preset  # noqa: E402
+from desupcon.pipeline import Session  # noqa: E402
+
+
+def synthetic_cifar100(folder: Path, n_train: int, n_test: int) -> str:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        np.savez(folder / f"{split}.npz", images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 labels=(np.arange(n) % 100).astype(np.int64))
+    return f"npz:{folder}"
+
+
+def measure(label: str, session: Session, cfgs, images_per_epoch: int) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    results = session.run_many(cfgs, force=True)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - started
+    last_epoch = max(r.log[-1].get("group_seconds", r.log[-1]["seconds"]) for r in results)
+    return {"run": label, "students": len(cfgs), "seconds (all epochs)": total,
+            "seconds/epoch (last)": last_epoch,
+            "images/s (last epoch, per student)": images_per_epoch / last_epoch * len(cfgs),
+            "peak GPU MB": torch.cuda.max_memory_allocated() / 2**20}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train-images", type=int, default=10000)
+    p.add_argument("--epochs", type=int, default=3)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device here")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = synthetic_cifar100(Path(tmp), args.train_images, 2000)
+        base = preset("paper").replace(
+            data={"dataset": dataset}, model={"teacher_weights": None},
+            teacher={"epochs": 1, "probe_epochs": 1}, optim={"epochs": args.epochs},
+            output_dir=str(Path(tmp) / "out"), device="cuda")
+        session = Session(base, analyze=False)
+        print(f"GPU: {torch.cuda.get_device_name()}  policy: {session.policy.describe()}")
+        session.teacher()
+        lw = base.replace(method={"method": "lw-supcrd"})
+        rows.append(measure("LW-SupCRD eager", session, [lw], args.train_images))
+        compiled = Session(lw.replace(compile=True), analyze=False)
+        compiled._dataset, compiled._teacher = session._dataset, session._teacher
+        rows.append(measure("LW-SupCRD --compile", compiled, [lw.replace(compile=True)], args.train_images))
+        group = [lw.replace(method={"alpha": a}) for a in (1.0, 2.0, 5.0, 10.0)]
+        rows.append(measure("alpha sweep, 4 in lockstep", session, group, args.train_images))
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
