@@ -1,0 +1,68 @@
+"""Sweeps split across processes (`--shard I/N`), `train --method two-stage` and `probe`."""
+
+import json
+
+import pytest
+
+from desupcon import experiments, train
+from desupcon.checkpoint import load_checkpoint
+from desupcon.cli import main
+from desupcon.config import preset, run_name
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_shards_are_disjoint_cover_the_plan_and_keep_lockstep_groups(lockstep):
+    planned = experiments.plan(preset("quick"), "all", seeds=[0, 1, 2])
+    names = {run_name(e.cfg) for e in planned}
+    parts = [experiments.shard_plan(planned, (i, 3), lockstep) for i in (1, 2, 3)]
+    part_names = [{run_name(e.cfg) for e in p} for p in parts]
+    assert set().union(*part_names) == names
+    assert sum(len(p) for p in part_names) == len(names), "a run is in two shards"
+    if lockstep:
+        for p in parts:  # every lockstep group lies in one shard
+            keys = {train.lockstep_key(e.cfg) for e in p}
+            others = [train.lockstep_key(e.cfg) for q in parts if q is not p for e in q]
+            assert not keys & set(others)
+    else:
+        assert all(part_names), "each shard has work"
+
+
+def _tiny_flags(out):
+    return ["--preset", "quick", "--train-subset", "96", "--test-subset", "32", "--teacher-arch", "resnet8",
+            "--epochs", "1", "--teacher-epochs", "1", "--probe-epochs", "1", "--batch-size", "32",
+            "--teacher-batch-size", "32", "--device", "cpu", "--output-dir", str(out)]
+
+
+def test_two_shards_train_each_run_of_the_alpha_sweep_once(tmp_path, monkeypatch):
+    trained = []
+    real = train._train_lockstep
+
+    def counting(runs, *args, **kwargs):
+        trained.extend(r.name for r in runs if r.kind == "student")
+        return real(runs, *args, **kwargs)
+    monkeypatch.setattr(train, "_train_lockstep", counting)
+    for shard in ("1/2", "2/2"):
+        assert main(["sweep", "alpha", *_tiny_flags(tmp_path), "--no-plots", "--shard", shard]) == 0
+    assert len(trained) == 4 and len(set(trained)) == 4
+    assert main(["sweep", "alpha", "--shard", "3/2", *_tiny_flags(tmp_path)]) == 2
+
+
+def test_two_stage_and_probes_from_the_command_line(tmp_path, capsys):
+    assert main(["train", *_tiny_flags(tmp_path), "--method", "two-stage", "--phase2-epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "two-stage phase 2" in out
+    student = next((tmp_path / "pth_models").glob("student_twostage_*.pth"))
+    assert main(["train", *_tiny_flags(tmp_path), "--method", "kd"]) == 0
+    kd_run = next((tmp_path / "pth_models").glob("student_kd_*.pth"))
+    for kind in ("linear", "knn", "kd"):
+        assert main(["probe", str(kd_run), "--kind", kind, "--epochs", "1", "--output-dir", str(tmp_path),
+                     "--device", "cpu"]) == 0
+        assert f"{kind} probe top-1" in capsys.readouterr().out
+    ckpt = load_checkpoint(kd_run)
+    assert set(ckpt["probes"]) == {"linear", "knn", "kd"}
+    records = json.loads(next((tmp_path / "json_results").glob("comprehensive_results_*.json")).read_text())
+    assert set(records[ckpt["name"]]["probes"]) == {"linear", "knn", "kd"}
+    assert records[ckpt["name"]]["accuracy"]["test_acc"] == ckpt["metrics"]["test_acc"]
+    assert main(["report", "--output-dir", str(tmp_path)]) == 0
+    assert "two-stage (CRD phase 1, KD probe)" in capsys.readouterr().out
+    assert student.is_file()
