@@ -80,9 +80,15 @@ def wrap_model(model: nn.Module, policy, method, sync_batchnorm: bool = False):
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every rank along dim 0; gradients flow back to each rank's part."""
+    """Concatenate `x` from every rank along dim 0; gradients flow back to each rank's part (the
+    backward sums every rank's gradient for it). `torch.distributed.nn`'s all-gather works on
+    both NCCL and gloo (the functional collectives' reduce-scatter backward does not on gloo)."""
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x), dim=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x), dim=0)
 
 
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
