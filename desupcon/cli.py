@@ -127,6 +127,10 @@ def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) ->
                    help="write the in-progress checkpoint every N epochs (final results always)")
     p.add_argument("--sync-batchnorm", action="store_true",
                    help="several GPUs (torchrun): BatchNorm statistics over the global batch")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="write per-epoch scalars and final metrics of every run to <output-dir>/tensorboard/")
+    p.add_argument("--wandb", action="store_true",
+                   help="log the same to Weights & Biases (offline mode without an account or network)")
     if not with_run_flags:
         return
     for flag, (_, _, kind, text) in RUN_FLAGS.items():
@@ -209,7 +213,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                        precision=getattr(args, "precision", "auto"),
                        deterministic=getattr(args, "deterministic", False),
                        save_every=getattr(args, "save_every", 1),
-                       sync_batchnorm=getattr(args, "sync_batchnorm", False))
+                       sync_batchnorm=getattr(args, "sync_batchnorm", False),
+                       tensorboard=getattr(args, "tensorboard", False), wandb=getattr(args, "wandb", False))
 
 
 def preflight(cfgs: list[RunConfig], teacher: bool = True) -> None:
@@ -219,8 +224,10 @@ def preflight(cfgs: list[RunConfig], teacher: bool = True) -> None:
     can be had (a missing published teacher is reported before any data is loaded)."""
     from .evaluation import comprehensive_results_path
     from .teacher import check_teacher_available
+    from .tracking import check_available
     for cfg in cfgs:
         validate_config(cfg)
+        check_available(cfg.tensorboard, cfg.wandb)
     for cfg in cfgs:
         paths = OutputPaths(cfg.output_dir)
         for folder in (paths.models, paths.results):

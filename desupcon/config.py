@@ -65,7 +65,7 @@ TEACHERLESS_METHODS = {"ce", "supcon"}
 SCHEDULES = ("constant", "cosine", "step")
 OPTIMIZERS = ("adam", "sgd")
 RUNTIME_FIELDS = ("device", "output_dir", "compile", "precision", "deterministic", "save_every",
-                  "sync_batchnorm")
+                  "sync_batchnorm", "tensorboard", "wandb")
 INITS = ("kaiming", "pytorch")
 HYBRID_SCALINGS = ("running", "plain")
 BANK_MODES = ("class-aware", "negatives-only")
@@ -188,6 +188,8 @@ class RunConfig:
     deterministic: bool = False
     save_every: int = 1  # epochs between in-progress checkpoints
     sync_batchnorm: bool = False  # several GPUs: BatchNorm statistics over the global batch
+    tensorboard: bool = False  # per-epoch scalars and final metrics under <output_dir>/tensorboard/
+    wandb: bool = False  # the same to Weights & Biases (offline without network)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

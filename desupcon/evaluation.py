@@ -178,6 +178,11 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
                             for kind, entry in ckpt["probes"].items()}
     update_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset),
                         ckpt["name"], record)
+    if cfg.tensorboard or cfg.wandb:
+        from .tracking import RunTracker
+        tracker = RunTracker(ckpt["name"], paths.root, cfg.tensorboard, cfg.wandb, cfg.to_dict())
+        tracker.final({"test_acc": ckpt["metrics"].get("test_acc"), **metrics})
+        tracker.close()
     log.info(f"[{ckpt['name']}] alignment {metrics['alignment_class']:.4f} "
              f"uniformity {metrics['uniformity']:.4f} (projection head); backbone alignment "
              f"{metrics['backbone']['alignment_class']:.4f} uniformity {metrics['backbone']['uniformity']:.4f}")

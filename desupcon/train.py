@@ -74,6 +74,11 @@ class Run:
 
     def __post_init__(self):
         self.scaler = self.policy.grad_scaler()
+        self.tracker = None
+        if (self.cfg.tensorboard or self.cfg.wandb) and dist.is_main():
+            from .tracking import RunTracker
+            self.tracker = RunTracker(self.name, self.cfg.output_dir, self.cfg.tensorboard, self.cfg.wandb,
+                                      self.cfg.to_dict())
         self.forward_model = dist.wrap_model(self.model, self.policy, self.method, self.cfg.sync_batchnorm)
 
     @property
@@ -366,6 +371,9 @@ def train_group(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teache
                                        save_every)
         finished += done
         failures += failed
+    for run in runs:
+        if run.tracker is not None:
+            run.tracker.close()
     return finished, failures
 
 
@@ -427,6 +435,8 @@ def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Te
                 continue
             if dist.is_main():
                 save_log(paths, run.name, run.log)
+                if run.tracker is not None:
+                    run.tracker.epoch(entry)
                 if epoch < epochs and (epoch % save_every == 0):
                     atomic_torch_save(paths.partial_checkpoint(run.name), run.training_state(generator),
                                       durable=False)

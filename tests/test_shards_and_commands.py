@@ -66,3 +66,21 @@ def test_two_stage_and_probes_from_the_command_line(tmp_path, capsys):
     assert main(["report", "--output-dir", str(tmp_path)]) == 0
     assert "two-stage (CRD phase 1, KD probe)" in capsys.readouterr().out
     assert student.is_file()
+
+
+def test_tensorboard_event_file_reads_back(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = ["train", *_tiny_flags(tmp_path), "--method", "lw-supcrd", "--tensorboard"]
+    args[args.index("--epochs") + 1] = "2"
+    assert main(args) == 0
+    folders = [p for p in (tmp_path / "tensorboard").iterdir() if p.name.startswith("student_")]
+    assert len(folders) == 1
+    events = EventAccumulator(str(folders[0]))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"loss/total", "accuracy/test", "accuracy/train", "lr", "loss/lw_supcrd"} <= set(scalars)
+    assert [e.step for e in events.Scalars("loss/total")] == [1, 2]
+    log = json.loads(next((tmp_path / "json_results" / "training_logs").glob("student_*.json")).read_text())
+    assert [e.value for e in events.Scalars("accuracy/test")] == pytest.approx([e["test_acc"] for e in log])
+    assert "analysis/uniformity" in scalars and "analysis/backbone/uniformity" in scalars
