@@ -22,6 +22,7 @@ bench: $(PY)
 	$(PY) benchmarks/bench_flops.py --preset paper --method lw-supcrd --batch-size 32
 	$(PY) benchmarks/bench_lockstep.py
 	$(PY) benchmarks/bench_analysis.py
+	$(PY) benchmarks/bench_teacher_epoch.py
 
 clean-outputs:
 	rm -rf pth_models json_results plots
