@@ -523,6 +523,14 @@ def find_cached_run(cfg: RunConfig, paths: OutputPaths, teacher_fingerprint: str
         if original.is_file() and not _is_ours(original):
             return import_published_student(original, cfg, identity, dataset, policy, paths.models)
     path = paths.checkpoint(name)
+    ckpt = load_cached_student(path, identity, name)
+    return None if ckpt is None else (path, ckpt)
+
+
+def load_cached_student(path: Path, identity: dict, name: str) -> dict | None:
+    """Our finished checkpoint at `path` if it holds exactly this run. One distilled from another
+    teacher (by content) is stale: None, so it is retrained (with a warning). One of another
+    configuration is an error naming the difference."""
     if not path.is_file():
         return None
     try:
@@ -532,7 +540,7 @@ def find_cached_run(cfg: RunConfig, paths: OutputPaths, teacher_fingerprint: str
                               "from a backup") from exc
     stored = ckpt.get("identity") or {}
     if stored == identity:
-        return path, ckpt
+        return ckpt
     diffs = identity_diff(stored, identity)
     if diffs and all(d.startswith("teacher.") for d in diffs):
         log.warning(f"[{name}] {path} was distilled from another teacher ({'; '.join(diffs)}); "

@@ -40,9 +40,10 @@ from .memory_bank import MomentumMemoryBank
 from .methods import Method, StepOutputs, build_method
 from .models import Student, load_matching_state_dict
 from .probes import FrozenEncoderProbe, ProbeConfig, fit_probe, knn_probe
-from .runs import OutputPaths, check_output_dirs, identity_diff, remove_partial, save_log
+from .runs import OutputPaths, check_output_dirs, remove_partial, save_log
 from .teacher_weights import fingerprint
-from .train import Run, RunResult, build_student, final_metrics, make_optimizer, train_group
+from .train import (Run, RunResult, build_student, final_metrics, load_cached_student, make_optimizer,
+                    train_group)
 from .validation import ConfigError, validate_config
 
 log = logging.getLogger("desupcon")
@@ -319,28 +320,6 @@ def _phase1(p1cfg, ts, name, identity, dataset, teacher, policy, paths, resume) 
 # The run
 # ----------------------------------------------------------------------------------------------
 
-def _cached(path, identity: dict, name: str) -> dict | None:
-    """Our finished checkpoint of exactly this run; one of another teacher is retrained (with a
-    warning), one of another configuration is an error naming the difference."""
-    if not path.is_file():
-        return None
-    try:
-        ckpt = load_checkpoint(path, expected_kind="student")
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}. Rerun with --force to retrain and replace it, or restore it "
-                              "from a backup") from exc
-    stored = ckpt.get("identity") or {}
-    if stored == identity:
-        return ckpt
-    diffs = identity_diff(stored, identity)
-    if diffs and all(d.startswith("teacher.") for d in diffs):
-        log.warning(f"[{name}] {path} was distilled from another teacher; retraining it")
-        return None
-    raise CheckpointError(f"{path} exists but was trained with another configuration "
-                          f"({'; '.join(diffs[:6])}). Rerun with --force to replace it, or use "
-                          "another --output-dir.")
-
-
 def _result(name: str, p1cfg: RunConfig, path, ckpt: dict, cached: bool) -> RunResult:
     analysis = (ckpt.get("analysis") or {}).get("metrics")
     return RunResult(name, p1cfg, path, ckpt["metrics"], ckpt["log"], cached, analysis, "trained")
@@ -371,7 +350,7 @@ def train_two_stage(cfg: RunConfig, two_stage_cfg: TwoStageConfig | None, datase
     fp = getattr(teacher, "fingerprint", None)
     name, identity = two_stage_name(cfg, ts), two_stage_identity(cfg, ts, fp)
     final_path = paths.checkpoint(name)
-    cached = None if force else _cached(final_path, identity, name)
+    cached = None if force else load_cached_student(final_path, identity, name)
     if cached is not None:
         log.info(f"[{name}] loaded from cache: test acc {cached['metrics']['test_acc']:.2f}%")
         return _result(name, p1cfg, final_path, cached, True)

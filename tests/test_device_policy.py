@@ -33,27 +33,29 @@ def test_automatic_choice():
 @pytest.fixture(scope="module")
 def teacher_root(tmp_path_factory, tiny_config):
     root = tmp_path_factory.mktemp("policy-teacher")
-    Session(tiny_config(root)).teacher()
+    Session(tiny_config(root).replace(data={"train_subset": 96, "test_subset": 32})).teacher()
     return root
 
 
-def _session(tmp_path, teacher_root, tiny_config, policy, epochs=2):
+def _session(tmp_path, teacher_root, tiny_config, policy, epochs=2, train_images=96):
     (tmp_path / "pth_models").mkdir(parents=True, exist_ok=True)
     for f in (teacher_root / "pth_models").glob("teacher_*.pth"):
         shutil.copy2(f, tmp_path / "pth_models" / f.name)
-    return Session(tiny_config(tmp_path, epochs=epochs), analyze=False, policy=policy)
+    cfg = tiny_config(tmp_path, epochs=epochs).replace(data={"train_subset": train_images, "test_subset": 32})
+    return Session(cfg, analyze=False, policy=policy)
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_each_policy_trains_and_lockstep_equals_solo(tmp_path, teacher_root, tiny_config, name):
     policy = POLICIES[name]
-    session = _session(tmp_path / "lockstep", teacher_root, tiny_config, policy, epochs=3)
+    # bf16 convolutions are slow on most CPUs: a few small steps are enough to exercise the path
+    session = _session(tmp_path / "lockstep", teacher_root, tiny_config, policy, epochs=3, train_images=96)
     cfgs = [session.cfg.replace(method={"method": m}) for m in ("lw-supcrd", "ce")]
     together = session.run_many(cfgs)
     for result in together:
         losses = [e["loss"] for e in result.log]
         assert losses[-1] < losses[0], f"{name} {result.name}: {losses}"
-    solo = _session(tmp_path / "solo", teacher_root, tiny_config, policy, epochs=3)
+    solo = _session(tmp_path / "solo", teacher_root, tiny_config, policy, epochs=3, train_images=96)
     alone = solo.run(cfgs[0].replace(output_dir=str(tmp_path / "solo")))
     a, b = load_checkpoint(together[0].checkpoint)["student"], load_checkpoint(alone.checkpoint)["student"]
     assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: lockstep differs from solo"
@@ -63,7 +65,7 @@ def test_each_policy_trains_and_lockstep_equals_solo(tmp_path, teacher_root, tin
         assert run.optimizer.defaults.get("fused") is True
 
 
-@pytest.mark.parametrize("name", ["fp32", "gpu-like"])
+@pytest.mark.parametrize("name", ["fp32", "channels_last+fused"])
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, teacher_root, tiny_config, name,
                                                              monkeypatch):
     policy = POLICIES[name]
@@ -74,7 +76,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, teacher_r
 
     def poisoned_step(self, indices, view1, views, labels, teacher_out):
         calls["n"] += 1
-        if calls["n"] == 7:  # epoch 2 (5 steps per epoch), step 2
+        if calls["n"] == 5:  # epoch 2 (3 steps per epoch), step 2
             view1, views = view1 * float("nan"), views * float("nan")
         return real_losses(self, indices, view1, views, labels, teacher_out)
     monkeypatch.setattr(train.Run, "step", poisoned_step)
