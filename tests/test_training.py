@@ -10,7 +10,7 @@ import torch
 from desupcon import data, runs, train
 from desupcon.checkpoint import CheckpointError, load_checkpoint
 from desupcon.cli import RUN_FLAGS, build_parser, config_from_args
-from desupcon.config import RunConfig, preset, run_name, teacher_run_name
+from desupcon.config import METHOD_FIELDS, RunConfig, preset, run_name, teacher_run_name
 from desupcon.methods import StepOutputs
 from desupcon.pipeline import Session
 
@@ -158,6 +158,12 @@ def _flag_value(flag, current):
         return "plain"
     if flag == "--bank-mode":
         return "negatives-only"
+    if flag in ("--optimizer", "--teacher-optimizer"):
+        return "sgd"
+    if flag == "--logit-term":
+        return "dkd"
+    if isinstance(current, list):
+        return [*current, 7]
     if current is None:
         return 123
     return type(current)(current * 2 + 1)
@@ -176,8 +182,9 @@ def test_every_flag_changes_the_run():
         changed = ref.replace(**{section: {key: _flag_value(flag, current)}})
         # Method-specific settings only matter to a method that reads them.
         if section == "method" and key not in ("method",):
-            changed = changed.replace(method={"method": "hybrid", "bank_size": changed.method.bank_size})
-            base_cmp = ref.replace(method={"method": "hybrid"})
+            reader = next(m for m in ("hybrid", "sdd-lskd", "sd-kd", "crd-nce") if key in METHOD_FIELDS[m])
+            changed = changed.replace(method={"method": reader, "bank_size": changed.method.bank_size})
+            base_cmp = ref.replace(method={"method": reader})
         else:
             base_cmp = ref
         assert run_name(changed) != run_name(base_cmp), f"{flag} does not change the run name"
