@@ -415,7 +415,8 @@ def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Te
                                          augment, generator, drop_last=o.drop_last, views=data_views,
                                          shard=(rank, world))
         for indices, view1, view2, labels in tqdm(batches, total=n_steps, leave=False,
-                                                  desc=f"{label} {epoch}/{epochs}", disable=rank != 0):
+                                                  desc=f"{label} {epoch}/{epochs}",
+                                                  **({"disable": True} if rank else {})):
             view1 = policy.inputs(view1)
             views = policy.inputs(torch.cat([view1, view2])) if view2 is not None else None
             teacher_out = None
