@@ -193,7 +193,7 @@ def quickstart(cfg: RunConfig, force: bool = False, force_teacher: bool = False,
                      "train_acc": result.metrics["train_acc"], "seconds": result.metrics["seconds"],
                      "run": result.name, **(result.analysis or {})})
     table = results_table(rows, [("method", "method"), ("test_acc", "test acc %"),
-                                 ("train_acc", "train acc %"), ("seconds", "train seconds"),
+                                 ("train_acc", "train acc %"), ("seconds", "train seconds (an equal share of the lockstep group)"),
                                  ("alignment_class", "alignment (class)"), ("uniformity", "uniformity")])
     out = session.paths.results
     atomic_write_json(out / "quickstart_results.json", rows)
