@@ -370,7 +370,7 @@ def _fmt(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, (list, tuple)):
-        return "-".join(_fmt(v) for v in value)
+        return "-".join(_fmt(v) for v in value) or "none"
     if isinstance(value, float):
         return repr(value)
     return str(value)

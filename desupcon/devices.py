@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import DesupconError
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,12 +27,19 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+class DeviceError(DesupconError, ValueError):
+    """A device that does not exist here; the message names it and the alternatives."""
+
+
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise DeviceError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device
 
 
