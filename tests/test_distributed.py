@@ -137,3 +137,49 @@ def test_torchrun_two_processes_write_once_and_resume(tmp_path):
     # a second launch finds the finished run: nothing is trained again
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "loaded from cache" in again.stderr + again.stdout
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from desupcon import cli, train
+real_save = train.atomic_torch_save
+
+
+def save_then_die(path, obj, *args, **kwargs):
+    real_save(path, obj, *args, **kwargs)
+    if obj.get("kind") == "in_progress" and obj.get("epoch") == 1 and obj["name"].startswith("student"):
+        os.kill(os.getpid(), signal.SIGKILL)  # rank 0, right after the epoch-1 checkpoint
+
+
+train.atomic_torch_save = save_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on POSIX")
+def test_torchrun_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER.format(repo=str(REPO)))
+
+    def launch(script, out):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+             str(_free_port()), str(script), "train", "--preset", "quick", "--method", "lw-supcrd",
+             "--device", "cpu", "--epochs", "3", "--train-subset", "128", "--test-subset", "32",
+             "--teacher-arch", "resnet8", "--teacher-epochs", "1", "--probe-epochs", "1",
+             "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    whole = launch(REPO / "desupcon.py", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = launch(killer, tmp_path / "resumed")
+    assert killed.returncode != 0
+    partial = list((tmp_path / "resumed" / "pth_models" / "in_progress").glob("student_*.pth"))
+    assert len(partial) == 1
+    resumed = launch(REPO / "desupcon.py", tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
+    from desupcon.checkpoint import load_checkpoint
+    a = load_checkpoint(next((tmp_path / "whole" / "pth_models").glob("student_*.pth")))["student"]
+    b = load_checkpoint(next((tmp_path / "resumed" / "pth_models").glob("student_*.pth")))["student"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
