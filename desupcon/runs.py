@@ -188,27 +188,6 @@ def with_kept_state(exc: NonFiniteLossError, partial: Path, last_good_epoch: int
     return NonFiniteLossError(f"{exc} {kept}", exc.name, exc.epoch, exc.step)
 
 
-def cached_checkpoint(path: Path, kind: str, identity: dict, force: bool) -> dict | None:
-    """The checkpoint at `path` if it holds exactly this configuration, else None.
-
-    A checkpoint of the same name but another configuration is never reused: without `force`
-    that is an error naming the differing settings.
-    """
-    if force or not path.is_file():
-        return None
-    try:
-        ckpt = load_checkpoint(path, expected_kind=kind)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}. Rerun with --force to retrain and replace it, or restore it "
-                              "from a backup") from exc
-    if ckpt.get("identity") != identity:
-        diffs = identity_diff(ckpt.get("identity") or {}, identity)
-        raise CheckpointError(f"{path} exists but was trained with another configuration "
-                              f"({'; '.join(diffs[:6])}). Rerun with --force to replace it, or "
-                              "use another --output-dir.")
-    return ckpt
-
-
 def identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):

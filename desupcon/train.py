@@ -284,6 +284,16 @@ def make_student_run(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Te
         groups.append({"params": list(student.classifier.parameters()), "lr": o.lr,
                        "weight_decay": o.weight_decay})
         schedules.append(o.schedule)
+    return assemble_run(cfg, run_name(cfg), None, method, student, groups, schedules, dataset, teacher, policy)
+
+
+def assemble_run(cfg: RunConfig, name: str, identity: dict | None, method: Method, student: Student,
+                 groups: list[dict], schedules: list[str], dataset: data_mod.ImageDataset,
+                 teacher: Teacher | None, policy: DevicePolicy, kind: str = "student") -> Run:
+    """A student run from its model and the parameter groups of the student itself: adds the
+    teacher head's and the method's own groups, the optimiser, schedule and memory bank.
+    `identity=None`: the run's configuration identity with the teacher's fingerprint."""
+    o = cfg.optim
     teacher_head = None
     if method.uses_teacher and method.uses_teacher_head:
         teacher_head = copy.deepcopy(teacher.head).to(policy.device)
@@ -302,8 +312,9 @@ def make_student_run(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Te
     if cfg.compile:
         student.forward = torch.compile(student.forward)
     fp = getattr(teacher, "fingerprint", None) if method.uses_teacher else None
-    return Run(cfg, run_name(cfg), cfg.identity(fp), method, student, teacher_head, optimizer, scheduler,
-               policy, o, bank, torch.Generator().manual_seed(o.seed + 1), teacher_fingerprint=fp)
+    return Run(cfg, name, identity if identity is not None else cfg.identity(fp), method, student,
+               teacher_head, optimizer, scheduler, policy, o, bank,
+               torch.Generator().manual_seed(o.seed + 1), kind=kind, teacher_fingerprint=fp)
 
 
 def lockstep_key(cfg: RunConfig) -> tuple:

@@ -35,14 +35,13 @@ from . import distributed as dist
 from . import losses
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
 from .config import RunConfig, run_name
-from .devices import as_policy, make_scheduler
-from .memory_bank import MomentumMemoryBank
+from .devices import as_policy
 from .methods import Method, StepOutputs, build_method
 from .models import Student, load_matching_state_dict
 from .probes import FrozenEncoderProbe, ProbeConfig, fit_probe, knn_probe
 from .runs import OutputPaths, check_output_dirs, remove_partial, save_log
 from .teacher_weights import fingerprint
-from .train import (Run, RunResult, build_student, final_metrics, load_cached_student, make_optimizer,
+from .train import (Run, RunResult, assemble_run, build_student, final_metrics, load_cached_student,
                     train_group)
 from .validation import ConfigError, validate_config
 
@@ -248,24 +247,8 @@ def _phase1_run(p1cfg: RunConfig, ts: TwoStageConfig, name: str, identity: dict,
     groups = [{"params": [p for p in student.parameters() if id(p) not in classifier_ids],
                "lr": o.lr, "weight_decay": o.weight_decay}]
     schedules = [o.schedule]
-    teacher_head = None
-    if method.uses_teacher and method.uses_teacher_head:
-        teacher_head = copy.deepcopy(teacher.head).to(policy.device)
-        groups.append({"params": list(teacher_head.parameters()), "lr": o.head_lr, "weight_decay": 0.0})
-        schedules.append("constant")
-    method.setup(dataset, student, teacher, policy)
-    for module in method.trainable_modules():
-        groups.append({"params": list(module.parameters()), "lr": o.lr, "weight_decay": o.weight_decay})
-        schedules.append(o.schedule)
-    optimizer = make_optimizer(o, groups, policy)
-    scheduler = make_scheduler(optimizer, schedules, o.epochs, tuple(o.milestones), o.lr_decay)
-    bank = None
-    if method.uses_bank:
-        bank = MomentumMemoryBank(len(dataset.train_labels), teacher_head[-1].out_features,
-                                  dataset.train_labels, p1cfg.method.bank_momentum, device=policy.device)
-    fp = getattr(teacher, "fingerprint", None)
-    return Run(p1cfg, name, identity, method, student, teacher_head, optimizer, scheduler, policy, o, bank,
-               torch.Generator().manual_seed(o.seed + 1), kind=PHASE1_KIND, teacher_fingerprint=fp)
+    return assemble_run(p1cfg, name, identity, method, student, groups, schedules, dataset, teacher, policy,
+                        kind=PHASE1_KIND)
 
 
 def _phase1_done_path(paths: OutputPaths, name: str):
