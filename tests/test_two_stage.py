@@ -102,6 +102,21 @@ def test_phase2_leaves_every_encoder_parameter_and_batchnorm_buffer_bit_identica
             assert torch.equal(final[key], value), f"phase 2 changed {key}"
 
 
+def test_phase1_trains_the_encoder_an_end_to_end_run_of_its_method_trains(runs):
+    """The end-to-end representation methods train their classifier online on detached features,
+    so under the same optimiser phase 1's encoder and projector are the end-to-end run's, bit for
+    bit: two-stage and end-to-end differ only in how the classifier is trained."""
+    session = runs["whole_session"]
+    end_to_end = session.run(two_stage.phase1_config(session.cfg, TS))
+    e2e = load_checkpoint(end_to_end.checkpoint, "student")["student"]
+    phase1 = load_checkpoint(runs["whole"].checkpoint, "student")["student"]  # encoder frozen in phase 2
+    shared = [k for k in phase1 if not k.startswith("encoder.fc.")]
+    assert any(k.startswith("projector.") for k in shared)
+    for key in shared:
+        assert torch.equal(phase1[key], e2e[key]), f"{key} differs from the end-to-end run's"
+    assert not torch.equal(phase1["encoder.fc.weight"], e2e["encoder.fc.weight"])
+
+
 def test_a_run_killed_in_phase2_resumes_to_the_same_weights_without_redoing_phase1(runs):
     assert runs["phase2_partial"]["epoch"] == STOP_AT - 1
     assert runs["resume_calls"][PHASE1_KIND] == 0  # phase 1 was not trained again
