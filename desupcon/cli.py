@@ -444,9 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(p)
     p.add_argument("--phase1-method", default="crd",
                    help="two-stage: the representation method of phase 1 (crd, supcon, lw-supcrd, hybrid, crd-nce)")
-    p.add_argument("--phase1-optimizer", choices=("adam", "sgd"), default="adam",
-                   help="two-stage: phase 1 with the run's Adam settings, or the seed's SGD (0.05, momentum "
-                        "0.9, weight decay 5e-4, batch 64)")
+    p.add_argument("--phase1-optimizer", choices=("run", "adam", "sgd"), default="run",
+                   help="two-stage: phase 1 with the run's own optimiser (default), the run's settings with "
+                        "Adam, or the seed's SGD (0.05, momentum 0.9, weight decay 5e-4, batch 64)")
     p.add_argument("--phase2-epochs", type=int, default=None,
                    help="two-stage: epochs of the KD probe (default 50; the run's epochs on the quick preset)")
     p.add_argument("--finetune-last-stage", action="store_true",

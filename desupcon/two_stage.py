@@ -55,6 +55,8 @@ PHASE1_METHODS = ("crd", "supcon", "lw-supcrd", "hybrid", "crd-nce")
 # Loss terms of a method that train the classifier: never part of phase 1.
 CLASSIFIER_TERMS = ("ce", "online_classifier")
 # The seed's phase-1 SGD table (SPEC 12).
+PHASE1_OPTIMIZERS = ("run", "adam", "sgd")
+ADAM_MAX_LR = 0.01  # Adam is run at 1e-4..1e-3; a larger lr is an SGD one carried over by mistake
 SEED_SGD = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64}
 MAP_EMBED_DIM = 128  # two-level CRD: the linear embeddings of the per-channel pooled final map
 PHASE1_KIND, PHASE2_KIND = "two-stage-phase1", "two-stage-phase2"  # `Run.kind` of each phase
@@ -71,8 +73,11 @@ class TwoStageConfig:
 
     phase1_method: the representation method of phase 1 (its settings: the RunConfig's method
       section; `with_method` defaults apply when it differs from the RunConfig's method).
-    phase1_optimizer: "adam": the RunConfig's optimiser settings with Adam; "sgd": the seed's table
-      (SGD momentum 0.9, lr 0.05, weight decay 5e-4, batch 64; epochs and schedule the RunConfig's).
+    phase1_optimizer: "run": the RunConfig's own optimiser and settings (Adam 1e-3 under `paper`,
+      SGD 0.05 under `mdistiller`), so phase 1 trains what an end-to-end run of the same method
+      trains; "adam": those settings with Adam (its lr must suit Adam: an SGD lr such as 0.05 is
+      refused); "sgd": the seed's table (SGD momentum 0.9, lr 0.05, weight decay 5e-4, batch 64;
+      epochs and schedule the RunConfig's).
     phase2: the KD probe's settings (50 epochs, Adam 1e-3, batch 128, constant lr, T = 4, 0.7 KL +
       0.3 CE; its seed None: the run's seed).
     finetune_last_stage: the seed's variant of phase 2 (last stage at phase2.finetune_lr, 1e-5,
@@ -84,7 +89,7 @@ class TwoStageConfig:
     """
 
     phase1_method: str = "crd"
-    phase1_optimizer: str = "adam"
+    phase1_optimizer: str = "run"
     phase2: ProbeConfig = field(default_factory=_kd_probe_defaults)
     finetune_last_stage: bool = False
     two_level_crd: bool = False
@@ -108,8 +113,9 @@ class TwoStageConfig:
         if self.phase1_method not in PHASE1_METHODS:
             raise ConfigError(f"two-stage: phase 1 needs a representation method ({', '.join(PHASE1_METHODS)}), "
                               f"got {self.phase1_method!r}")
-        if self.phase1_optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"two-stage: phase1_optimizer must be adam or sgd, got {self.phase1_optimizer!r}")
+        if self.phase1_optimizer not in PHASE1_OPTIMIZERS:
+            raise ConfigError(f"two-stage: phase1_optimizer must be one of {', '.join(PHASE1_OPTIMIZERS)}, "
+                              f"got {self.phase1_optimizer!r}")
         if self.two_level_crd and self.phase1_method != "crd":
             raise ConfigError("two-stage: two_level_crd needs phase1_method crd")
         self.phase2.check()
@@ -192,6 +198,12 @@ def phase1_config(cfg: RunConfig, ts: TwoStageConfig) -> RunConfig:
     p1 = cfg if cfg.method.method == ts.phase1_method else cfg.with_method(ts.phase1_method)
     if ts.phase1_optimizer == "sgd":
         return p1.replace(optim=SEED_SGD)
+    if ts.phase1_optimizer == "run":
+        return p1
+    if p1.optim.lr > ADAM_MAX_LR:
+        raise ConfigError(f"two-stage: phase1_optimizer adam would run Adam at the run's lr {p1.optim.lr} "
+                          f"({p1.optim.optimizer}'s); pass an Adam lr (--lr 0.001), or phase1_optimizer "
+                          "run (the run's own optimiser) or sgd (the seed's table)")
     return p1.replace(optim={"optimizer": "adam"})
 
 

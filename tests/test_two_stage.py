@@ -196,3 +196,15 @@ def test_settings_are_checked():
     # either switch of the fine-tune sets both (one identity for one computation)
     assert TwoStageConfig(finetune_last_stage=True) == TwoStageConfig(phase2=ProbeConfig(finetune_last_stage=True))
     assert TwoStageConfig.from_dict(TS.to_dict()) == TS
+
+
+def test_phase1_optimizer_choices_under_an_sgd_protocol(tiny_config, tmp_path):
+    sgd_run = tiny_config(tmp_path).replace(optim={"optimizer": "sgd", "lr": 0.05, "momentum": 0.9})
+    own = two_stage.phase1_config(sgd_run, TwoStageConfig())  # default "run": the run's own optimiser
+    assert (own.optim.optimizer, own.optim.lr, own.method.method) == ("sgd", 0.05, "crd")
+    seed = two_stage.phase1_config(sgd_run, TwoStageConfig(phase1_optimizer="sgd")).optim
+    assert (seed.optimizer, seed.lr, seed.weight_decay, seed.batch_size) == ("sgd", 0.05, 5e-4, 64)
+    with pytest.raises(ValueError, match="Adam at the run's lr 0.05"):  # an SGD lr is not an Adam one
+        two_stage.phase1_config(sgd_run, TwoStageConfig(phase1_optimizer="adam"))
+    adam = two_stage.phase1_config(sgd_run.replace(optim={"lr": 1e-3}), TwoStageConfig(phase1_optimizer="adam"))
+    assert (adam.optim.optimizer, adam.optim.lr) == ("adam", 1e-3)
