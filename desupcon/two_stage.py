@@ -54,9 +54,9 @@ __all__ = ["TwoStageConfig", "RepresentationPhase", "PHASE1_METHODS", "two_stage
 PHASE1_METHODS = ("crd", "supcon", "lw-supcrd", "hybrid", "crd-nce")
 # Loss terms of a method that train the classifier: never part of phase 1.
 CLASSIFIER_TERMS = ("ce", "online_classifier")
-# The seed's phase-1 SGD table (SPEC 12).
 PHASE1_OPTIMIZERS = ("run", "adam", "sgd")
 ADAM_MAX_LR = 0.01  # Adam is run at 1e-4..1e-3; a larger lr is an SGD one carried over by mistake
+# The seed's phase-1 SGD table (SPEC 12).
 SEED_SGD = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64}
 MAP_EMBED_DIM = 128  # two-level CRD: the linear embeddings of the per-channel pooled final map
 PHASE1_KIND, PHASE2_KIND = "two-stage-phase1", "two-stage-phase2"  # `Run.kind` of each phase
