@@ -125,10 +125,13 @@ def two_stage_comparison(args, base, session) -> dict:
 
 def references(group: str, rows) -> dict:
     """Which rows each row's paired difference is taken against."""
-    if group == "logit":
-        return {label: [r for r in ("CE student", "KD") if r in rows and r != label] for label in rows}
-    return {label: ["KD", label.replace("two-stage ", "")] if label.startswith("two-stage") else
-            ["KD"] if label != "KD" else ["CE student"] for label in rows}
+    def wanted(label: str) -> list[str]:
+        if group == "logit":
+            return ["CE student", "KD"]
+        if label.startswith("two-stage "):  # against KD and its own end-to-end run
+            return ["KD", label[len("two-stage "):]]
+        return ["KD"] if label != "KD" else ["CE student"]
+    return {label: [r for r in wanted(label) if r in rows and r != label] for label in rows}
 
 
 def merge(files: list[Path]) -> tuple[str, dict, list[str]]:
