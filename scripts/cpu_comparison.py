@@ -55,7 +55,7 @@ def base_config(args):
 
 
 def print_table(rows: dict[str, dict[str, dict[int, float]]], columns: list[str],
-                refs: dict[str, str | list[str]]) -> None:
+                refs: dict[str, list[str]]) -> None:
     """One row per method: mean ± sd of each column over seeds, then paired differences of the
     first column against each reference row (`refs`: label -> reference label(s) for that row)."""
     header = ["method", *columns, "Δ (paired, first column)"]
@@ -66,7 +66,7 @@ def print_table(rows: dict[str, dict[str, dict[int, float]]], columns: list[str]
             m, sd = mean_sd(list(cols.get(c, {}).values()))
             cells.append("" if m is None else f"{m:.2f} ± {sd:.2f}" if sd is not None else f"{m:.2f}")
         diffs = []
-        for ref in ([refs[label]] if isinstance(refs.get(label), str) else refs.get(label, [])):
+        for ref in refs.get(label, []):
             d, se, n = paired_difference(cols[columns[0]], rows[ref][columns[0]])
             if d is not None:
                 diffs.append(f"{d:+.2f} ± {se:.2f} vs {ref}" if se is not None else f"{d:+.2f} vs {ref}")
