@@ -265,13 +265,20 @@ def update_json_records(path: str | Path, key: str, record: dict) -> dict:
     A corrupted or non-object file raises `CheckpointError` and is left as it is, so that the
     other runs' records in it are never silently lost.
     """
+    return change_json_record(path, key, lambda _old: record)
+
+
+def change_json_record(path: str | Path, key: str, change) -> dict:
+    """Replace the record under `key` with `change(old record or None)`, read and written under
+    the file's lock (so a concurrent writer's change is not lost); the others are kept. Errors as
+    `update_json_records`. Returns all the records."""
     path = Path(path)
     with locked(path):
         records = read_json(path) if path.is_file() else {}
         if not isinstance(records, dict):
             raise CheckpointError(f"{path} holds a JSON {type(records).__name__}, expected an object "
                                   "keyed by run name; it is left untouched: restore or delete it")
-        records[key] = record
+        records[key] = change(records.get(key))
         atomic_write_json(path, records)
     return records
 

@@ -337,14 +337,20 @@ def cmd_train(args) -> None:
           f"  -> {result.checkpoint}")
 
 
+def _saved_run_path(run: str, output_dir) -> Path:
+    """A checkpoint file given as a path or as a run name under `output_dir`/pth_models."""
+    path = Path(run)
+    if not path.is_file():
+        path = Path(output_dir) / "pth_models" / f"{run}.pth"
+    if not path.is_file():
+        raise InputFileError(f"{run}: neither a checkpoint file nor a run name with a checkpoint in "
+                             f"{Path(output_dir) / 'pth_models'}")
+    return path
+
+
 def cmd_analyze(args) -> None:
     """Re-analyse a saved student (a checkpoint path or a run name under --output-dir)."""
-    path = Path(args.run)
-    if not path.is_file():
-        path = Path(args.output_dir) / "pth_models" / f"{args.run}.pth"
-    if not path.is_file():
-        raise InputFileError(f"{args.run}: neither a checkpoint file nor a run name with a "
-                                f"checkpoint in {Path(args.output_dir) / 'pth_models'}")
+    path = _saved_run_path(args.run, args.output_dir)
     metrics = pipeline.analyze_checkpoint(path, device=args.device, output_dir=args.output_dir,
                                           data_root=args.data_root, pictures=not args.no_plots)
     width = max(len(k) for k in metrics)
@@ -359,12 +365,7 @@ def cmd_probe(args) -> None:
     from .devices import DevicePolicy, select_device
     from .probes import ProbeConfig, probe_checkpoint
     from .runs import prepare_dataset
-    path = Path(args.run)
-    if not path.is_file():
-        path = Path(args.output_dir) / "pth_models" / f"{args.run}.pth"
-    if not path.is_file():
-        raise InputFileError(f"{args.run}: neither a checkpoint file nor a run name with a checkpoint in "
-                             f"{Path(args.output_dir) / 'pth_models'}")
+    path = _saved_run_path(args.run, args.output_dir)
     ckpt = load_checkpoint(path, expected_kind="student")
     cfg = RunConfig.from_dict(ckpt["config"]).replace(device=args.device, output_dir=str(args.output_dir),
                                                       **({"data": {"data_root": args.data_root}}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import data as data_mod
 from . import distributed as dist
 from . import losses
-from .checkpoint import CheckpointError, atomic_torch_save, atomic_write_json, locked, read_json
+from .checkpoint import atomic_torch_save, change_json_record
 from .config import MethodConfig, OptimConfig, RunConfig, protocol_of
 from .devices import as_policy, make_scheduler
 from .methods import CrossEntropyMethod, Method, StepOutputs
@@ -381,17 +381,11 @@ def record_probe(results_path: Path, ckpt: dict, cfg: RunConfig, kind: str, entr
     """Add `entry` as `record["probes"][kind]` of the run's comprehensive-results record (created in
     the report's form when the run has none yet), under the records file's lock. `accuracy` and
     everything else in the record are left as they are. Returns the record."""
-    results_path = Path(results_path)
-    with locked(results_path):
-        records = read_json(results_path) if results_path.is_file() else {}
-        if not isinstance(records, dict):
-            raise CheckpointError(f"{results_path} holds a JSON {type(records).__name__}, expected an "
-                                  "object keyed by run name; it is left untouched: restore or delete it")
-        record = records.get(ckpt["name"]) or _base_record(ckpt, cfg)
+    def add_probe(record: dict | None) -> dict:
+        record = record or _base_record(ckpt, cfg)
         record.setdefault("probes", {})[kind] = entry
-        records[ckpt["name"]] = record
-        atomic_write_json(results_path, records)
-    return record
+        return record
+    return change_json_record(results_path, ckpt["name"], add_probe)[ckpt["name"]]
 
 
 def probe_identity(kind: str, student: nn.Module, cfg: RunConfig, config: ProbeConfig | None,

@@ -23,3 +23,18 @@ def tiny_run_config(output_dir, train_images: int = 160, test_images: int = 64, 
 def tiny_config():
     """Factory: `tiny_config(output_dir, train_images=..., epochs=...)` -> RunConfig."""
     return tiny_run_config
+
+
+@pytest.fixture
+def trained_students(monkeypatch):
+    """The names of the student runs the training loop trains from now on, in order (cached runs
+    and teachers are not counted)."""
+    from desupcon import train
+    names: list[str] = []
+    real = train._train_lockstep
+
+    def counting(runs, *args, **kwargs):
+        names.extend(r.name for r in runs if r.kind == "student")
+        return real(runs, *args, **kwargs)
+    monkeypatch.setattr(train, "_train_lockstep", counting)
+    return names

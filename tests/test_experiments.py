@@ -75,7 +75,7 @@ def test_alpha_sweep_with_two_seeds_then_nothing_retrains(tmp_path, monkeypatch,
     assert all(r.cached for _, r in again)
 
 
-def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch, tiny_config):
+def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch, tiny_config, request):
     base = tiny_config(tmp_path, train_images=128, test_images=48, epochs=1)
     finished = []
     original = train.Run.finish_epoch
@@ -93,13 +93,7 @@ def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch, tiny_co
     assert len(list((tmp_path / "pth_models").glob("student_*.pth"))) == 2
 
     monkeypatch.setattr(train.Run, "finish_epoch", original)
-    trained = []
-    original_lockstep = train._train_lockstep
-
-    def counting(runs, *args, **kwargs):
-        trained.extend(r.name for r in runs if r.kind == "student")
-        return original_lockstep(runs, *args, **kwargs)
-    monkeypatch.setattr(train, "_train_lockstep", counting)
+    trained = request.getfixturevalue("trained_students")  # counted from here on
     results, _ = experiments.sweep(base, "beta", pictures=False)
     assert len(trained) == 2 and not set(trained) & set(finished)
     assert sum(r.cached for _, r in results) == 2

@@ -201,20 +201,16 @@ def test_replaced_teacher_invalidates_cached_students(tmp_path, tiny_config):
     assert Session(cfg, analyze=False).run(cfg).cached
 
 
-def test_force_retrains_each_student_once_and_never_the_teacher(tmp_path, tiny_config, monkeypatch):
+def test_force_retrains_each_student_once_and_never_the_teacher(tmp_path, tiny_config, monkeypatch,
+                                                               trained_students):
     base = tiny_config(tmp_path, train_images=96, test_images=32, epochs=1)
     monkeypatch.setattr(experiments, "default_bank_size", lambda preset_name: 32)
-    trained_students, trained_teachers = [], []
-    real_lockstep, real_teacher = train._train_lockstep, train_teacher_fn()
-
-    def counting_lockstep(runs, *args, **kwargs):
-        trained_students.extend(r.name for r in runs if r.kind == "student")
-        return real_lockstep(runs, *args, **kwargs)
+    trained_teachers = []
+    real_teacher = train_teacher_fn()
 
     def counting_teacher(*args, **kwargs):
         trained_teachers.append(1)
         return real_teacher(*args, **kwargs)
-    monkeypatch.setattr(train, "_train_lockstep", counting_lockstep)
     import desupcon.teacher as teacher_mod
     monkeypatch.setattr(teacher_mod, "train_teacher_encoder", counting_teacher)
 

@@ -33,14 +33,8 @@ def _tiny_flags(out):
             "--teacher-batch-size", "32", "--device", "cpu", "--output-dir", str(out)]
 
 
-def test_two_shards_train_each_run_of_the_alpha_sweep_once(tmp_path, monkeypatch):
-    trained = []
-    real = train._train_lockstep
-
-    def counting(runs, *args, **kwargs):
-        trained.extend(r.name for r in runs if r.kind == "student")
-        return real(runs, *args, **kwargs)
-    monkeypatch.setattr(train, "_train_lockstep", counting)
+def test_two_shards_train_each_run_of_the_alpha_sweep_once(tmp_path, trained_students):
+    trained = trained_students
     for shard in ("1/2", "2/2"):
         assert main(["sweep", "alpha", *_tiny_flags(tmp_path), "--no-plots", "--shard", shard]) == 0
     assert len(trained) == 4 and len(set(trained)) == 4
