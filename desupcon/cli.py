@@ -25,8 +25,13 @@ log = logging.getLogger("desupcon")
 RUN_FLAGS = {
     "--dataset": ("data", "dataset", str, "cifar100, cifar10, digits or npz:<folder>"),
     "--data-root": ("data", "data_root", str, "folder holding (or receiving) the dataset files"),
-    "--train-subset": ("data", "train_subset", int, "train on a seeded random subset of N images"),
-    "--test-subset": ("data", "test_subset", int, "evaluate on a seeded random subset of N images"),
+    "--train-subset": ("data", "train_subset", int,
+                       "train on a seeded subset of N images (stratified: classes in proportion)"),
+    "--test-subset": ("data", "test_subset", int,
+                      "evaluate on a seeded subset of N images (stratified: classes in proportion)"),
+    "--subset-sampling": ("data", "subset_sampling", str,
+                          "how --train-subset/--test-subset draw: stratified (default) or random "
+                          "(uniform over images, as runs before stratified subsets)"),
     "--image-size": ("data", "image_size", int, "resize every image to N x N pixels"),
     "--teacher-arch": ("model", "teacher_arch", str, "teacher architecture (resnet50, resnet32x4, ...)"),
     "--student-arch": ("model", "student_arch", str, "student architecture (resnet18, resnet8, ...)"),
@@ -411,6 +416,31 @@ def cmd_sweep(args) -> None:
     print(text)
 
 
+def cmd_data_subset(args) -> None:
+    from . import data as data_mod
+    source = args.source
+    if not source.startswith("npz:") and source not in ("cifar100", "cifar10", "digits"):
+        if not (Path(source) / "train.npz").is_file():
+            raise ConfigError(f"{source!r} is neither a dataset name (cifar100, cifar10, digits, npz:<folder>) "
+                              "nor a folder holding train.npz and test.npz")
+        source = f"npz:{source}"
+    out = Path(args.out)
+    if source.startswith("npz:") and out.resolve() == Path(source[len("npz:"):]).resolve():
+        raise ConfigError(f"the subset would overwrite its source {out}; choose another OUT folder")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
+    dataset = data_mod.load_dataset(source, args.data_root, download=not args.no_download)
+    try:
+        subset = data_mod.per_class_subset(dataset, args.train_per_class, args.test_per_class, seed=args.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    data_mod.write_npz_dataset(subset, out)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"{out}: {len(subset.train_labels)} training and {len(subset.test_labels)} test images of "
+          f"{subset.num_classes} classes (seed {args.seed}{', with superclasses' if subset.coarse_classes else ''}), "
+          f"{size / 2**20:.1f} MiB; use it as --dataset npz:{out}")
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """`I/N` -> (I, N) with 1 <= I <= N."""
     if text is None:
@@ -495,6 +525,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--no-plots", action="store_true", help="metrics only")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("data", help="dataset utilities: write a seeded, stratified subset as an npz folder")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("subset", help="write N training and M test images of every class, seeded, "
+                                           "as an npz folder (e.g. a small copy to carry to a GPU machine)")
+    q.add_argument("source", help="cifar100, cifar10, digits, npz:<folder> or a folder with train.npz/test.npz")
+    q.add_argument("out", help="the npz folder to write (train.npz, test.npz, classes.json)")
+    q.add_argument("--train-per-class", type=int, default=None, help="training images per class (default: all)")
+    q.add_argument("--test-per-class", type=int, default=None, help="test images per class (default: all)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    q.add_argument("--data-root", default="data", help="torchvision root for cifar100/cifar10")
+    q.add_argument("--no-download", action="store_true", help="never download a torchvision dataset")
+    q.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty OUT folder")
+    q.set_defaults(func=cmd_data_subset)
 
     p = sub.add_parser("report", help="results tables from every run on disk")
     p.add_argument("--output-dir", default=".", help="the folder whose runs are reported")

@@ -77,8 +77,11 @@ class DataConfig:
     data_root: str = "data"
     download: bool = True
     color_jitter: float = 0.2  # brightness/contrast/saturation factors in [1 - j, 1 + j]; 0: none
-    train_subset: int | None = None  # seeded random subset of the training split (CPU-sized runs)
+    train_subset: int | None = None  # seeded subset of the training split (CPU-sized runs)
     test_subset: int | None = None
+    # How the subsets are drawn: "stratified" (classes in proportion, equal counts on CIFAR) or
+    # "random" (a uniform draw of images: the scheme of every run before stratified subsets).
+    subset_sampling: str = "stratified"
     image_size: int | None = None  # resize every image (None: the dataset's own size)
 
 
@@ -239,7 +242,14 @@ class RunConfig:
 
     # -- identities -------------------------------------------------------------------------
     def data_identity(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self.data).items() if k not in ("data_root", "download")}
+        """The data settings that shape a result. The subset scheme enters only when a subset is
+        drawn, and only when stratified: identities written before the scheme existed (random
+        draws, or no subset) stay valid, and a stratified subset never matches an old random one."""
+        out = {k: v for k, v in dataclasses.asdict(self.data).items()
+               if k not in ("data_root", "download", "subset_sampling")}
+        if (self.data.train_subset or self.data.test_subset) and self.data.subset_sampling != "random":
+            out["subset_sampling"] = self.data.subset_sampling
+        return out
 
     def teacher_backbone_identity(self) -> dict:
         """What determines the teacher's backbone and classifier."""
@@ -394,12 +404,14 @@ _TAGS = {
     ("optim", "optimizer"): "opt", ("optim", "momentum"): "mom", ("optim", "milestones"): "steps",
     ("optim", "lr_decay"): "decay", ("optim", "grad_clip"): "clip",
     ("data", "train_subset"): "ntrain", ("data", "test_subset"): "ntest", ("data", "image_size"): "img",
+    ("data", "subset_sampling"): "sampling",
     ("model", "teacher_arch"): "teacher", ("model", "init"): "init",
     ("teacher", "epochs"): "tep", ("teacher", "optimizer"): "topt", ("teacher", "lr"): "tlr", ("teacher", "batch_size"): "tbs",
     ("teacher", "weight_decay"): "twd", ("teacher", "schedule"): "tsched", ("teacher", "seed"): "tseed",
     ("teacher", "probe_epochs"): "pep", ("teacher", "probe_lr"): "plr",
     ("teacher", "probe_temperature"): "ptemp",
 }
+_DATA_TAGGED = ("train_subset", "test_subset", "image_size", "color_jitter")
 _TEACHER_TRAINING = ("epochs", "optimizer", "lr", "batch_size", "weight_decay", "schedule", "seed")
 _TEACHER_PROBE = ("probe_epochs", "probe_lr", "probe_temperature")
 
@@ -423,6 +435,13 @@ def _differing(cfg: RunConfig, ref: RunConfig, section: str, keys) -> list[str]:
     return tags
 
 
+def _subset_tags(cfg: RunConfig, ref: RunConfig) -> list[str]:
+    """The subset scheme's tag, only where a subset is drawn (it changes nothing otherwise)."""
+    if not (cfg.data.train_subset or cfg.data.test_subset):
+        return []
+    return _differing(cfg, ref, "data", ("subset_sampling",))
+
+
 def _teacher_tags(cfg: RunConfig, ref: RunConfig) -> list[str]:
     """Tags naming a teacher other than the reference's (published) one."""
     if cfg.trains_teacher:
@@ -435,7 +454,7 @@ def _teacher_tags(cfg: RunConfig, ref: RunConfig) -> list[str]:
 def teacher_run_name(cfg: RunConfig, with_projection: bool = False) -> str:
     """`teacher_resnet50_cifar100[.._with_projection]` for the published teacher, tagged otherwise."""
     paper = PRESETS["paper"]
-    tags = _differing(cfg, paper, "data", ("train_subset", "test_subset", "image_size", "color_jitter"))
+    tags = _differing(cfg, paper, "data", _DATA_TAGGED) + _subset_tags(cfg, paper)
     if cfg.trains_teacher:
         tags = ["trained", *_differing(cfg, paper, "teacher", _TEACHER_TRAINING),
                 *_differing(cfg, paper, "model", ("init",)), *tags]
@@ -492,7 +511,7 @@ def run_name(cfg: RunConfig) -> str:
                                     "student_arch": cfg.model.student_arch}).with_method(m.method)
     tags += _differing(cfg, method_ref, "method", method_keys)
     tags += _differing(cfg, ref, "optim", [f.name for f in dataclasses.fields(OptimConfig)])
-    tags += _differing(cfg, ref, "data", ("train_subset", "test_subset", "image_size", "color_jitter"))
+    tags += _differing(cfg, ref, "data", _DATA_TAGGED) + _subset_tags(cfg, ref)
     tags += _differing(cfg, ref, "model", ("init",))
     if cfg.uses_teacher:
         tags += _differing(cfg, ref, "model", ("teacher_arch",))

@@ -12,6 +12,7 @@ normalisation. No PIL and no per-image Python loop.
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import atomic_write_bytes, atomic_write_json
 from .devices import to_device
 from .errors import DesupconError
 
@@ -64,9 +66,47 @@ class ImageDataset:
             if labels.numel() and (labels.min() < 0 or labels.max() >= len(self.classes)):
                 raise DatasetFormatError(f"{self.name} {split} labels must lie in [0, {len(self.classes)}), "
                                          f"got [{int(labels.min())}, {int(labels.max())}]")
+        self._check_coarse_labels()
         pixels = self.train_images.to(torch.float64).div_(255)
         self.mean = pixels.mean(dim=(0, 2, 3)).float()
         self.std = pixels.std(dim=(0, 2, 3)).clamp(min=1e-3).float()
+
+    def _check_coarse_labels(self) -> None:
+        """Superclass labels, when present, cover both splits and give each class one superclass."""
+        coarse = {"train": self.train_coarse_labels, "test": self.test_coarse_labels}
+        if all(c is None for c in coarse.values()):
+            return
+        if any(c is None for c in coarse.values()):
+            raise DatasetFormatError(f"{self.name}: coarse_labels in one split only; give both train and "
+                                     "test their coarse_labels, or neither")
+        n_coarse = len(self.coarse_classes) if self.coarse_classes is not None else None
+        for split, c in coarse.items():
+            labels = getattr(self, f"{split}_labels")
+            if c.shape != labels.shape:
+                raise DatasetFormatError(f"{self.name} {split}: {labels.shape[0]} labels but "
+                                         f"{tuple(c.shape)} coarse_labels; they must be one per image")
+            if c.numel() and (c.min() < 0 or (n_coarse is not None and c.max() >= n_coarse)):
+                raise DatasetFormatError(f"{self.name} {split} coarse_labels must lie in [0, {n_coarse}), "
+                                         f"got [{int(c.min())}, {int(c.max())}]")
+        fine = torch.cat([self.train_labels, self.test_labels]).cpu()
+        both = torch.cat([coarse["train"], coarse["test"]]).cpu()
+        pairs = torch.unique(torch.stack([fine, both], 1), dim=0)
+        classes, counts = torch.unique(pairs[:, 0], return_counts=True)
+        if (counts > 1).any():
+            k = int(classes[counts > 1][0])
+            supers = pairs[pairs[:, 0] == k, 1].tolist()
+            raise DatasetFormatError(
+                f"{self.name}: coarse_labels do not map each class to one superclass (class {k} "
+                f"'{self.classes[k]}' has superclasses {supers}); fix or drop the coarse_labels arrays")
+
+    def superclass_of_class(self) -> torch.Tensor | None:
+        """(num_classes,) the superclass of every class (-1 for a class without images), or None."""
+        if self.train_coarse_labels is None:
+            return None
+        out = torch.full((self.num_classes,), -1, dtype=torch.long)
+        fine = torch.cat([self.train_labels, self.test_labels]).cpu()
+        out[fine] = torch.cat([self.train_coarse_labels, self.test_coarse_labels]).cpu()
+        return out
 
     @property
     def num_classes(self) -> int:
@@ -127,7 +167,7 @@ def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.25, seed:
 
 def load_npz_dataset(directory: str | Path) -> ImageDataset:
     """The folder format: train.npz / test.npz (`images` uint8 NHWC, `labels`, optional
-    `coarse_labels`) and an optional classes.json ({"classes": [...]})."""
+    `coarse_labels`) and an optional classes.json ({"classes": [...], "coarse_classes": [...]})."""
     directory = Path(directory)
     splits = {}
     for split in ("train", "test"):
@@ -142,18 +182,39 @@ def load_npz_dataset(directory: str | Path) -> ImageDataset:
                                          f"has {list(npz.keys())}")
             splits[split] = {k: npz[k] for k in npz.files}
     n_classes = int(max(splits["train"]["labels"].max(), splits["test"]["labels"].max())) + 1
-    classes = [str(i) for i in range(n_classes)]
-    classes_file = directory / "classes.json"
-    if classes_file.is_file():
-        classes = list(json.loads(classes_file.read_text())["classes"])
+    names = _read_class_names(directory / "classes.json")
+    classes = names.get("classes") or [str(i) for i in range(n_classes)]
     coarse = {s: _labels(splits[s]["coarse_labels"]) if "coarse_labels" in splits[s] else None
               for s in splits}
+    coarse_classes = None
+    if coarse["train"] is not None:
+        n_coarse = int(max(int(c.max()) for c in coarse.values() if c is not None and c.numel())) + 1
+        coarse_classes = names.get("coarse_classes") or [f"superclass_{i}" for i in range(n_coarse)]
     return ImageDataset(f"npz:{directory}", _hwc_to_tensor(splits["train"]["images"]),
                         _labels(splits["train"]["labels"]), _hwc_to_tensor(splits["test"]["images"]),
                         _labels(splits["test"]["labels"]), classes,
-                        coarse["train"], coarse["test"],
-                        [f"superclass_{i}" for i in range(int(coarse["train"].max()) + 1)]
-                        if coarse["train"] is not None else None)
+                        coarse["train"], coarse["test"], coarse_classes)
+
+
+def _read_class_names(path: Path) -> dict[str, list[str]]:
+    """classes.json: {"classes": [fine names], optional "coarse_classes": [superclass names]}."""
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetFormatError(f"{path} is not valid JSON ({exc}); it must be "
+                                 '{"classes": [names], "coarse_classes": [names]}') from exc
+    if not isinstance(content, dict) or not isinstance(content.get("classes"), list):
+        raise DatasetFormatError(f'{path} must be an object with a list "classes" (and optionally '
+                                 '"coarse_classes"), e.g. {"classes": ["apple", ...]}')
+    out = {}
+    for key in ("classes", "coarse_classes"):
+        if key in content:
+            if not isinstance(content[key], list) or not all(isinstance(n, str) for n in content[key]):
+                raise DatasetFormatError(f'{path}: "{key}" must be a list of strings')
+            out[key] = list(content[key])
+    return out
 
 
 # torchvision's on-disk layout of the CIFAR pickles.
@@ -245,23 +306,104 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True,
     return dataset
 
 
-def subsample(dataset: ImageDataset, train: int | None, test: int | None, seed: int = 0) -> ImageDataset:
-    """A seeded random subset of each split (for CPU-sized runs on big datasets)."""
+SUBSET_SAMPLINGS = ("stratified", "random")
+
+
+def stratified_indices(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """`n` indices drawn without replacement, each class represented in proportion to its size.
+
+    Each class gets floor(n * size / total) images; the images left over go one each to the classes
+    with the largest fractional share (ties in a seeded random order), so a balanced dataset gives
+    equal counts per class (up to one image when n is not a multiple of the number of classes).
+    Within a class the images are a seeded random choice; the result keeps the source's order.
+    """
+    labels = labels.cpu()
+    classes, counts = torch.unique(labels, return_counts=True)
+    share = counts.double() * n / labels.shape[0]
+    take = share.floor().long()
+    left = n - int(take.sum())
+    if left:
+        tie_break = torch.rand(len(classes), generator=generator, dtype=torch.float64)
+        order = sorted(range(len(classes)), key=lambda k: (-float(share[k] - take[k]), float(tie_break[k])))
+        for k in order[:left]:
+            take[k] += 1
+    chosen = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        members = torch.nonzero(labels == c).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    return torch.cat(chosen).sort().values
+
+
+def subsample(dataset: ImageDataset, train: int | None, test: int | None, seed: int = 0,
+              sampling: str = "stratified") -> ImageDataset:
+    """A seeded subset of each split (for CPU-sized runs on big datasets): `stratified` (each class
+    in proportion to its size, equal counts on a balanced dataset) or `random` (a uniform draw of
+    images, whose class counts vary: the scheme of runs before stratification)."""
+    if sampling not in SUBSET_SAMPLINGS:
+        raise ValueError(f"unknown subset sampling {sampling!r}; choose {' or '.join(SUBSET_SAMPLINGS)}")
     g = torch.Generator().manual_seed(seed)
 
-    def pick(n_total, n):
-        return torch.randperm(n_total, generator=g)[:n] if n and n < n_total else None
+    def pick(labels, n):
+        if not n or n >= labels.shape[0]:
+            return None
+        if sampling == "random":
+            return torch.randperm(labels.shape[0], generator=g)[:n]
+        return stratified_indices(labels, n, g)
 
     out = ImageDataset.__new__(ImageDataset)
     out.__dict__.update(dataset.__dict__)
     for split, n in (("train", train), ("test", test)):
-        idx = pick(getattr(dataset, f"{split}_labels").shape[0], n)
+        idx = pick(getattr(dataset, f"{split}_labels"), n)
         if idx is None:
             continue
         for key in (f"{split}_images", f"{split}_labels", f"{split}_coarse_labels"):
             value = getattr(dataset, key)
             setattr(out, key, value[idx.to(value.device)] if value is not None else None)
     return out
+
+
+def per_class_subset(dataset: ImageDataset, train_per_class: int | None, test_per_class: int | None,
+                     seed: int = 0) -> ImageDataset:
+    """Exactly `train_per_class` / `test_per_class` images of every class (None: the whole split);
+    an error names the smallest class when one has fewer images than asked for."""
+    sizes = {}
+    for split, k in (("train", train_per_class), ("test", test_per_class)):
+        if k is None:
+            continue
+        if k < 1:
+            raise ValueError(f"--{split}-per-class must be at least 1, got {k}")
+        labels = getattr(dataset, f"{split}_labels").cpu()
+        counts = torch.bincount(labels, minlength=dataset.num_classes)
+        present = counts[counts > 0]
+        if int(present.min()) < k:
+            smallest = int(torch.nonzero(counts == present.min())[0])
+            raise ValueError(f"{dataset.name} {split}: class {smallest} '{dataset.classes[smallest]}' has "
+                             f"{int(present.min())} images, fewer than the {k} per class asked for")
+        if not bool((present == present[0]).all()):
+            raise ValueError(f"{dataset.name} {split}: classes of unequal sizes ({int(present.min())} to "
+                             f"{int(present.max())} images); a per-class subset needs a balanced split")
+        sizes[split] = k * len(present)
+    return subsample(dataset, sizes.get("train"), sizes.get("test"), seed=seed, sampling="stratified")
+
+
+def write_npz_dataset(dataset: ImageDataset, directory: str | Path) -> Path:
+    """Write `dataset` as an npz folder (train.npz, test.npz, classes.json) that `load_npz_dataset`
+    reads back unchanged; each file is written atomically."""
+    directory = Path(directory)
+    for split in ("train", "test"):
+        arrays = {"images": getattr(dataset, f"{split}_images").cpu().permute(0, 2, 3, 1).contiguous().numpy(),
+                  "labels": getattr(dataset, f"{split}_labels").cpu().numpy().astype(np.int64)}
+        coarse = getattr(dataset, f"{split}_coarse_labels")
+        if coarse is not None:
+            arrays["coarse_labels"] = coarse.cpu().numpy().astype(np.int64)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write_bytes(directory / f"{split}.npz", buffer.getvalue())
+    names = {"classes": list(dataset.classes)}
+    if dataset.coarse_classes is not None:
+        names["coarse_classes"] = list(dataset.coarse_classes)
+    atomic_write_json(directory / "classes.json", names)
+    return directory
 
 
 # ----------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def prepare_dataset(cfg: RunConfig, device: torch.device) -> data_mod.ImageDatas
                                      cfg.data.image_size)
     if cfg.data.train_subset or cfg.data.test_subset:
         dataset = data_mod.subsample(dataset, cfg.data.train_subset, cfg.data.test_subset,
-                                     seed=0)  # one subset for every seed
+                                     seed=0, sampling=cfg.data.subset_sampling)  # one subset for every seed
     return dataset.to(device, images=fits_on_device(dataset.nbytes(), device))
 
 

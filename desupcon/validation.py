@@ -9,7 +9,7 @@ import torch
 
 from .config import BANK_MODES, HYBRID_SCALINGS, INITS, METHODS, OPTIMIZERS, SCHEDULES, RunConfig
 from .devices import PRECISIONS
-from .data import DATASETS
+from .data import DATASETS, SUBSET_SAMPLINGS
 from .errors import DesupconError
 from .models import ARCHITECTURES
 
@@ -95,6 +95,8 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
     _require(cfg.teacher.probe_lr > 0, f"teacher.probe_lr must be > 0, got {cfg.teacher.probe_lr}")
     _require(cfg.teacher.probe_temperature > 0,
              f"teacher.probe_temperature must be > 0, got {cfg.teacher.probe_temperature}")
+    _require(cfg.data.subset_sampling in SUBSET_SAMPLINGS,
+             f"--subset-sampling {cfg.data.subset_sampling!r} is unknown; choose {' or '.join(SUBSET_SAMPLINGS)}")
     for key in ("train_subset", "test_subset", "image_size"):
         value = getattr(cfg.data, key)
         _require(value is None or value > 0, f"--{key.replace('_', '-')} must be > 0, got {value}")
