@@ -271,6 +271,32 @@ def _superclass_margin(sims: np.ndarray, same_super: np.ndarray) -> float:
     return float(sims[same_super].mean() - sims[~same_super].mean())
 
 
+def superclass_structure(z, labels, coarse_labels) -> dict[str, float]:
+    """Whether classes of one superclass sit together (SPEC 16; CIFAR-100's 20 coarse labels).
+
+    From the L2-normalised class centroids c_a of the unit rows of z:
+    superclass_margin        mean cos(c_a, c_b) over pairs a<b in one superclass minus the mean over
+                             pairs across superclasses (NaN when either set of pairs is empty)
+    superclass_nearest_rate  fraction of classes whose nearest other centroid (largest cosine) is in
+                             their own superclass (CIFAR-100 by chance: 4/99)
+    A class whose samples carry several superclass ids is an error.
+    """
+    z = normalized(z)
+    labels = _labels(labels, z.shape[0], z.device)
+    coarse = _labels(coarse_labels, z.shape[0], z.device).cpu().numpy()
+    classes, centroids = _unit_centroids(z, labels)
+    supers = torch.from_numpy(_fine_to_coarse(labels.cpu().numpy(), coarse, classes.cpu().numpy()))
+    sims = centroids @ centroids.T
+    same = (supers[:, None] == supers[None, :]).to(sims.device)
+    margin = _superclass_margin(_upper(sims).cpu().numpy(), _upper(same).cpu().numpy())
+    if len(classes) < 2:
+        return {"superclass_margin": margin, "superclass_nearest_rate": math.nan}
+    others = sims.clone().fill_diagonal_(-math.inf)
+    nearest = others.argmax(dim=1)
+    rate = _float(same[torch.arange(len(classes), device=sims.device), nearest].double().mean())
+    return {"superclass_margin": margin, "superclass_nearest_rate": rate}
+
+
 def semantic_agreement(student_z, teacher_z, labels, coarse_labels=None) -> dict[str, float]:
     """How well the student reproduces the teacher's class-similarity structure.
 
@@ -317,6 +343,7 @@ def analyze_embeddings(z, labels, class_names: Sequence[str] | None = None, coar
     separation_ratio; alignment_instance when `z_view2` (second view of the same images) is given;
     semantic_agreement_pearson (+ semantic_student_superclass_margin and
     semantic_teacher_superclass_margin with `coarse_labels`) when `teacher_z` is given;
+    superclass_margin and superclass_nearest_rate (`superclass_structure`) with `coarse_labels`;
     centroid_pairs = {"a|b": cos} when `named_pairs` and `class_names` are given.
     Undefined values are None, never NaN, so the dict can be written as strict JSON.
     """
@@ -326,6 +353,8 @@ def analyze_embeddings(z, labels, class_names: Sequence[str] | None = None, coar
     if z_view2 is not None:
         out["alignment_instance"] = alignment_instance(z, z_view2)
     out.update(class_distances(z, labels))
+    if coarse_labels is not None:
+        out.update(superclass_structure(z, labels, coarse_labels))
     if teacher_z is not None:
         sem = semantic_agreement(z, teacher_z, labels, coarse_labels)
         out.update({f"semantic_{k}": v for k, v in sem.items()})

@@ -121,6 +121,11 @@ def draw_pictures(name: str, z: torch.Tensor, dataset: ImageDataset, log_entries
             z, labels, folder / f"{name}_alignment_uniformity.png", title=name,
             class_names=dataset.classes),
     }
+    if dataset.test_coarse_labels is not None:
+        out["tsne_superclass"] = plots.plot_tsne(
+            z, labels, dataset.classes, folder / f"{name}_tsne_superclass.png",
+            title=f"t-SNE by superclass: {name}", coarse_labels=dataset.test_coarse_labels.cpu(),
+            coarse_names=dataset.coarse_classes)
     if log_entries:
         out["training_curves"] = plots.plot_training_curves(
             log_entries, folder / f"{name}_training_curves.png", title=name)

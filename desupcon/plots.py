@@ -97,16 +97,21 @@ def _pick_classes(labels: np.ndarray, k: int, rng: np.random.Generator) -> np.nd
 # ----------------------------------------------------------------------------------------------
 
 def plot_tsne(z, labels, class_names: Sequence[str] | None, path: str | Path, n_classes: int = 20,
-              max_points: int = 2000, seed: int = 0, title: str | None = None) -> Path:
+              max_points: int = 2000, seed: int = 0, title: str | None = None,
+              coarse_labels=None, coarse_names: Sequence[str] | None = None) -> Path:
     """2-D t-SNE (PCA initialisation, seeded) of the unit embeddings of `n_classes` random classes.
 
-    At most `max_points` points are embedded (t-SNE is O(N log N) per iteration and slow on CPU).
+    With per-sample `coarse_labels` the points of every class are embedded and coloured by their
+    superclass instead (whether superclasses form regions). At most `max_points` points are
+    embedded (t-SNE is O(N log N) per iteration and slow on CPU).
     """
     from sklearn.manifold import TSNE  # imported here: scikit-learn is slow to import
     from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
     z, labels = _unit_numpy(z), _labels_numpy(labels)
     rng = np.random.default_rng(seed)
+    if coarse_labels is not None:  # colour by superclass: every class, the superclass as "label"
+        labels, class_names, n_classes = _labels_numpy(coarse_labels), coarse_names, len(labels)
     classes = _pick_classes(labels, n_classes, rng)
     idx = np.flatnonzero(np.isin(labels, classes))
     idx = idx[_subsample(len(idx), max_points, rng)]
@@ -130,7 +135,8 @@ def plot_tsne(z, labels, class_names: Sequence[str] | None, path: str | Path, n_
     for colour, c in zip(_class_colors(len(classes)), classes):
         mask = labels[idx] == c
         ax.scatter(xy[mask, 0], xy[mask, 1], s=8, color=colour, label=_class_name(class_names, int(c)))
-    ax.set_title(title or f"t-SNE of {len(classes)} classes ({len(idx)} points)")
+    kind = "superclasses" if coarse_labels is not None else "classes"
+    ax.set_title(title or f"t-SNE of {len(classes)} {kind} ({len(idx)} points)")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, markerscale=2, frameon=False)

@@ -322,7 +322,8 @@ HEADER = ["run", "seeds", "test acc % (last epoch)", "best-epoch test acc %", "t
           "alignment (class, proj)", "uniformity (proj)", "alignment (instance, proj)",
           "alignment (class, backbone)", "uniformity (backbone)", "Δ test acc (paired)",
           "published acc / align / unif", "protocol", "teacher", "source",
-          "linear probe top-1 / top-5", "k-NN top-1 / top-5", "KD probe top-1"]
+          "linear probe top-1 / top-5", "k-NN top-1 / top-5", "KD probe top-1",
+          "superclass margin (proj / backbone)", "nearest centroid in own superclass % (proj / backbone)"]
 
 
 def render_table(table: str, title: str, key: str | None, configs: list[Configuration]) -> str:
@@ -357,6 +358,10 @@ def render_table(table: str, title: str, key: str | None, configs: list[Configur
         for kind, both in (("linear", True), ("knn", True), ("kd", False)):
             top1 = stat(f"probe:{kind}:top1")
             cells.append(top1 + (f" / {stat(f'probe:{kind}:top5')}" if both and top1 else ""))
+        for key_, scale, digits in (("superclass_margin", 1, 4), ("superclass_nearest_rate", 100, 1)):
+            pair = [_fmt(*mean_sd([scale * v for v in c.values(key_, space).values()]), digits=digits)
+                    for space in ("projection", "backbone")]
+            cells.append(" / ".join(pair) if any(pair) else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

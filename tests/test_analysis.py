@@ -267,7 +267,7 @@ def test_analyze_embeddings_is_json_ready(sample):
     assert set(out) == {"alignment_class", "uniformity", "alignment_instance", "intra_sq", "intra_cos",
                         "inter_sq", "inter_cos", "separation_ratio", "semantic_agreement_pearson",
                         "semantic_student_superclass_margin", "semantic_teacher_superclass_margin",
-                        "centroid_pairs"}
+                        "superclass_margin", "superclass_nearest_rate", "centroid_pairs"}
     assert set(out["centroid_pairs"]) == {"apple|orange", "bus|streetcar", "apple|bus", "cat|dog"}
     assert all(type(v) is float for k, v in out.items() if k != "centroid_pairs")
     json.dumps(out, allow_nan=False)
@@ -275,6 +275,56 @@ def test_analyze_embeddings_is_json_ready(sample):
     single = A.analyze_embeddings(z, [0] * len(labels))
     assert single["inter_cos"] is None and single["separation_ratio"] is None
     json.dumps(single, allow_nan=False)
+
+
+def naive_superclass_structure(z, labels, coarse):
+    """Float64 loops over classes and class pairs."""
+    cents = naive_centroids(z, labels)
+    sup = {labels[i]: coarse[i] for i in range(len(labels))}
+    classes = sorted(cents)
+    inside, across = [], []
+    for a, b in itertools.combinations(classes, 2):
+        (inside if sup[a] == sup[b] else across).append(_dot(cents[a], cents[b]))
+    hits = 0
+    for a in classes:
+        best, best_sim = None, -math.inf
+        for b in classes:
+            if b != a and _dot(cents[a], cents[b]) > best_sim:
+                best, best_sim = b, _dot(cents[a], cents[b])
+        hits += sup[best] == sup[a]
+    return {"superclass_margin": sum(inside) / len(inside) - sum(across) / len(across),
+            "superclass_nearest_rate": hits / len(classes)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_superclass_structure_matches_a_naive_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 12, (300,), generator=g).tolist()
+    coarse_of = [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3]
+    # superclass directions plus class offsets plus noise: some structure, not perfect
+    super_dir = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    class_dir = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    z = (super_dir[[coarse_of[c] for c in labels]] + 1.5 * class_dir[labels]
+         + torch.randn(300, 16, generator=g, dtype=torch.float64))
+    coarse = [coarse_of[c] for c in labels]
+    got = A.superclass_structure(z, labels, coarse)
+    unit = [list(map(float, row / row.norm())) for row in z]
+    want = naive_superclass_structure(unit, labels, coarse)
+    assert got["superclass_margin"] == pytest.approx(want["superclass_margin"], abs=1e-5)
+    assert got["superclass_nearest_rate"] == pytest.approx(want["superclass_nearest_rate"], abs=1e-12)
+
+
+def test_superclass_structure_closed_forms():
+    # classes 0, 1 share a direction, 2, 3 share the opposite one: the nearest centroid is always
+    # in the superclass; margin = cos 1 - cos(-1) = 2
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+    out = A.superclass_structure(z, [0, 1, 2, 3], [0, 0, 1, 1])
+    assert out == {"superclass_margin": pytest.approx(2.0), "superclass_nearest_rate": 1.0}
+    # swapping the superclasses: every nearest centroid lies in the other one
+    out = A.superclass_structure(z, [0, 1, 2, 3], [0, 1, 0, 1])
+    assert out["superclass_nearest_rate"] == 0.0 and out["superclass_margin"] == pytest.approx(-1.0)  # same: (-1, -1); across: (1, -1, -1, 1)
+    with pytest.raises(ValueError, match="several superclasses"):
+        A.superclass_structure(z, [0, 0, 1, 1], [0, 1, 1, 1])
 
 
 def test_ten_thousand_points():

@@ -203,3 +203,25 @@ def test_real_cifar100_npz_loads_with_superclasses():
     sub = subsample(ds, 2000, 500, seed=0)
     assert torch.bincount(sub.train_labels, minlength=100).tolist() == [20] * 100
     assert torch.bincount(sub.test_labels, minlength=100).tolist() == [5] * 100
+
+
+def test_a_run_on_an_npz_folder_records_superclass_structure_in_both_spaces(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ds = _dataset(torch.arange(120) % 6, torch.arange(60) % 6, coarse_of_class=[0, 0, 1, 1, 2, 2])
+    ds.train_images = torch.randint(0, 256, ds.train_images.shape[:2] + (8, 8), generator=g, dtype=torch.uint8)
+    ds.test_images = torch.randint(0, 256, ds.test_images.shape[:2] + (8, 8), generator=g, dtype=torch.uint8)
+    write_npz_dataset(ds, tmp_path / "ds")
+    out = tmp_path / "out"
+    assert cli.main(["train", "--preset", "quick", "--dataset", f"npz:{tmp_path / 'ds'}", "--method", "lw-supcrd",
+                     "--teacher-arch", "resnet8", "--student-arch", "resnet8", "--train-teacher",
+                     "--teacher-epochs", "1", "--probe-epochs", "1", "--epochs", "1", "--train-subset", "60", "--batch-size", "16", "--teacher-batch-size", "16",
+                     "--device", "cpu", "--output-dir", str(out)]) == 0
+    records = {}
+    for path in (out / "json_results").glob("comprehensive_results_*.json"):
+        records.update(json.loads(path.read_text()))
+    kinds = {r["kind"] for r in records.values()}
+    assert kinds == {"student", "teacher"}
+    for record in records.values():
+        for space in (record["metrics"], record["metrics"]["backbone"]):
+            assert -2 <= space["superclass_margin"] <= 2
+            assert space["superclass_nearest_rate"] in [k / 6 for k in range(7)]
