@@ -1,17 +1,25 @@
-"""CPU-scale comparison on the real CIFAR-10 (../shared/data/cifar10 or --data): a small CIFAR
-ResNet teacher, a smaller student, a few seeds; prints last-epoch test accuracy as mean ± sd over
-seeds and paired differences.
+"""CPU-scale comparisons on the real CIFAR-100 (../shared/data/cifar100, or --data): a small CIFAR
+ResNet teacher trained once on every training image, smaller students on a stratified subset, a few
+seeds; prints last-epoch test accuracy (and the best epoch apart) as mean ± sd over seeds with
+paired differences ± standard error.
 
-    python scripts/cpu_comparison.py --group logit --seeds 0 1 --output-dir runs/cpu_logit
-    python scripts/cpu_comparison.py --group two-stage --train-images 10000 --seeds 0 1 2
+    python scripts/cpu_comparison.py --group published --data ../shared/data/cifar100 --seeds 0 1 2
+    python scripts/cpu_comparison.py --group logit --data ../shared/data/cifar100 --seeds 0 1 2
+    python scripts/cpu_comparison.py --group two-stage --data ../shared/data/cifar100 --seeds 0 1 2
 
-`logit`: every method of the logit sweep group in lockstep, against CE and KD.
+`published`: the published comparison: CE, SupCon, CRD, LW-SupCRD (alpha 1, beta 10, tau 0.07) and
+the hybrid (lambda 0.3) under `paper`, CRD and LW-SupCRD without and with a memory bank under
+`paper-bank`; with the geometry and the superclass structure of every run.
+`logit`: every method of the logit sweep group in lockstep, against CE and KD, under the
+mdistiller protocol shrunk to a CPU (SGD 0.05, cosine over the epochs, batch 64, one view).
 `two-stage`: end-to-end CE, KD, CRD, crd-nce and LW-SupCRD against two-stage runs with CRD and
 LW-SupCRD as phase 1 (the seed's SGD phase-1 optimiser, which is the base protocol's), and the
 linear, k-NN and KD probes of every run (SPEC 12) beside each run's own accuracy.
 
-Everything it trains is cached under --output-dir like any run (probes inside their checkpoints),
-so a second call only reports. The per-seed figures also go to <output-dir>/comparison_<group>.json;
+The teacher is trained on all training images (`--teacher-train-images` for fewer) and handed to
+every student as a weights file, so all three groups share it (students identify it by content).
+Everything is cached under --output-dir like any run (probes inside their checkpoints), so a second
+call only reports. The per-seed figures also go to <output-dir>/comparison_<group>.json;
 `--merge A.json B.json ...` prints one table from several such files (seeds run on separate calls).
 """
 
@@ -31,8 +39,9 @@ sys.path.insert(0, str(REPO))
 
 from desupcon import experiments  # noqa: E402
 from desupcon.checkpoint import atomic_write_text, load_checkpoint  # noqa: E402
-from desupcon.config import preset  # noqa: E402
+from desupcon.config import preset, teacher_run_name  # noqa: E402
 from desupcon.pipeline import Session  # noqa: E402
+from desupcon.runs import OutputPaths  # noqa: E402
 from desupcon.probes import ProbeConfig, probe_checkpoint  # noqa: E402
 from desupcon.report import mean_sd, paired_difference  # noqa: E402
 from desupcon.two_stage import TwoStageConfig, train_two_stage  # noqa: E402
@@ -43,15 +52,44 @@ TWO_STAGE = (("two-stage CRD", "crd"), ("two-stage LW-SupCRD", "lw-supcrd"))
 PROBES = ("linear", "knn", "kd")
 
 
-def base_config(args):
-    """The mdistiller protocol shrunk to a CPU: SGD 0.05, cosine over the epochs, one view."""
+def dataset_spec(args) -> dict:
+    """--data: a dataset name (cifar100, cifar10 with --data-root) or an npz folder."""
+    if args.data in ("cifar100", "cifar10"):
+        return {"dataset": args.data, "data_root": args.data_root, "download": False}
+    return {"dataset": f"npz:{args.data}"}
+
+
+def teacher_config(args):
+    """The teacher, trained once with cross-entropy (SGD, cosine) on every training image."""
     return preset("mdistiller").replace(
-        data={"dataset": f"npz:{args.data}", "train_subset": args.train_images, "test_subset": args.test_images},
-        model={"teacher_arch": args.teacher, "student_arch": args.student, "teacher_weights": None},
-        optim={"epochs": args.epochs, "batch_size": 64, "schedule": "cosine", "milestones": []},
-        teacher={"epochs": args.teacher_epochs, "batch_size": 64, "probe_epochs": 2},
-        method={"nce_negatives": args.nce_negatives},
+        data={**dataset_spec(args), "train_subset": args.teacher_train_images, "test_subset": None},
+        model={"teacher_arch": args.teacher, "teacher_weights": None},
+        teacher={"epochs": args.teacher_epochs, "batch_size": 128, "lr": 0.1, "schedule": "cosine",
+                 "probe_epochs": args.probe_head_epochs},
+        device=args.device, output_dir=str(args.output_dir))
+
+
+def trained_teacher_file(args) -> tuple[Path, dict]:
+    """The teacher's checkpoint (trained now or loaded from the cache) and its metrics."""
+    cfg = teacher_config(args)
+    _, metrics = Session(cfg, analyze=False, pictures=False).teacher()
+    return OutputPaths(cfg.output_dir).checkpoint(teacher_run_name(cfg)), metrics
+
+
+def base_config(args, teacher_file: Path):
+    """Students on a stratified subset, distilled from the teacher file. `published`: the `paper`
+    protocol (its bank arms under `paper-bank`); otherwise the mdistiller protocol shrunk to a CPU
+    (SGD 0.05, cosine over the epochs, batch 64, one view)."""
+    common = dict(
+        data={**dataset_spec(args), "train_subset": args.train_images, "test_subset": args.test_images},
+        model={"teacher_arch": args.teacher, "student_arch": args.student, "teacher_weights": str(teacher_file)},
+        teacher={"probe_epochs": args.probe_head_epochs, "batch_size": 128},
         device=args.device, output_dir=str(args.output_dir), save_every=max(args.epochs, 1))
+    if args.group == "published":
+        return preset("paper").replace(optim={"epochs": args.epochs}, **common)
+    return preset("mdistiller").replace(
+        optim={"epochs": args.epochs, "batch_size": 64, "schedule": "cosine", "milestones": []},
+        method={"nce_negatives": args.nce_negatives}, **common)
 
 
 def print_table(rows: dict[str, dict[str, dict[int, float]]], columns: list[str],
@@ -64,7 +102,8 @@ def print_table(rows: dict[str, dict[str, dict[int, float]]], columns: list[str]
         cells = [label]
         for c in columns:
             m, sd = mean_sd(list(cols.get(c, {}).values()))
-            cells.append("" if m is None else f"{m:.2f} ± {sd:.2f}" if sd is not None else f"{m:.2f}")
+            d = 4 if any(word in c for word in ("alignment", "uniformity", "margin")) else 2
+            cells.append("" if m is None else f"{m:.{d}f} ± {sd:.{d}f}" if sd is not None else f"{m:.{d}f}")
         diffs = []
         for ref in refs.get(label, []):
             d, se, n = paired_difference(cols[columns[0]], rows[ref][columns[0]])
@@ -77,15 +116,73 @@ def print_table(rows: dict[str, dict[str, dict[int, float]]], columns: list[str]
         print(f"\nmedian seed-to-seed sd: {statistics.median(sds):.2f} points (standard errors after ±)")
 
 
-def logit_comparison(args, base, session) -> dict:
-    planned = experiments.plan(base, "logit", args.seeds)
-    results = experiments.run_experiments(base, planned, lockstep=True, session=session)
+ACC, BEST = "test acc % (last epoch)", "best epoch"
+GEOMETRY = (("alignment (class, proj)", "alignment_class", "projection", 1),
+            ("uniformity (proj)", "uniformity", "projection", 1),
+            ("superclass margin (proj)", "superclass_margin", "projection", 1),
+            ("superclass margin (backbone)", "superclass_margin", "backbone", 1),
+            ("nearest centroid in superclass % (backbone)", "superclass_nearest_rate", "backbone", 100))
+
+
+def accuracy_rows(results, geometry: bool = False) -> dict:
+    """label -> column -> seed -> value for finished (experiment, result) pairs."""
     rows: dict[str, dict[str, dict[int, float]]] = {}
     for e, r in results:
-        cols = rows.setdefault(e.label, {"test acc % (last epoch)": {}, "best epoch": {}})
-        cols["test acc % (last epoch)"][e.cfg.optim.seed] = r.metrics["test_acc"]
-        cols["best epoch"][e.cfg.optim.seed] = r.metrics.get("best_test_acc") or float("nan")
-    return {"rows": rows, "columns": ["test acc % (last epoch)", "best epoch"], "refs": references("logit", rows)}
+        cols = rows.setdefault(e.label, {})
+        seed = e.cfg.optim.seed
+        cols.setdefault(ACC, {})[seed] = r.metrics["test_acc"]
+        cols.setdefault(BEST, {})[seed] = r.metrics.get("best_test_acc") or float("nan")
+        for column, key, space, scale in GEOMETRY if geometry else ():
+            metrics = (r.analysis or {}) if space == "projection" else (r.analysis or {}).get("backbone") or {}
+            if metrics.get(key) is not None:
+                cols.setdefault(column, {})[seed] = scale * metrics[key]
+    return rows
+
+
+def published_plan(base):
+    """The published comparison: baselines and the hybrid (lambda 0.3) under `paper`, the bank
+    ablation's four arms under `paper-bank` (bank size --bank-size)."""
+    baselines = experiments.group_plan(base, "baselines")
+    hybrid = [dataclasses.replace(e, label="Hybrid (lambda 0.3)")
+              for e in experiments.group_plan(base, "lambda") if e.value == 0.3]
+    bank = experiments.group_plan(base, "bank")
+    return [experiments.Experiment(e.group, e.label + (" (paper-bank)" if e.group == "bank" else ""), e.value,
+                                   e.cfg) for e in baselines + hybrid + bank]
+
+
+def teacher_row(session) -> dict:
+    """The teacher's own figures on the students' test images (one model: no seeds)."""
+    metrics, acc = session.analyze_teacher(), session.teacher()[1]["test_acc"]
+    row = {ACC: {0: acc}}
+    for column, key, space, scale in GEOMETRY:
+        value = (metrics if space == "projection" else metrics.get("backbone") or {}).get(key)
+        if value is not None:
+            row[column] = {0: scale * value}
+    return row
+
+
+def published_comparison(args, base, session) -> dict:
+    planned = experiments.with_seeds(published_plan(base), args.seeds)
+    if args.bank_size:
+        planned = [dataclasses.replace(e, cfg=e.cfg.replace(method={"bank_size": args.bank_size}))
+                   if e.cfg.method.bank_size else e for e in planned]
+    results = []
+    for seed in args.seeds:  # seed by seed, so that an interrupted call keeps whole seeds
+        results += experiments.run_experiments(base, [e for e in planned if e.cfg.optim.seed == seed],
+                                               lockstep=True, session=session)
+        write_json(args, accuracy_rows(results, geometry=True))
+    rows = {f"teacher {args.teacher}": teacher_row(session), **accuracy_rows(results, geometry=True)}
+    return {"rows": rows, "columns": [ACC, BEST, *(g[0] for g in GEOMETRY)], "refs": references("published", rows)}
+
+
+def logit_comparison(args, base, session) -> dict:
+    results = []
+    for seed in args.seeds:
+        results += experiments.run_experiments(base, experiments.plan(base, "logit", [seed]), lockstep=True,
+                                               session=session)
+        write_json(args, accuracy_rows(results))
+    rows = accuracy_rows(results)
+    return {"rows": rows, "columns": [ACC, BEST], "refs": references("logit", rows)}
 
 
 def _probe(path: Path, kind: str, session, config: ProbeConfig) -> dict:
@@ -128,10 +225,13 @@ def references(group: str, rows) -> dict:
     def wanted(label: str) -> list[str]:
         if group == "logit":
             return ["CE student", "KD"]
+        if group == "published":  # against CE; a bank arm also against its own no-bank arm
+            return ["CE student"] + ([label.replace(" + bank", "")] if " + bank" in label else [])
         if label.startswith("two-stage "):  # against KD and its own end-to-end run
             return ["KD", label[len("two-stage "):]]
         return ["KD"] if label != "KD" else ["CE student"]
-    return {label: [r for r in wanted(label) if r in rows and r != label] for label in rows}
+    return {label: [r for r in wanted(label) if r in rows and r != label] for label in rows
+            if not label.startswith("teacher ")}
 
 
 def merge(files: list[Path]) -> tuple[str, dict, list[str]]:
@@ -155,21 +255,29 @@ def write_json(args, rows) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--group", default="logit", choices=("logit", "two-stage"), help="which comparison")
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"), help="npz dataset folder")
-    p.add_argument("--train-images", type=int, default=5000, help="training images (seeded subset)")
-    p.add_argument("--test-images", type=int, default=2000, help="test images (seeded subset)")
+    p.add_argument("--group", default="published", choices=("published", "logit", "two-stage"),
+                   help="which comparison")
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar100"),
+                   help="an npz dataset folder, or cifar100 / cifar10 (torchvision files under --data-root)")
+    p.add_argument("--data-root", default="data", help="torchvision root when --data is cifar100 or cifar10")
+    p.add_argument("--train-images", type=int, default=5000, help="students' training images (stratified subset)")
+    p.add_argument("--test-images", type=int, default=2000, help="test images (stratified subset)")
     p.add_argument("--teacher", default="resnet20", help="teacher architecture")
     p.add_argument("--student", default="resnet8", help="student architecture")
     p.add_argument("--epochs", type=int, default=6, help="student epochs (phase 1 of two-stage runs too)")
-    p.add_argument("--teacher-epochs", type=int, default=15, help="teacher epochs")
+    p.add_argument("--teacher-epochs", type=int, default=15, help="teacher epochs (SGD 0.1, cosine, batch 128)")
+    p.add_argument("--teacher-train-images", type=int, default=None,
+                   help="the teacher's training images (stratified subset; default: all of them)")
+    p.add_argument("--probe-head-epochs", type=int, default=2,
+                   help="cosine-probe epochs of the teacher's projection head")
     p.add_argument("--probe-epochs", type=int, default=10,
                    help="epochs of the linear and KD probes and of two-stage phase 2 (SPEC 12: 50)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="student seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds")
+    p.add_argument("--bank-size", type=int, default=4096, help="memory-bank entries of the bank arms (published)")
     p.add_argument("--nce-negatives", type=int, default=1024,
                    help="crd-nce negatives per anchor (the literature's 16,384 is more than a CPU subset holds)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--output-dir", type=Path, default=REPO / "runs" / "cpu_comparison", help="where runs go")
+    p.add_argument("--output-dir", type=Path, default=REPO / "runs" / "cifar100", help="where runs go")
     p.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                    help="print one table from saved comparison_<group>.json files and stop")
     args = p.parse_args()
@@ -178,15 +286,20 @@ def main() -> None:
         print_table(rows, columns, references(group, rows))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    base = base_config(args)
     started = time.perf_counter()
-    session = Session(base, pictures=False, analyze=False)
-    table = (logit_comparison if args.group == "logit" else two_stage_comparison)(args, base, session)
+    teacher_file, teacher_metrics = trained_teacher_file(args)
+    base = base_config(args, teacher_file)
+    session = Session(base, pictures=False, analyze=args.group == "published")
+    compare = {"published": published_comparison, "logit": logit_comparison,
+               "two-stage": two_stage_comparison}[args.group]
+    table = compare(args, base, session)
     write_json(args, table["rows"])
-    teacher_acc = session.teacher()[1]["test_acc"]
-    print(f"\nCIFAR-10, {args.train_images} training / {args.test_images} test images, teacher {args.teacher} "
-          f"({teacher_acc:.2f} %, {args.teacher_epochs} epochs) -> student {args.student}, {args.epochs} "
-          f"epochs, seeds {args.seeds}, {session.policy.describe()}; {time.perf_counter() - started:.0f} s\n")
+    data = session.dataset
+    print(f"\n{data.name}: {len(data.train_labels)} training / {len(data.test_labels)} test images "
+          f"(stratified); teacher {args.teacher} trained {args.teacher_epochs} epochs on "
+          f"{args.teacher_train_images or 'all'} training images ({teacher_metrics['test_acc']:.2f} % on the full "
+          f"test set) -> student {args.student}, {args.epochs} epochs, seeds {args.seeds}, "
+          f"{session.policy.describe()}; {time.perf_counter() - started:.0f} s\n")
     print_table(table["rows"], table["columns"], table["refs"])
 
 

@@ -42,3 +42,13 @@ def test_merged_seeds_give_the_mean_and_the_paired_differences(tmp_path, capsys)
     assert f"63.25 ± {sd:.2f}" in line
     assert f"{statistics.fmean(d_kd):+.2f} ± {se_kd:.2f} vs KD" in line
     assert "+1.75 ± 0.25 vs CRD" in line  # differences 2.0 and 1.5
+
+
+def test_published_references_pair_bank_arms_with_their_no_bank_arm():
+    cmp = _script()
+    labels = ["teacher resnet20", "CE student", "LW-SupCRD", "LW-SupCRD (paper-bank)",
+              "LW-SupCRD + bank (paper-bank)"]
+    refs = cmp.references("published", {label: {} for label in labels})
+    assert "teacher resnet20" not in refs  # one model: no paired difference
+    assert refs["CE student"] == [] and refs["LW-SupCRD"] == ["CE student"]
+    assert refs["LW-SupCRD + bank (paper-bank)"] == ["CE student", "LW-SupCRD (paper-bank)"]
