@@ -416,6 +416,38 @@ def cmd_sweep(args) -> None:
     print(text)
 
 
+def cmd_compare(args) -> None:
+    from .compare_models import compare_models
+    out = compare_models(args.a, args.b, args.output_dir, args.device, args.data_root, args.json,
+                         mi_dims=args.mi_dims, mi_k=args.mi_k, cka_sigma=args.cka_sigma)
+    mi = out["mutual_information"]
+    print(f"A = {out['model_a']} ({out['kind_a']})\nB = {out['model_b']} ({out['kind_b']})\n"
+          f"{out['n']} test images of {out['dataset']}\n"
+          f"accuracy  A {out['accuracy_a']:.2f}%  B {out['accuracy_b']:.2f}%  agreement {out['agreement']:.2f}%  "
+          f"kappa {out['kappa']:.4f}\n"
+          f"both right {out['both_right']}  only A right {out['only_a_right']}  only B right "
+          f"{out['only_b_right']}  both wrong {out['both_wrong']}  McNemar exact p {out['mcnemar_p']:.4g}\n"
+          f"CKA of the final features: linear {out['cka_linear']:.4f}  unbiased {out['cka_unbiased']:.4f}  "
+          f"RBF (sigma {out['cka_rbf_sigma']:g} x median, {out['cka_rbf_points']} points) {out['cka_rbf']:.4f}\n"
+          f"mutual information (nats; KSG k {mi['k']}, first {mi['d']} principal components, n {mi['n']}): "
+          f"A;B {mi['a_b']:.4f}  A;labels {mi['a_labels']:.4f}  B;labels {mi['b_labels']:.4f}")
+    print("classes where the two differ most: " + ", ".join(
+        f"{r['class']} ({r['accuracy_a']:.0f} vs {r['accuracy_b']:.0f}%)" for r in out["classes_differing_most"][:5]))
+    print(f"written to {out['written_to']}")
+
+
+def cmd_similarity(args) -> None:
+    from .compare_models import layer_similarity
+    out = layer_similarity(args.a, args.b, args.output_dir, args.device, args.data_root, args.json)
+    width = max(len(n) for n in out["layers_a"])
+    print(f"linear CKA (unbiased, minibatches of {out['batch_size']}, {out['n']} test images); rows: "
+          f"{out['model_a']}, columns: {out['model_b']}")
+    print(" " * width + "  " + "  ".join(f"{n:>10}" for n in out["layers_b"]))
+    for name, row in zip(out["layers_a"], out["cka"]):
+        print(f"{name:<{width}}  " + "  ".join(f"{v:>10.4f}" for v in row))
+    print(f"heatmap: {out['heatmap']}")
+
+
 def cmd_data_subset(args) -> None:
     from . import data as data_mod
     source = args.source
@@ -525,6 +557,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--no-plots", action="store_true", help="metrics only")
     p.set_defaults(func=cmd_analyze)
+
+    for name, text in (("compare", "two saved models on the same test images: prediction statistics "
+                                   "(agreement, error overlap, kappa, McNemar), final-feature CKA and "
+                                   "mutual information"),
+                       ("similarity", "layer-by-layer CKA of two saved models (a heatmap and a JSON matrix)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("a", help="a checkpoint (.pth), a run name under --output-dir, or `teacher`")
+        p.add_argument("b", help="the other model: a checkpoint, a run name, or `teacher` (the teacher "
+                                 "the other model was distilled from)")
+        p.add_argument("--output-dir", default=".", help="where runs are found and results go")
+        p.add_argument("--data-root", default=None, help="dataset folder (default: the runs' own)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+        p.add_argument("--json", default=None, metavar="PATH", help="also write the result to PATH")
+        if name == "compare":
+            p.add_argument("--mi-dims", type=int, default=8, help="principal components kept for the MI estimates")
+            p.add_argument("--mi-k", type=int, default=3, help="neighbours k of the KSG estimator")
+            p.add_argument("--cka-sigma", type=float, default=1.0,
+                           help="RBF CKA bandwidth as a multiple of the median pairwise distance")
+        p.set_defaults(func=cmd_compare if name == "compare" else cmd_similarity)
 
     p = sub.add_parser("data", help="dataset utilities: write a seeded, stratified subset as an npz folder")
     data_sub = p.add_subparsers(dest="data_command", required=True)

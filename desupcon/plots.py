@@ -402,3 +402,32 @@ def plot_sweep(values: Sequence[float], series: Mapping[str, Sequence[float | No
             ax.set_xscale("log")
     fig.suptitle(title)
     return _save_png(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer-by-layer CKA
+# ----------------------------------------------------------------------------------------------
+
+def plot_cka_heatmap(matrix: np.ndarray, layers_a: Sequence[str], layers_b: Sequence[str], path: str | Path,
+                     name_a: str, name_b: str) -> Path:
+    """CKA between every layer of model A (rows) and of model B (columns), values written in."""
+    matrix = np.asarray(matrix, dtype=float)
+    fig = Figure(figsize=(1.2 + 0.9 * len(layers_b), 1.2 + 0.7 * len(layers_a)))
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma", origin="lower", aspect="auto")
+    ax.set_xticks(range(len(layers_b)), layers_b, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers_a)), layers_a, fontsize=8)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if matrix[i, j] > 0.6 else "white")
+    ax.set_xlabel(_short(name_b), fontsize=8)
+    ax.set_ylabel(_short(name_a), fontsize=8)
+    ax.set_title("linear CKA (unbiased, minibatch)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def _short(name: str, limit: int = 60) -> str:
+    return name if len(name) <= limit else name[:limit - 3] + "..."

@@ -2,6 +2,7 @@
 evaluations, closed forms and invariances."""
 
 import itertools
+from pathlib import Path
 import math
 
 import numpy as np
@@ -210,3 +211,78 @@ def test_pca_scores_carry_the_top_variances_in_both_forms():
         d = min(3, n)
         assert np.allclose((scores ** 2).sum(0)[:d], top[:d].numpy(), rtol=1e-8)
         assert np.allclose(scores.T @ scores - np.diag(np.diag(scores.T @ scores)), 0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The commands on two quick-preset runs
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_config):
+    from desupcon.pipeline import Session
+    root = tmp_path_factory.mktemp("compare")
+    cfg = tiny_config(root, epochs=1)
+    session = Session(cfg, analyze=False)
+    results = session.run_many([cfg.replace(method={"method": m}) for m in ("lw-supcrd", "ce")])
+    return root, results
+
+
+def test_compare_command_writes_the_named_fields(two_runs, tmp_path, capsys):
+    from desupcon.checkpoint import read_json
+    from desupcon.cli import main
+    from desupcon.compare_models import load_saved_model, run_test_pass
+    from desupcon.devices import DevicePolicy
+    from desupcon.runs import prepare_dataset
+    root, (lw, ce) = two_runs
+    out_json = tmp_path / "cmp.json"
+    assert main(["compare", lw.name, str(ce.checkpoint), "--output-dir", str(root), "--device", "cpu",
+                 "--json", str(out_json), "--mi-dims", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "McNemar exact p" in printed and "agreement" in printed
+    out = read_json(out_json)
+    for key in ("accuracy_a", "accuracy_b", "agreement", "both_right", "only_a_right", "only_b_right",
+                "both_wrong", "kappa", "mcnemar_p", "cka_linear"):
+        assert key in out, key
+    assert out["both_right"] + out["only_a_right"] + out["only_b_right"] + out["both_wrong"] == out["n"] == 64
+    # the accuracies are the runs' own last-epoch test accuracies (same images, same models)
+    assert out["accuracy_a"] == pytest.approx(lw.metrics["test_acc"]) and out["accuracy_b"] == pytest.approx(
+        ce.metrics["test_acc"])
+    assert out["mutual_information"]["d"] == 4 and out["mutual_information"]["k"] == 3
+    assert list((root / "json_results" / "compare").glob("*.json"))
+    # the statistics follow from the predictions of one pass
+    policy = DevicePolicy.choose(torch.device("cpu"))
+    a, b = load_saved_model(lw.name, root, policy), load_saved_model(ce.name, root, policy)
+    result = run_test_pass(a, b, prepare_dataset(a.cfg, policy.device), policy, layers=False)
+    pa, pb = result.predictions
+    assert out["agreement"] == pytest.approx(100 * float((pa == pb).double().mean()))
+    assert out["cka_linear"] == pytest.approx(C.linear_cka(*result.features))
+
+
+def test_similarity_command_against_the_teacher(two_runs, capsys):
+    from desupcon.checkpoint import read_json
+    from desupcon.cli import main
+    root, (lw, _) = two_runs
+    assert main(["similarity", lw.name, "teacher", "--output-dir", str(root), "--device", "cpu"]) == 0
+    saved = read_json(next((root / "json_results" / "similarity").glob("*.json")))
+    assert saved["layers_a"] == ["layer1", "layer2", "layer3", "projection"] == saved["layers_b"]
+    matrix = np.array(saved["cka"])
+    assert matrix.shape == (4, 4) and np.isfinite(matrix).all()
+    assert Path(saved["heatmap"]).is_file() and saved["n"] == 64
+    # the same model against itself: ones on the diagonal
+    assert main(["similarity", lw.name, lw.name, "--output-dir", str(root), "--device", "cpu",
+                 "--json", str(root / "self.json")]) == 0
+    assert np.allclose(np.diag(read_json(root / "self.json")["cka"]), 1.0)
+
+
+def test_compare_bad_inputs_are_one_line(two_runs, tmp_path, capsys, tiny_config):
+    from desupcon.cli import main
+    from desupcon.pipeline import Session
+    root, (lw, ce) = two_runs
+    assert main(["compare", lw.name, "no_such_run", "--output-dir", str(root), "--device", "cpu"]) == 2
+    assert "no_such_run: neither a checkpoint file nor a run name" in capsys.readouterr().err
+    other = tiny_config(tmp_path, test_images=32, epochs=1).replace(method={"method": "ce"})
+    [small] = Session(other, analyze=False).run_many([other])
+    assert main(["compare", str(small.checkpoint), str(ce.checkpoint), "--device", "cpu"]) == 2
+    assert "different test data (test_subset 32 vs 64)" in capsys.readouterr().err
+    assert main(["compare", "teacher", "teacher", "--output-dir", str(root), "--device", "cpu"]) == 2
+    assert "give a student as the other one" in capsys.readouterr().err
