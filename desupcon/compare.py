@@ -10,7 +10,7 @@ CKA (Kornblith et al. 2019) of representations X (n x p) and Y (n x q) of the sa
 Prediction statistics of two classifiers on the same labelled images: accuracies, agreement, the
 2 x 2 error-overlap table, Cohen's kappa, the exact two-sided McNemar test.
 Mutual information: the Kraskov-Stoegbauer-Grassberger estimator (algorithm 1, Chebyshev
-distances) between two continuous representations, and Ross's (2014) estimator between a
+distances, an exact chunked neighbour scan) between two continuous representations, and Ross's (2014) estimator between a
 continuous representation and discrete labels; both biased in high dimension (report k and d).
 """
 
@@ -20,7 +20,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 from scipy.special import digamma
 from scipy.stats import binom
 
@@ -232,9 +231,27 @@ def pca(x, d: int) -> np.ndarray:
     return (vectors[:, -d:].flip(1) * values[-d:].flip(0).clamp(min=0).sqrt()).numpy()
 
 
-def _strictly_within(tree: cKDTree, points: np.ndarray, radii: np.ndarray) -> np.ndarray:
-    """How many tree points lie at Chebyshev distance strictly below each radius (self included)."""
-    return np.asarray(tree.query_ball_point(points, np.nextafter(radii, 0), p=np.inf, return_length=True))
+def _chebyshev(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(a, b, p=float("inf"))
+
+
+def _kth_neighbour_and_counts(joint: torch.Tensor, marginals: list[torch.Tensor], k: int,
+                              chunk: int = 1024) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """eps_i, the Chebyshev distance of row i to its k-th nearest other row of `joint`, and for each
+    marginal the number of other rows strictly closer than eps_i there. A chunked exact scan: in
+    the 8 to 16 dimensions of these estimates it is faster than a KD-tree, which degrades to a
+    scan with overhead at that dimension."""
+    n = joint.shape[0]
+    eps = torch.empty(n, dtype=torch.float64)
+    counts = [torch.empty(n, dtype=torch.long) for _ in marginals]
+    for start in range(0, n, chunk):
+        rows = torch.arange(start, min(start + chunk, n))
+        d = _chebyshev(joint[rows], joint)
+        d[torch.arange(len(rows)), rows] = math.inf  # not its own neighbour
+        eps[rows] = d.topk(k, dim=1, largest=False).values[:, -1]
+        for part, out in zip(marginals, counts):
+            out[rows] = (_chebyshev(part[rows], part) < eps[rows, None]).sum(1) - 1  # minus itself
+    return eps, counts
 
 
 def ksg_mutual_information(x, y, k: int = 3) -> float:
@@ -242,18 +259,15 @@ def ksg_mutual_information(x, y, k: int = 3) -> float:
     I = psi(k) + psi(N) - < psi(n_x + 1) + psi(n_y + 1) >, with eps_i the Chebyshev distance of
     point i to its k-th neighbour in the joint space and n_x(i), n_y(i) the numbers of other points
     strictly closer than eps_i in each marginal space."""
-    x = np.asarray(_f64(x).numpy(), dtype=np.float64).reshape(len(x), -1)
-    y = np.asarray(_f64(y).numpy(), dtype=np.float64).reshape(len(y), -1)
+    x, y = _f64(x), _f64(y)
+    x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows, y {len(y)}")
     n = len(x)
     if not 1 <= k < n:
         raise ValueError(f"k must lie in [1, {n - 1}], got {k}")
-    joint = np.hstack([x, y])
-    eps = cKDTree(joint).query(joint, k=k + 1, p=np.inf)[0][:, -1]
-    n_x = _strictly_within(cKDTree(x), x, eps) - 1
-    n_y = _strictly_within(cKDTree(y), y, eps) - 1
-    return float(digamma(k) + digamma(n) - np.mean(digamma(n_x + 1) + digamma(n_y + 1)))
+    _, (n_x, n_y) = _kth_neighbour_and_counts(torch.cat([x, y], 1), [x, y], k)
+    return float(digamma(k) + digamma(n) - np.mean(digamma(n_x.numpy() + 1) + digamma(n_y.numpy() + 1)))
 
 
 def mixed_mutual_information(x, labels, k: int = 3) -> float:
@@ -261,25 +275,27 @@ def mixed_mutual_information(x, labels, k: int = 3) -> float:
     I = psi(N) + <psi(k_i)> - <psi(N_{y_i})> - <psi(m_i + 1)>, with d_i the Chebyshev distance of
     point i to its k-th neighbour of the same label (k_i = min(k, N_y - 1)) and m_i the number of
     other points of any label strictly closer than d_i. Points whose label occurs once are left out."""
-    x = np.asarray(_f64(x).numpy(), dtype=np.float64).reshape(len(x), -1)
-    labels = np.asarray(torch.as_tensor(labels).cpu().numpy())
+    x = _f64(x)
+    x = x.reshape(len(x), -1)
+    labels = torch.as_tensor(labels).cpu()
     if len(x) != len(labels):
         raise ValueError(f"x has {len(x)} rows but there are {len(labels)} labels")
-    radius = np.zeros(len(x))
-    k_i = np.zeros(len(x), dtype=np.int64)
-    size = np.zeros(len(x), dtype=np.int64)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        size[members] = len(members)
-        if len(members) < 2:
-            continue
-        kc = min(k, len(members) - 1)
-        radius[members] = cKDTree(x[members]).query(x[members], k=kc + 1, p=np.inf)[0][:, -1]
-        k_i[members] = kc
-    keep = size > 1
+    classes, inverse, size = torch.unique(labels, return_inverse=True, return_counts=True)
+    keep = size[inverse] > 1
     if not keep.any():
         raise ValueError("every label occurs once: the mixed estimator needs repeated labels")
-    x_kept = x[keep]
-    m = _strictly_within(cKDTree(x_kept), x_kept, radius[keep]) - 1
-    return float(digamma(keep.sum()) + np.mean(digamma(k_i[keep])) - np.mean(digamma(size[keep]))
-                 - np.mean(digamma(m + 1)))
+    x, inverse = x[keep], inverse[keep]
+    radius = torch.empty(len(x), dtype=torch.float64)
+    k_i = torch.empty(len(x), dtype=torch.long)
+    for c in torch.unique(inverse).tolist():
+        members = torch.nonzero(inverse == c).flatten()
+        kc = min(k, len(members) - 1)
+        radius[members], _ = _kth_neighbour_and_counts(x[members], [], kc)
+        k_i[members] = kc
+    m = torch.empty(len(x), dtype=torch.long)
+    for start in range(0, len(x), 1024):
+        rows = slice(start, start + 1024)
+        m[rows] = (_chebyshev(x[rows], x) < radius[rows, None]).sum(1) - 1
+    n_y = size[inverse].numpy()
+    return float(digamma(len(x)) + np.mean(digamma(k_i.numpy())) - np.mean(digamma(n_y))
+                 - np.mean(digamma(m.numpy() + 1)))
