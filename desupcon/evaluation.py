@@ -70,32 +70,33 @@ def teacher_embeddings(teacher: Teacher, dataset: ImageDataset, device: torch.de
 
 
 def teacher_spaces(teacher: Teacher):
-    """(backbone features, projection) of the teacher, for `compute_metrics`."""
-    def both(x):
-        features = teacher(x)[0]
-        return features, teacher.project(features)
-    return both
+    """(backbone features, projection, logits) of the teacher, for `compute_metrics`."""
+    def spaces(x):
+        features, logits = teacher(x)
+        return features, teacher.project(features), logits
+    return spaces
 
 
 def student_spaces(student):
-    def both(x):
-        features, projection, _ = student(x)
-        return features, projection
-    return both
+    def spaces(x):
+        features, projection, logits = student(x)
+        return features, projection, logits
+    return spaces
 
 
 def compute_metrics(spaces, dataset: ImageDataset, device: torch.device,
-                    teacher_z: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
-    """(metrics, clean projection-head test embeddings) of one model.
+                    teacher_z: torch.Tensor | None) -> tuple[dict, torch.Tensor, list[int]]:
+    """(metrics, clean projection-head test embeddings, test predictions) of one model.
 
-    `spaces(x) -> (backbone features, projection)`. The top-level metrics are in the projection-
-    head space (the published tables); `metrics["backbone"]` holds the same metrics on the
-    normalised backbone features (SPEC 7: a CE student's projector never trains, so its
-    projection-head numbers describe a random projection of its features).
+    `spaces(x) -> (backbone features, projection, logits)`. The top-level metrics are in the
+    projection-head space (the published tables); `metrics["backbone"]` holds the same metrics on
+    the normalised backbone features (SPEC 7: a CE student's projector never trains, so its
+    projection-head numbers describe a random projection of its features). The predicted class of
+    every test image (in the dataset's order) lets the report compare two models image by image.
     """
-    feats, z = embed(spaces, dataset.test_images, dataset, device)
-    f1, view1 = embed(spaces, dataset.test_images, dataset, device, augment_seed=ANALYSIS_SEED)
-    f2, view2 = embed(spaces, dataset.test_images, dataset, device, augment_seed=ANALYSIS_SEED + 1)
+    feats, z, logits = embed(spaces, dataset.test_images, dataset, device)
+    f1, view1, _ = embed(spaces, dataset.test_images, dataset, device, augment_seed=ANALYSIS_SEED)
+    f2, view2, _ = embed(spaces, dataset.test_images, dataset, device, augment_seed=ANALYSIS_SEED + 1)
     labels = dataset.test_labels.cpu()
     coarse = dataset.test_coarse_labels.cpu() if dataset.test_coarse_labels is not None else None
     metrics = analysis.analyze_embeddings(z, labels, dataset.classes, coarse_labels=coarse,
@@ -105,7 +106,8 @@ def compute_metrics(spaces, dataset: ImageDataset, device: torch.device,
                                            named_pairs=named_pairs_for(dataset))
     backbone["alignment_instance"] = analysis.alignment_instance(f1, f2)
     metrics["backbone"] = backbone
-    return metrics, z
+    # `embed` normalises every output; a positive rescaling of a row keeps its argmax
+    return metrics, z, logits.argmax(1).tolist()
 
 
 def draw_pictures(name: str, z: torch.Tensor, dataset: ImageDataset, log_entries: list[dict],
@@ -168,13 +170,16 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
         teacher_z = teacher_embeddings(teacher, dataset, device)
         teacher_info = {"fingerprint": getattr(teacher, "fingerprint", None),
                         "source": getattr(teacher, "source", None)}
-    metrics, z = compute_metrics(student_spaces(student), dataset, device, teacher_z)
+    metrics, z, predictions = compute_metrics(student_spaces(student), dataset, device, teacher_z)
     pics = draw_pictures(ckpt["name"], z, dataset, ckpt["log"], paths) if pictures else {}
     ckpt["analysis"] = {"metrics": metrics, "teacher_test_embeddings": teacher_z, "plots": pics,
                         "teacher": teacher_info}
     atomic_torch_save(path, ckpt)
     source = (ckpt.get("source") or {}).get("kind", "trained")
     record = _record("student", ckpt["name"], cfg, ckpt["metrics"], metrics, pics, source, teacher_info)
+    # per-image predictions (and the labels, in the dataset's order): the report's agreement with the
+    # teacher and McNemar tests between runs come from them
+    record.update(test_predictions=predictions, test_labels=dataset.test_labels.tolist())
     if "two_stage" in ckpt["config"]:  # a two-stage run (two_stage.py): not its phase-1 method's
         record["config"]["two_stage"] = ckpt["config"]["two_stage"]
         record["method"] = "two-stage"
@@ -203,17 +208,18 @@ def analyze_teacher(teacher: Teacher, cfg: RunConfig, teacher_metrics: dict, dat
     name = teacher_run_name(cfg, with_projection=True)
     ckpt_path = teacher_checkpoint_path(cfg)
     ckpt = load_checkpoint(ckpt_path, "teacher_projection")
-    if ckpt.get("analysis") and "backbone" in ckpt["analysis"]["metrics"]:
-        metrics = ckpt["analysis"]["metrics"]
-        pics = ckpt["analysis"]["plots"]
+    stored = ckpt.get("analysis") or {}
+    if "backbone" in stored.get("metrics", {}) and "test_predictions" in stored:
+        metrics, pics, predictions = stored["metrics"], stored["plots"], stored["test_predictions"]
     else:
         teacher.eval()
-        metrics, z = compute_metrics(teacher_spaces(teacher), dataset, device, None)
+        metrics, z, predictions = compute_metrics(teacher_spaces(teacher), dataset, device, None)
         pics = draw_pictures(name, z, dataset, [], paths) if pictures else {}
-        ckpt["analysis"] = {"metrics": metrics, "plots": pics}
+        ckpt["analysis"] = {"metrics": metrics, "plots": pics, "test_predictions": predictions}
         atomic_torch_save(ckpt_path, ckpt)
     info = {"fingerprint": getattr(teacher, "fingerprint", None), "source": getattr(teacher, "source", None)}
     source = (ckpt.get("source") or {}).get("kind", "trained")
-    update_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset),
-                        name, _record("teacher", name, cfg, teacher_metrics, metrics, pics, source, info))
+    record = _record("teacher", name, cfg, teacher_metrics, metrics, pics, source, info)
+    record.update(test_predictions=predictions, test_labels=dataset.test_labels.tolist())
+    update_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset), name, record)
     return metrics

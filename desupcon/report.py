@@ -323,10 +323,58 @@ HEADER = ["run", "seeds", "test acc % (last epoch)", "best-epoch test acc %", "t
           "alignment (class, backbone)", "uniformity (backbone)", "Δ test acc (paired)",
           "published acc / align / unif", "protocol", "teacher", "source",
           "linear probe top-1 / top-5", "k-NN top-1 / top-5", "KD probe top-1",
-          "superclass margin (proj / backbone)", "nearest centroid in own superclass % (proj / backbone)"]
+          "superclass margin (proj / backbone)", "nearest centroid in own superclass % (proj / backbone)",
+          "agreement with teacher %", "McNemar p (exact, per shared seed)"]
 
 
-def render_table(table: str, title: str, key: str | None, configs: list[Configuration]) -> str:
+def teacher_agreement(c: Configuration, setting: list[Configuration]) -> dict[int, float]:
+    """Per seed, the percentage of test images on which the student predicts its teacher's class
+    (the teacher found by the fingerprint the student records)."""
+    fingerprint = (c.first.get("teacher") or {}).get("fingerprint")
+    teacher = next((t for t in setting if t.kind == "teacher" and fingerprint
+                    and (t.first.get("teacher") or {}).get("fingerprint") == fingerprint
+                    and t.first.get("test_predictions")), None)
+    if c.kind != "student" or teacher is None:
+        return {}
+    ref, ref_labels = teacher.first["test_predictions"], teacher.first.get("test_labels")
+    return {seed: 100 * sum(a == b for a, b in zip(r["test_predictions"], ref)) / len(ref)
+            for seed, r in c.records.items()
+            if r.get("test_predictions") and r.get("test_labels") == ref_labels}
+
+
+def mcnemar_against(c: Configuration, other: Configuration) -> dict[int, float]:
+    """Per shared seed, the exact McNemar p-value of `c` against `other` on the same test images
+    (both records' labels must be the same list)."""
+    from .compare import mcnemar_exact
+    out = {}
+    for seed in sorted(set(c.records) & set(other.records)):
+        mine, theirs = c.records[seed], other.records[seed]
+        a, b, labels = mine.get("test_predictions"), theirs.get("test_predictions"), mine.get("test_labels")
+        if not (a and b and labels) or labels != theirs.get("test_labels") or len(a) != len(b):
+            continue
+        only_a = sum(x == y and z != y for x, z, y in zip(a, b, labels))
+        only_b = sum(x != y and z == y for x, z, y in zip(a, b, labels))
+        out[seed] = mcnemar_exact(only_a, only_b)
+    return out
+
+
+def _mcnemar_reference(table: str, c: Configuration, configs: list[Configuration],
+                       setting: list[Configuration]) -> Configuration | None:
+    """Two-stage rows: the end-to-end run of the same encoder (phase-1 method); others: the CE
+    student of the same data and protocol."""
+    if c.kind != "student":
+        return None
+    if table == "two-stage" and _two_stage(c):
+        return next((o for o in configs if not _two_stage(o) and o.kind == "student"
+                     and o.cfg.method.method == c.cfg.method.method), None)
+    if c.cfg.method.method == "ce":
+        return None
+    return next((o for o in setting if o.kind == "student" and o.cfg.method.method == "ce" and not _two_stage(o)
+                 and o.protocol == c.protocol and o.cfg.data_identity() == c.cfg.data_identity()), None)
+
+
+def render_table(table: str, title: str, key: str | None, configs: list[Configuration],
+                 setting: list[Configuration] | None = None) -> str:
     ref = next((c for c in configs if c.kind == "student" and REFERENCE[table](c)), None)
     if key is not None:
         configs = sorted(configs, key=lambda c: (getattr(c.cfg.method, key), c.label))
@@ -362,6 +410,12 @@ def render_table(table: str, title: str, key: str | None, configs: list[Configur
             pair = [_fmt(*mean_sd([scale * v for v in c.values(key_, space).values()]), digits=digits)
                     for space in ("projection", "backbone")]
             cells.append(" / ".join(pair) if any(pair) else "")
+        setting = setting if setting is not None else configs
+        cells.append(_fmt(*mean_sd(list(teacher_agreement(c, setting).values()))))
+        other = _mcnemar_reference(table, c, configs, setting)
+        p_values = mcnemar_against(c, other) if other is not None else {}
+        cells.append(", ".join(f"{p:.2g}" for p in p_values.values()) + f" vs {_row_label(table, None, other)}"
+                     if p_values else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -398,7 +452,7 @@ def build_report(root: str | Path, tables: list[str] | None = None) -> str:
             if table == "logit" and not any(c.cfg.method.method in LOGIT_TABLE_METHODS[1:-1] for c in chosen):
                 continue  # no logit distiller among these runs
             if chosen:
-                out += [render_table(table, title, key, chosen), ""]
+                out += [render_table(table, title, key, chosen, configs), ""]
         if tables is None:
             out += ["### Every run", ""] + [f"- `{name}`" for c in configs for name in
                                             sorted(r["run"] for r in c.records.values())] + [""]

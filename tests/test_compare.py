@@ -286,3 +286,29 @@ def test_compare_bad_inputs_are_one_line(two_runs, tmp_path, capsys, tiny_config
     assert "different test data (test_subset 32 vs 64)" in capsys.readouterr().err
     assert main(["compare", "teacher", "teacher", "--output-dir", str(root), "--device", "cpu"]) == 2
     assert "give a student as the other one" in capsys.readouterr().err
+
+
+def test_report_shows_agreement_with_the_teacher_and_mcnemar_against_ce(tmp_path, tiny_config):
+    from desupcon import report
+    from desupcon.pipeline import Session
+    cfg = tiny_config(tmp_path, epochs=1)
+    session = Session(cfg, pictures=False)
+    session.analyze_teacher()
+    lw, ce = session.run_many([cfg.replace(method={"method": m}) for m in ("lw-supcrd", "ce")])
+    records = report.load_records(tmp_path)
+    teacher = next(r for r in records.values() if r["kind"] == "teacher")
+    r_lw, r_ce = records[lw.name], records[ce.name]
+    labels = r_lw["test_labels"]
+    assert labels == r_ce["test_labels"] == teacher["test_labels"] and len(labels) == 64
+    # the stored predictions are the models' own: their accuracy is the run's test accuracy
+    assert 100 * sum(p == y for p, y in zip(r_lw["test_predictions"], labels)) / 64 == pytest.approx(
+        lw.metrics["test_acc"])
+    agreement = 100 * sum(a == b for a, b in zip(r_lw["test_predictions"], teacher["test_predictions"])) / 64
+    only_lw = sum(a == y != b for a, b, y in zip(r_lw["test_predictions"], r_ce["test_predictions"], labels))
+    only_ce = sum(b == y != a for a, b, y in zip(r_lw["test_predictions"], r_ce["test_predictions"], labels))
+    text = report.build_report(tmp_path, tables=["main"])
+    header = next(l for l in text.splitlines() if l.startswith("| run"))
+    row = next(l for l in text.splitlines() if l.startswith("| LW-SupCRD"))
+    cells = dict(zip([h.strip() for h in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["agreement with teacher %"] == f"{agreement:.2f}"
+    assert cells["McNemar p (exact, per shared seed)"] == f"{C.mcnemar_exact(only_lw, only_ce):.2g} vs CE student"
