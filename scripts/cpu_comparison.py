@@ -39,6 +39,8 @@ sys.path.insert(0, str(REPO))
 
 from desupcon import experiments  # noqa: E402
 from desupcon.checkpoint import atomic_write_text, load_checkpoint  # noqa: E402
+from desupcon.compare import prediction_statistics  # noqa: E402
+from desupcon.compare_models import load_saved_model, run_test_pass  # noqa: E402
 from desupcon.config import preset, teacher_run_name  # noqa: E402
 from desupcon.pipeline import Session  # noqa: E402
 from desupcon.runs import OutputPaths  # noqa: E402
@@ -102,6 +104,9 @@ def print_table(rows: dict[str, dict[str, dict[int, float]]], columns: list[str]
         cells = [label]
         for c in columns:
             m, sd = mean_sd(list(cols.get(c, {}).values()))
+            if c == MCNEMAR:  # p-values are listed per seed, never averaged
+                cells.append(", ".join(f"{p:.2g}" for p in cols.get(c, {}).values()))
+                continue
             d = 4 if any(word in c for word in ("alignment", "uniformity", "margin")) else 2
             cells.append("" if m is None else f"{m:.{d}f} ± {sd:.{d}f}" if sd is not None else f"{m:.{d}f}")
         diffs = []
@@ -111,7 +116,7 @@ def print_table(rows: dict[str, dict[str, dict[int, float]]], columns: list[str]
                 diffs.append(f"{d:+.2f} ± {se:.2f} vs {ref}" if se is not None else f"{d:+.2f} vs {ref}")
         cells.append("; ".join(diffs))
         print("| " + " | ".join(cells) + " |")
-    sds = [statistics.stdev(v.values()) for cols in rows.values() for v in cols.values() if len(v) > 1]
+    sds = [statistics.stdev(v.values()) for cols in rows.values() for v in [cols.get(columns[0], {})] if len(v) > 1]
     if sds:
         print(f"\nmedian seed-to-seed sd: {statistics.median(sds):.2f} points (standard errors after ±)")
 
@@ -216,8 +221,22 @@ def two_stage_comparison(args, base, session) -> dict:
             cols["best epoch (own)"][seed] = r.metrics.get("best_test_acc") or float("nan")
             for kind, column in zip(PROBES, columns[1:4]):
                 cols[column][seed] = _probe(Path(r.checkpoint), kind, session, probe_cfg)["top1"]
+        by_label = dict(finished)
+        for label, _ in TWO_STAGE:  # the same test images, image by image, against its end-to-end run
+            end_to_end = by_label[label[len("two-stage "):]]
+            rows[label].setdefault(MCNEMAR, {})[seed] = mcnemar_p(by_label[label], end_to_end, session)
         write_json(args, rows)
-    return {"rows": rows, "columns": columns, "refs": references("two-stage", rows)}
+    return {"rows": rows, "columns": [*columns, MCNEMAR], "refs": references("two-stage", rows)}
+
+
+MCNEMAR = "McNemar p vs its end-to-end run"
+
+
+def mcnemar_p(a, b, session) -> float:
+    """Exact McNemar p-value of two finished runs' own classifiers on the test set."""
+    first, second = (load_saved_model(str(r.checkpoint), session.cfg.output_dir, session.policy) for r in (a, b))
+    result = run_test_pass(first, second, session.dataset, session.policy, layers=False)
+    return prediction_statistics(*result.predictions, result.labels)["mcnemar_p"]
 
 
 def references(group: str, rows) -> dict:
