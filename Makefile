@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup quickstart test bench clean-outputs
+.PHONY: setup quickstart test bench cifar100-demo clean-outputs
 
 $(PY): requirements.txt pyproject.toml
 	./scripts/setup.sh
@@ -23,6 +23,17 @@ bench: $(PY)
 	$(PY) benchmarks/bench_lockstep.py
 	$(PY) benchmarks/bench_analysis.py
 	$(PY) benchmarks/bench_teacher_epoch.py
+	$(PY) benchmarks/bench_compare.py
+
+# The published comparison at CPU scale on the real CIFAR-100 (an npz folder, or CIFAR100=cifar100
+# with DATA_ROOT=<torchvision root>): a resnet20 teacher on 10,000 images, resnet8 students on
+# 2,000, one seed; prints its table (runs/cifar100_demo/comparison_published.json keeps it).
+CIFAR100 ?= ../shared/data/cifar100
+DATA_ROOT ?= data
+cifar100-demo: $(PY)
+	$(PY) scripts/cpu_comparison.py --group published --data $(CIFAR100) --data-root $(DATA_ROOT) \
+		--teacher-train-images 10000 --teacher-epochs 3 --train-images 2000 --test-images 1000 \
+		--epochs 4 --seeds 0 --bank-size 1024 --output-dir runs/cifar100_demo
 
 clean-outputs:
 	rm -rf pth_models json_results plots
