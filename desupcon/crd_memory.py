@@ -66,17 +66,29 @@ class CRDMemory:
                          generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, k) CPU long indices of images whose class differs from each anchor's.
 
-        Uniform with replacement over all images of the other classes: position r is drawn in
-        [0, N - n_y) and mapped into the class-sorted image list, jumping over the anchor's own class
-        block [start_y, start_y + n_y). `labels` are the anchors' classes (None: the stored labels
-        of `indices`).
+        Uniform over the images of the other classes, without replacement within a row (SPEC 14,
+        as both original implementations draw them); a row whose anchor has fewer than k images of
+        other classes is drawn with replacement instead (the originals' fallback). Positions r in
+        [0, N - n_y) are mapped into the class-sorted image list, jumping over the anchor's own
+        class block [start_y, start_y + n_y). `labels` are the anchors' classes (None: the stored
+        labels of `indices`).
         """
         y = self.labels[indices.cpu()] if labels is None else labels.cpu().long()
         n_other = self.size - self._class_count[y]  # (B,)
         if bool((n_other == 0).any()):
             raise ValueError("crd memory: an anchor's class holds every image, no negatives to draw")
-        u = torch.rand(y.shape[0], k, generator=generator, dtype=torch.float64)
-        r = (u * n_other[:, None]).long().minimum(n_other[:, None] - 1)
+        # without replacement: the k smallest of uniform keys over each row's n_other positions
+        keys = torch.rand(y.shape[0], int(n_other.max()), generator=generator)
+        keys.masked_fill_(torch.arange(keys.shape[1]) >= n_other[:, None], 2.0)
+        short = n_other < k
+        if bool(short.all()):
+            r = torch.empty(y.shape[0], 0, dtype=torch.long)
+        else:
+            r = keys.topk(min(k, keys.shape[1]), dim=1, largest=False).indices[:, :k]
+        if bool(short.any()):  # fewer candidates than k: uniform with replacement for those rows
+            u = torch.rand(y.shape[0], k, generator=generator, dtype=torch.float64)
+            drawn = (u * n_other[:, None]).long().minimum(n_other[:, None] - 1)
+            r = drawn if r.shape[1] < k else torch.where(short[:, None], drawn, r)
         start = self._class_start[y][:, None]
         r = r + (r >= start).long() * self._class_count[y][:, None]
         return self._by_class[r]

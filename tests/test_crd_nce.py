@@ -177,6 +177,33 @@ def test_negatives_other_classes_and_coverage():
     assert torch.equal(negatives, again)
 
 
+def test_negatives_are_drawn_without_replacement_when_there_are_enough():
+    mem = _memory(1)
+    labels = mem.labels
+    indices = torch.arange(40)
+    n_other = [int((labels != labels[i]).sum()) for i in range(40)]
+    k = min(n_other)
+    g = torch.Generator().manual_seed(0)
+    negatives = mem.sample_negatives(indices, None, k, g)
+    for i in range(40):  # distinct images of other classes
+        row = negatives[i].tolist()
+        assert len(set(row)) == k and all(int(labels[j]) != int(labels[i]) for j in row)
+    # every other-class image equally likely: anchor 0 over many draws of 5
+    counts = torch.zeros(40)
+    for _ in range(400):
+        counts += torch.bincount(mem.sample_negatives(indices[:1], None, 5, g)[0], minlength=40)
+    others = (labels != labels[0]).nonzero().squeeze(1)
+    expected = 400 * 5 / len(others)
+    assert float(((counts[others] - expected) ** 2 / expected).sum()) < 2.5 * len(others)
+    assert float(counts[labels == labels[0]].sum()) == 0
+    # one anchor short of candidates (k above its n_other) is drawn with replacement, the others not
+    big = max(n_other)
+    mixed = mem.sample_negatives(indices, None, big, g)
+    for i in range(40):
+        distinct = len(set(mixed[i].tolist()))
+        assert distinct == big if n_other[i] >= big else distinct <= n_other[i]
+
+
 def test_contrast_rows_positive_first():
     mem = _memory(2)
     indices = torch.tensor([3, 17, 25])
