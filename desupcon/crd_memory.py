@@ -8,7 +8,7 @@ slot in both banks with its detached embedding:
     slot <- normalise(m * slot + (1 - m) * v),   m = 0.5
 
 For each anchor the contrast rows are its own slot (the positive, row 0) followed by K slots of images
-of other classes (negatives, drawn uniformly with replacement). The student embedding is scored
+of other classes (negatives, drawn uniformly without replacement within a row). The student embedding is scored
 against the teacher bank's rows and the teacher embedding against the student bank's rows; the two
 normalising constants Z_s, Z_t are fixed once, at the first batch, as mean(exp(v . m / tau)) * N over
 that batch's (B, K + 1) scores (see `losses.crd_nce_loss` for every formula).

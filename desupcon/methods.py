@@ -306,7 +306,7 @@ class CRDNCEMethod(Method):
         self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
         self.memory = CRDMemory(dataset.train_labels.cpu(), dim=c.nce_dim, momentum=c.nce_momentum,
                                 device=policy.device, generator=self.generator)
-        # negatives are drawn with replacement: more than the training set brings nothing new
+        # more negatives than the training set holds bring nothing new (they repeat)
         self.negatives = min(c.nce_negatives, len(dataset.train_labels))
         self._pending = None
 
