@@ -341,6 +341,9 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (z - mean) / (std + eps)
 
 
+SDD_GRID = 4  # SDD pools every final feature map to this grid before its coarser levels
+
+
 def _check_scales(scales) -> tuple[int, ...]:
     scales = tuple(scales)
     if not scales:
@@ -350,11 +353,11 @@ def _check_scales(scales) -> tuple[int, ...]:
     scales = tuple(int(s) for s in scales)
     if len(set(scales)) != len(scales):
         raise ValueError(f"region_logits: scales must not repeat, got {scales}")
-    finest = max(scales)
-    bad = [s for s in scales if finest % s]
+    grid = max(SDD_GRID, max(scales))
+    bad = [s for s in scales if grid % s]
     if bad:
-        raise ValueError(f"region_logits: every scale must divide the largest ({finest}); "
-                         f"{bad} do not (scales {scales})")
+        raise ValueError(f"region_logits: every scale must divide the {grid}x{grid} grid the map is "
+                         f"pooled to first; {bad} do not (scales {scales})")
     if 1 not in scales:
         raise ValueError(f"region_logits: scales must include 1 (region 0 is the global region that "
                          f"sdd_loss compares against), got {scales}")
@@ -365,27 +368,24 @@ def region_logits(feature_map: torch.Tensor, classifier: torch.nn.Module,
                   scales: tuple[int, ...] = (1, 2, 4)) -> torch.Tensor:
     """Multi-scale region logits of SDD (Wei et al. 2024): (B, C, H, W) -> (B, K, N).
 
-        G = adaptive_avg_pool(F, m x m),  m = max(scales)
+        G = adaptive_avg_pool(F, m x m),  m = max(4, max(scales))   (SDD's 4x4 grid comes first,
+            at any map size: 8x8, 7x7, 6x6, or 2x2, whose cells are then repeated)
         level s = avg_pool(G, kernel m/s)  (s x s regions, each the mean of its (m/s)^2 cells)
         R = concat over s in increasing order of the level's regions, row-major;  N = sum s^2
         logits[:, :, n] = classifier(R[:, :, n])
 
     `classifier` is the model's own linear layer C -> K (no new parameters). With 1 in scales,
-    region 0 is classifier(mean of G), the global logits whenever H and W are multiples of m; by
-    linearity every level's regions average to it. Scales are sorted, must be distinct positive
-    integers including 1 that each divide m, and H, W must be at least m.
+    region 0 is classifier(mean of G), the global logits whenever H and W are multiples of 4 (or
+    divide it); by linearity every level's regions average to it. Scales are sorted, must be
+    distinct positive integers including 1 that each divide m.
     """
     scales = _check_scales(scales)
     if feature_map.dim() != 4:
         raise ValueError(f"region_logits: feature_map must be (B, C, H, W), got shape "
                          f"{tuple(feature_map.shape)}")
-    finest = scales[-1]
-    height, width = feature_map.shape[-2:]
-    if height < finest or width < finest:
-        raise ValueError(f"region_logits: a {height}x{width} feature map is smaller than the finest "
-                         f"grid {finest}x{finest} of scales {scales}")
-    grid = F.adaptive_avg_pool2d(feature_map, finest)
-    levels = [F.avg_pool2d(grid, finest // s).flatten(2) if s != finest else grid.flatten(2)
+    grid_size = max(SDD_GRID, scales[-1])
+    grid = F.adaptive_avg_pool2d(feature_map, grid_size)
+    levels = [F.avg_pool2d(grid, grid_size // s).flatten(2) if s != grid_size else grid.flatten(2)
               for s in scales]
     regions = torch.cat(levels, dim=2)  # (B, C, N)
     return classifier(regions.transpose(1, 2)).transpose(1, 2)

@@ -224,6 +224,38 @@ def test_region_logits_match_reference(seed, size, scales):
     _close(out, ref_region_logits(fmap, fc.weight, fc.bias, scales), rtol=1e-5, atol=1e-5)
 
 
+def ref_adaptive_regions(fmap, weight, bias, scales, grid=4):
+    """SDD's pooling by hand: adaptive 4x4 cells (rows floor(i H / 4) to ceil((i + 1) H / 4)), then
+    each level's regions as means of the grid cells they cover."""
+    fmap, weight, bias = _np(fmap), _np(weight), _np(bias)
+    batch, channels, height, width = fmap.shape
+    cells = np.empty((batch, channels, grid, grid))
+    for i in range(grid):
+        r0, r1 = (i * height) // grid, -(-((i + 1) * height) // grid)
+        for j in range(grid):
+            c0, c1 = (j * width) // grid, -(-((j + 1) * width) // grid)
+            cells[:, :, i, j] = fmap[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    regions = []
+    for s in sorted(scales):
+        step = grid // s
+        for i in range(s):
+            for j in range(s):
+                regions.append(cells[:, :, i * step:(i + 1) * step, j * step:(j + 1) * step].mean(axis=(2, 3)))
+    vecs = np.stack(regions, axis=2)  # (B, C, N)
+    return np.einsum("kc,bcn->bkn", weight, vecs) + bias[None, :, None]
+
+
+@pytest.mark.parametrize("size", (7, 6, 2, 3))
+@pytest.mark.parametrize("scales", [(1, 2, 4), (1, 2)])
+def test_region_logits_pool_to_the_4x4_grid_first_at_any_map_size(size, scales):
+    fmap, fc = _feature_map(5, size=size), _classifier(5)
+    out = region_logits(fmap, fc, scales)
+    _close(out, ref_adaptive_regions(fmap, fc.weight, fc.bias, scales), rtol=1e-5, atol=1e-5)
+    if size == 7:  # pooling 7x7 straight to 2x2 would give other regions
+        direct = fc(torch.nn.functional.adaptive_avg_pool2d(fmap, 2).flatten(2).transpose(1, 2)).transpose(1, 2)
+        assert not torch.allclose(out[:, :, 1:5], direct, atol=1e-4)
+
+
 @pytest.mark.parametrize("size", (4, 8, 12))
 def test_region_zero_is_global_and_levels_average_to_it(size):
     fmap, fc = _feature_map(3, size=size), _classifier(3)
@@ -241,7 +273,7 @@ def test_region_zero_is_global_and_levels_average_to_it(size):
     ((1, 2, 2), 8, "repeat"),
     ((2, 4), 8, "include 1"),
     ((), 8, "empty"),
-    ((1, 2, 4), 2, "2x2 feature map is smaller than the finest grid 4x4"),
+    ((1, 3), 8, "divide the 4x4 grid"),
 ])
 def test_region_logits_validates(scales, size, message):
     with pytest.raises(ValueError, match=message):
