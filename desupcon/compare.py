@@ -173,6 +173,15 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return float(min(1.0, 2 * binom.cdf(min(only_a, only_b), n, 0.5)))
 
 
+def error_overlap(pred_a, pred_b, labels) -> dict[str, int]:
+    """The 2 x 2 table of right and wrong answers of two classifiers on the same images."""
+    y = torch.as_tensor(labels).long().cpu()
+    right_a = torch.as_tensor(pred_a).long().cpu() == y
+    right_b = torch.as_tensor(pred_b).long().cpu() == y
+    return {"both_right": int((right_a & right_b).sum()), "only_a_right": int((right_a & ~right_b).sum()),
+            "only_b_right": int((~right_a & right_b).sum()), "both_wrong": int((~right_a & ~right_b).sum())}
+
+
 def cohen_kappa(pred_a, pred_b, num_classes: int) -> float:
     """(p_o - p_e) / (1 - p_e): agreement beyond what the two prediction frequencies give by chance."""
     a, b = torch.as_tensor(pred_a).long().cpu(), torch.as_tensor(pred_b).long().cpu()
@@ -195,8 +204,7 @@ def prediction_statistics(pred_a, pred_b, labels, class_names=None, top_classes:
     if class_names is not None:
         num_classes = max(num_classes, len(class_names))
     right_a, right_b = a == y, b == y
-    counts = {"both_right": int((right_a & right_b).sum()), "only_a_right": int((right_a & ~right_b).sum()),
-              "only_b_right": int((~right_a & right_b).sum()), "both_wrong": int((~right_a & ~right_b).sum())}
+    counts = error_overlap(a, b, y)
     per_class = []
     for c in torch.unique(y).tolist():
         mask = y == c

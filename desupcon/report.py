@@ -345,16 +345,15 @@ def teacher_agreement(c: Configuration, setting: list[Configuration]) -> dict[in
 def mcnemar_against(c: Configuration, other: Configuration) -> dict[int, float]:
     """Per shared seed, the exact McNemar p-value of `c` against `other` on the same test images
     (both records' labels must be the same list)."""
-    from .compare import mcnemar_exact
+    from .compare import error_overlap, mcnemar_exact
     out = {}
     for seed in sorted(set(c.records) & set(other.records)):
         mine, theirs = c.records[seed], other.records[seed]
         a, b, labels = mine.get("test_predictions"), theirs.get("test_predictions"), mine.get("test_labels")
         if not (a and b and labels) or labels != theirs.get("test_labels") or len(a) != len(b):
             continue
-        only_a = sum(x == y and z != y for x, z, y in zip(a, b, labels))
-        only_b = sum(x != y and z == y for x, z, y in zip(a, b, labels))
-        out[seed] = mcnemar_exact(only_a, only_b)
+        table = error_overlap(a, b, labels)
+        out[seed] = mcnemar_exact(table["only_a_right"], table["only_b_right"])
     return out
 
 
@@ -376,6 +375,7 @@ def _mcnemar_reference(table: str, c: Configuration, configs: list[Configuration
 def render_table(table: str, title: str, key: str | None, configs: list[Configuration],
                  setting: list[Configuration] | None = None) -> str:
     ref = next((c for c in configs if c.kind == "student" and REFERENCE[table](c)), None)
+    setting = setting if setting is not None else configs  # where the teacher and CE rows are found
     if key is not None:
         configs = sorted(configs, key=lambda c: (getattr(c.cfg.method, key), c.label))
     else:
@@ -410,7 +410,6 @@ def render_table(table: str, title: str, key: str | None, configs: list[Configur
             pair = [_fmt(*mean_sd([scale * v for v in c.values(key_, space).values()]), digits=digits)
                     for space in ("projection", "backbone")]
             cells.append(" / ".join(pair) if any(pair) else "")
-        setting = setting if setting is not None else configs
         cells.append(_fmt(*mean_sd(list(teacher_agreement(c, setting).values()))))
         other = _mcnemar_reference(table, c, configs, setting)
         p_values = mcnemar_against(c, other) if other is not None else {}
