@@ -162,6 +162,8 @@ def _flag_value(flag, current):
         return "sgd"
     if flag == "--logit-term":
         return "dkd"
+    if flag == "--subset-sampling":
+        return "random"
     if isinstance(current, list):
         return [*current, 7]
     if current is None:
@@ -178,6 +180,8 @@ def test_every_flag_changes_the_run():
         if flag == "--data-root":
             continue  # where the files live does not change the run
         ref = base.replace(model={"teacher_weights": None}) if section == "teacher" else base
+        if flag == "--subset-sampling":  # the scheme matters only where a subset is drawn
+            ref = base.replace(data={"train_subset": 5000})
         current = getattr(getattr(ref, section), key)
         changed = ref.replace(**{section: {key: _flag_value(flag, current)}})
         # Method-specific settings only matter to a method that reads them.
