@@ -343,14 +343,8 @@ def cmd_train(args) -> None:
 
 
 def _saved_run_path(run: str, output_dir) -> Path:
-    """A checkpoint file given as a path or as a run name under `output_dir`/pth_models."""
-    path = Path(run)
-    if not path.is_file():
-        path = Path(output_dir) / "pth_models" / f"{run}.pth"
-    if not path.is_file():
-        raise InputFileError(f"{run}: neither a checkpoint file nor a run name with a checkpoint in "
-                             f"{Path(output_dir) / 'pth_models'}")
-    return path
+    from .runs import saved_run_path
+    return saved_run_path(run, output_dir)
 
 
 def cmd_analyze(args) -> None:

@@ -26,7 +26,7 @@ from .data import ImageDataset, eval_batches
 from .devices import DevicePolicy, select_device
 from .errors import InputFileError
 from .models import Teacher, build_encoder, load_matching_state_dict
-from .runs import EVAL_BATCH, OutputPaths, prepare_dataset
+from .runs import EVAL_BATCH, OutputPaths, prepare_dataset, saved_run_path
 from .teacher import teacher_checkpoint_path
 from .train import load_student
 
@@ -84,19 +84,6 @@ def _teacher_from_checkpoint(ckpt: dict, path: Path, policy: DevicePolicy) -> Te
     return policy.prepare(teacher).eval()
 
 
-def _checkpoint_path(spec: str, output_dir: str | Path) -> Path:
-    path = Path(spec)
-    if path.suffix == ".pth" or path.is_file():
-        if not path.is_file():
-            raise InputFileError(f"{spec}: no such checkpoint file")
-        return path
-    by_name = OutputPaths(output_dir).checkpoint(spec)
-    if not by_name.is_file():
-        raise InputFileError(f"{spec}: neither a checkpoint file nor a run name with a checkpoint in "
-                             f"{OutputPaths(output_dir).models} (or say `teacher`)")
-    return by_name
-
-
 def load_saved_model(spec: str, output_dir: str | Path, policy: DevicePolicy,
                      reference: SavedModel | None = None) -> SavedModel:
     """`spec` is a checkpoint path, a run name under `output_dir`, or `teacher` (the teacher of the
@@ -111,7 +98,7 @@ def load_saved_model(spec: str, output_dir: str | Path, policy: DevicePolicy,
             raise InputFileError(f"the teacher of {reference.name} is not at {path}; train or load it first "
                                  f"(desupcon.py teacher with the run's settings) or pass its checkpoint file")
     else:
-        path = _checkpoint_path(spec, output_dir)
+        path = saved_run_path(spec, output_dir)
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as exc:

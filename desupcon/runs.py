@@ -16,7 +16,7 @@ from . import data as data_mod
 from .checkpoint import CheckpointError, atomic_write_json, check_writable, load_checkpoint
 from .config import RunConfig
 from .devices import as_policy
-from .errors import DesupconError
+from .errors import DesupconError, InputFileError
 
 log = logging.getLogger("desupcon")
 
@@ -61,6 +61,17 @@ class OutputPaths:
 
     def training_log(self, name: str) -> Path:
         return self.results / "training_logs" / f"{name}.json"
+
+
+def saved_run_path(run: str, output_dir) -> Path:
+    """A checkpoint file given as a path or as a run name under `output_dir`/pth_models."""
+    path = Path(run)
+    if not path.is_file():
+        path = OutputPaths(output_dir).checkpoint(run)
+    if not path.is_file():
+        raise InputFileError(f"{run}: neither a checkpoint file nor a run name with a checkpoint in "
+                             f"{OutputPaths(output_dir).models}")
+    return path
 
 
 def check_output_dirs(paths: OutputPaths) -> None:
