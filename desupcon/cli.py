@@ -16,6 +16,7 @@ from .checkpoint import CheckpointError, check_json_records, check_writable, loa
 from .devices import PRECISIONS
 from .config import HUB_TEACHER, METHODS, PRESET_HELP, PRESETS, RunConfig, config_json, preset, run_name
 from .errors import DesupconError, InputFileError
+from .models import canonical_arch
 from .runs import OutputPaths
 from .validation import ConfigError, checked_config_dict, validate_config
 
@@ -207,12 +208,20 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if getattr(args, "teacher_weights", None):
             raise ConfigError("--train-teacher and --teacher-weights contradict each other; give one")
         changes.setdefault("model", {})["teacher_weights"] = None
+    model = changes.get("model", {})
+    for key, flag in (("teacher_arch", "--teacher-arch"), ("student_arch", "--student-arch")):
+        if key in model:
+            try:
+                model[key] = canonical_arch(model[key])
+            except ValueError as exc:
+                raise ConfigError(f"{flag}: {exc}") from None
+    if "teacher_arch" in model or "student_arch" in model or not getattr(args, "config", None):
+        # the pair's own settings (SPEC 17: the light students' lr, DKD's beta) under every flag given
+        cfg = cfg.with_pair(model.get("teacher_arch", cfg.model.teacher_arch),
+                            model.get("student_arch", cfg.model.student_arch))
     method = changes.get("method", {}).pop("method", None)
     if method is not None and method != "two-stage":
-        # the method's own defaults (SPEC 13) first, then every flag given
-        model = changes.get("model", {})
-        cfg = cfg.replace(model=model) if model else cfg
-        cfg = cfg.with_method(method)
+        cfg = cfg.with_method(method)  # the method's own defaults (SPEC 13), then every flag given
     cfg = cfg.replace(**changes)
     return cfg.replace(device=args.device, output_dir=str(args.output_dir), compile=args.compile,
                        precision=getattr(args, "precision", "auto"),
@@ -389,24 +398,55 @@ def cmd_report(args) -> None:
     print(f"written to {path}")
 
 
+def sweep_bases(args) -> list[RunConfig]:
+    """The sweep's base configuration, or one per teacher -> student pair with `--pair T:S` /
+    `--pairs all` (each with the pair's own settings, SPEC 17)."""
+    from .pairs import STANDARD_PAIRS, parse_pair
+    if args.pair is None and args.pairs is None:
+        return [config_from_args(args)]
+    if args.pair is not None and args.pairs is not None:
+        raise ConfigError("--pair and --pairs both choose the pairs; give one")
+    if args.group != "logit":
+        raise ConfigError(f"--pair/--pairs choose teacher -> student pairs of the logit sweep; use "
+                          f"`sweep logit`, not `sweep {args.group}`")
+    if args.teacher_arch is not None or args.student_arch is not None:
+        raise ConfigError("--pair/--pairs set --teacher-arch and --student-arch; remove those")
+    try:
+        chosen = ([parse_pair(args.pair, canonical_arch)] if args.pair is not None
+                  else [(p.teacher, p.student) for p in STANDARD_PAIRS])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    bases = []
+    for teacher, student in chosen:
+        args.teacher_arch, args.student_arch = teacher, student
+        bases.append(config_from_args(args))
+    args.teacher_arch = args.student_arch = None
+    return bases
+
+
 def cmd_sweep(args) -> None:
     from . import experiments
-    base = config_from_args(args)
+    if args.pairs not in (None, "all"):
+        raise ConfigError(f"--pairs {args.pairs!r}: only `all` (the 13 pairs of SPEC 17); one pair is --pair T:S")
+    bases = sweep_bases(args)
     if args.seeds and getattr(args, "seed", None) is not None:
         raise ConfigError("--seeds sets the seed of every run; give --seed or --seeds, not both")
-    for group in (experiments.GROUPS if args.group == "all" else [args.group]):
-        reject_overridden_flags(args, base, [e.cfg for e in experiments.group_plan(base, group)],
-                                f"the {group} sweep", {"--method": "`train` runs one method"})
+    for base in bases:
+        for group in (experiments.GROUPS if args.group == "all" else [args.group]):
+            reject_overridden_flags(args, base, [e.cfg for e in experiments.group_plan(base, group)],
+                                    f"the {group} sweep", {"--method": "`train` runs one method"})
     if args.print_config:
-        planned = experiments.plan(base, args.group, args.seeds)
-        print(json.dumps([{"group": e.group, "label": e.label, "run": run_name(e.cfg),
-                           "preset": e.cfg.preset, "config": e.cfg.to_dict()} for e in planned], indent=2))
+        planned = [(base, e) for base in bases for e in experiments.plan(base, args.group, args.seeds)]
+        print(json.dumps([{"group": e.group, "label": e.label, "pair": f"{base.model.teacher_arch}:"
+                           f"{base.model.student_arch}", "run": run_name(e.cfg), "preset": e.cfg.preset,
+                           "config": e.cfg.to_dict()} for base, e in planned], indent=2))
         return
-    preflight([base])
-    _, text = experiments.sweep(base, args.group, seeds=args.seeds, force=args.force,
-                                force_bank=args.force_bank, force_teacher=args.force_teacher,
-                                lockstep=args.lockstep, pictures=not args.no_plots, resume=not args.no_resume,
-                                shard=parse_shard(args.shard))
+    preflight(bases)
+    for base in bases:
+        _, text = experiments.sweep(base, args.group, seeds=args.seeds, force=args.force,
+                                    force_bank=args.force_bank, force_teacher=args.force_teacher,
+                                    lockstep=args.lockstep, pictures=not args.no_plots,
+                                    resume=not args.no_resume, shard=parse_shard(args.shard))
     print(text)
 
 
@@ -538,6 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(p)
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run every configuration once per seed (default: the preset's seed)")
+    p.add_argument("--pair", metavar="TEACHER:STUDENT", default=None,
+                   help="logit sweep on one teacher -> student pair with its own settings (SPEC 17), "
+                        "e.g. resnet32x4:ShuffleV1")
+    p.add_argument("--pairs", metavar="all", default=None,
+                   help="logit sweep on every standard pair of SPEC 17 (13 pairs), one after another")
     p.add_argument("--force-bank", action="store_true", help="retrain only the bank ablation")
     p.add_argument("--lockstep", action="store_true",
                    help="train runs that share a seed together (one teacher forward per batch)")

@@ -16,6 +16,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from . import pairs
+
 # The published CIFAR-100 ResNet-50 teacher (SPEC 6), a timm-format state dict on the model hub.
 HUB_TEACHER = "hf-hub:edadaltocg/resnet50_cifar100"
 
@@ -57,8 +59,6 @@ METHOD_DEFAULTS: dict[str, dict] = {
                             "warmup": 20},
     "crd-nce": {"ce_weight": 1.0},
 }
-# DKD's beta of the literature's pairs with a smaller gap (SPEC 13).
-DKD_BETA_BY_PAIR = {("resnet56", "resnet20"): 2.0, ("resnet110", "resnet32"): 2.0}
 # Methods whose result does not depend on the teacher (their identity and name leave it out).
 TEACHERLESS_METHODS = {"ce", "supcon"}
 
@@ -227,10 +227,21 @@ class RunConfig:
         """This configuration with another method: its own defaults (METHOD_DEFAULTS, DKD's beta
         for the pair), then `settings`."""
         defaults = dict(METHOD_DEFAULTS.get(method, {}))
-        pair = (self.model.teacher_arch, self.model.student_arch)
-        if "dkd_beta" in defaults and defaults["dkd_beta"] == 8.0 and pair in DKD_BETA_BY_PAIR:
-            defaults["dkd_beta"] = DKD_BETA_BY_PAIR[pair]
+        if defaults.get("dkd_beta") == pairs.DKD_DEFAULT_BETA:
+            defaults["dkd_beta"] = pairs.dkd_beta(self.model.teacher_arch, self.model.student_arch)
         return self.replace(method={"method": method, **defaults, **settings})
+
+    def with_pair(self, teacher_arch: str, student_arch: str) -> "RunConfig":
+        """This configuration on another teacher -> student pair, with the pair's own settings
+        (SPEC 17): the student lr of its preset's protocol and, for the DKD-based methods, DKD's
+        beta. Flags given explicitly are applied after this."""
+        out = self.replace(model={"teacher_arch": teacher_arch, "student_arch": student_arch})
+        if self.preset in pairs.PAIR_LR_PRESETS:
+            out = out.replace(optim={"lr": pairs.student_lr(self.preset, student_arch,
+                                                            PRESETS[self.preset].optim.lr)})
+        if METHOD_DEFAULTS.get(self.method.method, {}).get("dkd_beta") == pairs.DKD_DEFAULT_BETA:
+            out = out.replace(method={"dkd_beta": pairs.dkd_beta(teacher_arch, student_arch)})
+        return out
 
     @property
     def trains_teacher(self) -> bool:
@@ -350,14 +361,20 @@ def bank_protocol(base: RunConfig) -> RunConfig:
                                                     for k in ("weight_decay", "schedule", "drop_last")})
 
 
-def protocol_of(cfg: RunConfig) -> str:
+def protocol_of(cfg: RunConfig, any_pair: bool = False) -> str:
     """The preset whose protocol the run follows exactly (method and seed aside), else
-    `custom (<preset>)`."""
+    `custom (<preset>)`. With `any_pair` the teacher -> student pair and the teacher's source may
+    differ from the preset's (the pair's own settings, SPEC 17, are then its protocol)."""
     ref = PRESETS.get(cfg.preset)
     if ref is None:
         return f"custom ({cfg.preset})"
+    if any_pair:
+        ref = ref.replace(model={k: getattr(cfg.model, k) for k in ("teacher_arch", "student_arch",
+                                                                    "teacher_weights")})
+    ref_optim = dataclasses.replace(ref.optim, seed=0, lr=pairs.student_lr(cfg.preset, cfg.model.student_arch,
+                                                                          ref.optim.lr))
     same = (cfg.data_identity() == ref.data_identity() and cfg.model == ref.model
-            and dataclasses.replace(cfg.optim, seed=0) == dataclasses.replace(ref.optim, seed=0)
+            and dataclasses.replace(cfg.optim, seed=0) == ref_optim
             and (cfg.teacher == ref.teacher or not cfg.trains_teacher and dataclasses.replace(
                 cfg.teacher, epochs=ref.teacher.epochs, lr=ref.teacher.lr,
                 batch_size=ref.teacher.batch_size, weight_decay=ref.teacher.weight_decay,
@@ -507,10 +524,10 @@ def run_name(cfg: RunConfig) -> str:
     m = cfg.method
     tags = []
     method_keys = [k for k in METHOD_FIELDS.get(m.method, ()) if k not in named and k != "bank_size"]
-    method_ref = ref.replace(model={"teacher_arch": cfg.model.teacher_arch,
-                                    "student_arch": cfg.model.student_arch}).with_method(m.method)
-    tags += _differing(cfg, method_ref, "method", method_keys)
-    tags += _differing(cfg, ref, "optim", [f.name for f in dataclasses.fields(OptimConfig)])
+    # method and optimiser settings are tagged against the pair's own defaults (SPEC 17)
+    pair_ref = ref.with_pair(cfg.model.teacher_arch, cfg.model.student_arch)
+    tags += _differing(cfg, pair_ref.with_method(m.method), "method", method_keys)
+    tags += _differing(cfg, pair_ref, "optim", [f.name for f in dataclasses.fields(OptimConfig)])
     tags += _differing(cfg, ref, "data", _DATA_TAGGED) + _subset_tags(cfg, ref)
     tags += _differing(cfg, ref, "model", ("init",))
     if cfg.uses_teacher:

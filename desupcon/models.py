@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 
 from .errors import DesupconError
+from .zoo import ORIGINAL_CLASSIFIER, ZOO
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,21 +113,39 @@ def _small(depth: int, widths=(16, 16, 32, 64)):
 
 
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
+    # torchvision's layout (`downsample`, `fc`): the published teacher and student
     "resnet18": _torchvision(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
     "resnet34": _torchvision(torchvision.models.resnet.BasicBlock, [3, 4, 6, 3]),
     "resnet50": _torchvision(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),
+    # the KD literature's CIFAR zoo (SPEC 2 and 17)
     **{f"resnet{d}": _small(d) for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": _small(8, (32, 64, 128, 256)),
     "resnet32x4": _small(32, (32, 64, 128, 256)),
+    **ZOO,
 }
 
 
+def canonical_arch(name: str) -> str:
+    """The registry's spelling of an architecture name: exact, else the one name equal to it
+    ignoring case (`mobilenetv2` -> `MobileNetV2`). Names that differ only by case from two
+    entries (`Resnet50`: torchvision's `resnet50` or the zoo's `ResNet50`) must be typed exactly."""
+    if name in ARCHITECTURES:
+        return name
+    matches = [a for a in ARCHITECTURES if a.lower() == name.lower()]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(f"architecture {name!r} is ambiguous: {' or '.join(sorted(matches))} "
+                         "(resnet18/34/50: torchvision's layout; ResNet18/34/50: the KD zoo's); type one exactly")
+    raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES, key=str.lower))}")
+
+
 def build_encoder(arch: str, num_classes: int, init: str = "kaiming") -> nn.Module:
-    """A fresh encoder. `init="kaiming"` keeps the architectures' own Kaiming-normal (fan-out)
-    convolutions (the replaced CIFAR stem of the torchvision ResNets keeps PyTorch's default, as in
-    the published code); `init="pytorch"` gives every convolution PyTorch's default (SPEC 2)."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    """A fresh encoder. `init="kaiming"` keeps the architectures' own initialisation (Kaiming-normal
+    fan-out convolutions for the ResNets, WRN, VGG and MobileNetV2; the replaced CIFAR stem of the
+    torchvision ResNets and the ShuffleNets keep PyTorch's default, as in the originals);
+    `init="pytorch"` gives every convolution PyTorch's default (SPEC 2)."""
+    arch = canonical_arch(arch)
     if init not in ("kaiming", "pytorch"):
         raise ValueError(f"unknown initialisation {init!r}; known: kaiming, pytorch")
     encoder = ARCHITECTURES[arch](num_classes)
@@ -221,7 +240,10 @@ class Teacher(nn.Module):
 # Weight loading
 # ----------------------------------------------------------------------------------------------
 
-CLASSIFIER_ALIASES = ("classifier.", "final_classifier.")
+# Names of the classifier in the layouts we load (timm, the published files, the KD zoo); the
+# longest first, so that MobileNetV2's `classifier.0.` is not read as `classifier.`.
+CLASSIFIER_ALIASES = tuple(sorted({"classifier.", "final_classifier.",
+                                   *(f"{name}." for name in ORIGINAL_CLASSIFIER.values())}, key=len, reverse=True))
 
 
 class CheckpointMismatchError(DesupconError, ValueError):
@@ -229,7 +251,8 @@ class CheckpointMismatchError(DesupconError, ValueError):
 
 
 def normalise_state_dict_layout(state: dict) -> "OrderedDict[str, torch.Tensor]":
-    """Unwrap `state_dict`/`model` containers, strip `module.`, rename classifier keys to `fc.`."""
+    """Unwrap `state_dict`/`model` containers (mdistiller's `{"model": ...}` files), strip
+    `module.`, rename classifier keys (`classifier.`, `classifier.0.`, `linear.`, ...) to `fc.`."""
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -242,13 +265,38 @@ def normalise_state_dict_layout(state: dict) -> "OrderedDict[str, torch.Tensor]"
         for alias in CLASSIFIER_ALIASES:
             if name.startswith(alias):
                 name = "fc." + name[len(alias):]
+                break
         out[name] = value
     return out
 
 
+def architecture_signature(arch: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """{parameter or buffer name: shape} of an architecture, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in build_encoder(arch, num_classes).state_dict().items()}
+
+
+def identify_architecture(state: dict) -> str | None:
+    """The registered architecture whose names and shapes `state` (layout normalised) has exactly,
+    at the class count of its classifier; None when none fits."""
+    fc = state.get("fc.weight")
+    if fc is None or fc.ndim != 2:
+        return None
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    for arch in ARCHITECTURES:
+        expected = architecture_signature(arch, fc.shape[0])
+        if {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")} == shapes:
+            return arch
+    return None
+
+
 def load_matching_state_dict(model: nn.Module, state: dict, source: str = "state dict") -> None:
-    """Load `state` strictly; on mismatch raise listing missing, unexpected and mis-shaped keys."""
+    """Load `state` strictly; on mismatch raise listing missing, unexpected and mis-shaped keys.
+    BatchNorm step counters (`num_batches_tracked`) missing from older files are the only keys
+    tolerated: they take the model's own (they change no output)."""
     expected = model.state_dict()
+    state = {**{k: v for k, v in expected.items() if k.endswith("num_batches_tracked") and k not in state},
+             **state}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -267,6 +315,3 @@ def load_matching_state_dict(model: nn.Module, state: dict, source: str = "state
         raise CheckpointMismatchError("\n  ".join(parts))
     model.load_state_dict(state)
 
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

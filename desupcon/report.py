@@ -18,6 +18,7 @@ import logging
 
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, read_json
 from .config import HUB_TEACHER, RunConfig, protocol_of
+from .pairs import published_figures
 from .published import PUBLISHED_SOURCE
 
 log = logging.getLogger("desupcon")
@@ -46,27 +47,13 @@ PUBLISHED = {
 }
 PUBLISHED_TEACHER_SOURCES = (HUB_TEACHER, PUBLISHED_SOURCE)
 
-# SPEC 13: CIFAR-100 under the mdistiller protocol, best epoch over training (not last epoch).
-# (teacher arch, student arch) -> {method: test acc %}; "teacher" and "ce" are the two models alone.
-PUBLISHED_LOGIT = {
-    ("resnet32x4", "resnet8x4"): {"teacher": 79.42, "ce": 72.50, "kd": 73.33, "dkd": 76.32, "crd-nce": 75.51,
-                                  "kd-ls": 76.62, "dkd-ls": 77.01, "sd-kd": 76.63, "sd-dkd": 76.63},
-    ("resnet56", "resnet20"): {"teacher": 72.34, "ce": 69.06, "kd": 70.66, "dkd": 71.97, "crd-nce": 71.16,
-                               "kd-ls": 71.43, "dkd-ls": 72.32},
-    ("resnet110", "resnet32"): {"teacher": 74.31, "ce": 71.14, "kd": 73.08, "dkd": 74.11, "crd-nce": 73.48,
-                                "dkd-ls": 74.29},
-}
 LOGIT_TABLE_METHODS = ("ce", "kd", "dkd", "kd-ls", "dkd-ls", "sd-kd", "sd-dkd", "sdd-lskd",
                        "sdd-lskd-calibrated", "crd-nce", "lw-supcrd")
 
 
 def mdistiller_protocol(cfg: RunConfig) -> bool:
-    """The mdistiller protocol on any teacher/student pair (SPEC 13)."""
-    from .config import PRESETS
-    ref = PRESETS["mdistiller"]
-    return cfg.preset == "mdistiller" and protocol_of(cfg.replace(
-        model={"teacher_arch": ref.model.teacher_arch, "student_arch": ref.model.student_arch,
-               "teacher_weights": ref.model.teacher_weights})) == "mdistiller"
+    """The mdistiller protocol on any teacher/student pair (SPEC 13 and 17)."""
+    return cfg.preset == "mdistiller" and protocol_of(cfg, any_pair=True) == "mdistiller"
 
 
 def has_published_teacher(record: dict) -> bool:
@@ -289,7 +276,8 @@ def _published(table: str, key: str | None, c: Configuration):
     if table == "logit":
         if not mdistiller_protocol(c.cfg):
             return None
-        figures = PUBLISHED_LOGIT.get((c.cfg.model.teacher_arch, c.cfg.model.student_arch), {})
+        # SPEC 13 and 17: best epoch over training, not the last epoch
+        figures = published_figures(c.cfg.model.teacher_arch, c.cfg.model.student_arch)
         m = c.cfg.method
         if m.method == "sd-kd" and list(m.sdd_scales) != [1, 2]:
             return None  # the published SD-KD used M = [1, 2]

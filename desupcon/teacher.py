@@ -222,7 +222,7 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, policy
                              dataset.num_classes, dataset.name, cfg.model.teacher_arch)
         log.info(f"[{name}] using the published teacher {published_plain}")
     elif cfg.model.teacher_weights:
-        path = resolve_source(cfg.model.teacher_weights)
+        path = resolve_source(cfg.model.teacher_weights, cfg.model.teacher_arch)
         load_encoder_weights(encoder, read_state_dict(path), cfg.model.teacher_weights,
                              dataset.num_classes, dataset.name, cfg.model.teacher_arch)
         log.info(f"[{name}] teacher weights from {cfg.model.teacher_weights} ({path})")
@@ -292,4 +292,4 @@ def check_teacher_available(cfg: RunConfig) -> None:
     if published_proj or published_plain or teacher_checkpoint_path(cfg).is_file() \
             or paths.checkpoint(teacher_run_name(cfg)).is_file():
         return
-    resolve_source(cfg.model.teacher_weights)
+    resolve_source(cfg.model.teacher_weights, cfg.model.teacher_arch)

@@ -21,7 +21,9 @@ import torch.nn as nn
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, describe_load_failure
 from .config import HUB_TEACHER
 from .errors import DesupconError
-from .models import CheckpointMismatchError, load_matching_state_dict, normalise_state_dict_layout
+from .models import (CheckpointMismatchError, identify_architecture, load_matching_state_dict,
+                     normalise_state_dict_layout)
+from .zoo import RELEASED_CHECKPOINT, RELEASED_TEACHERS
 
 log = logging.getLogger("desupcon")
 
@@ -29,6 +31,8 @@ HUB_PREFIX = "hf-hub:"
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # timm repositories ship one or both
 DROPPED_PREFIXES = ("aux_classifier.",)
 PROJECTION_PREFIX = "projection."  # the published teacher-with-projection head (SPEC 11)
+RELEASED = "released"  # --teacher-weights released[:FOLDER]: mdistiller's released CIFAR teachers
+RELEASED_FOLDER = "download_ckpts/cifar_teachers"  # where mdistiller's own scripts unpack them
 
 
 class TeacherWeightsUnavailableError(DesupconError, FileNotFoundError):
@@ -83,10 +87,28 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_source(source: str) -> Path:
-    """A local path for `source` (a file or `hf-hub:<repo id>`)."""
+def released_teacher_path(arch: str, folder: str | Path | None = None) -> Path:
+    """Where mdistiller's released CIFAR-100 teacher of `arch` lies once `teachers fetch` unpacked
+    `cifar_teachers.tar`: <folder>/<arch>_vanilla/ckpt_epoch_240.pth."""
+    if arch not in RELEASED_TEACHERS:
+        raise TeacherWeightsUnavailableError(
+            f"--teacher-weights {RELEASED}: mdistiller releases no {arch} teacher; released: "
+            f"{', '.join(RELEASED_TEACHERS)}; give a weights file or --train-teacher")
+    return Path(folder or RELEASED_FOLDER).expanduser() / RELEASED_TEACHERS[arch] / RELEASED_CHECKPOINT
+
+
+def resolve_source(source: str, arch: str | None = None) -> Path:
+    """A local path for `source`: a file, `hf-hub:<repo id>`, or `released[:FOLDER]` (the released
+    teacher of `arch` unpacked by `teachers fetch`, in download_ckpts/cifar_teachers by default)."""
     if source.startswith(HUB_PREFIX):
         return hub_file(source)
+    if source == RELEASED or source.startswith(RELEASED + ":"):
+        path = released_teacher_path(arch, source[len(RELEASED) + 1:] or None)
+        if not path.is_file():
+            raise TeacherWeightsUnavailableError(
+                f"--teacher-weights {source}: {path} not found; get mdistiller's released teachers with "
+                f"`desupcon.py teachers fetch` (or unpack cifar_teachers.tar into {path.parent.parent})")
+        return path
     path = Path(source).expanduser()
     if not path.is_file():
         raise TeacherWeightsUnavailableError(
@@ -152,7 +174,14 @@ def load_encoder_weights(encoder: nn.Module, state: dict, source: str, num_class
             f"{dataset_name} has {num_classes} classes; use teacher weights trained on {dataset_name} "
             "(or --train-teacher)")
     expected = f" (expected {arch} weights)" if arch else ""
-    load_matching_state_dict(encoder, state, source=f"teacher weights {source}{expected}")
+    try:
+        load_matching_state_dict(encoder, state, source=f"teacher weights {source}{expected}")
+    except CheckpointMismatchError:
+        found = identify_architecture(state)
+        if found is None or found == arch:
+            raise
+        raise CheckpointMismatchError(f"teacher weights {source}: a {found} state dict, but --teacher-arch "
+                                      f"is {arch}; pass --teacher-arch {found}") from None
 
 
 def is_plain_state_dict_file(path: Path) -> bool:

@@ -41,8 +41,8 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
     _check_device(cfg.device)
     _require(m.method in METHODS, f"--method {m.method!r} is unknown; known: {', '.join(METHODS)}")
     for flag, arch in (("--teacher-arch", cfg.model.teacher_arch), ("--student-arch", cfg.model.student_arch)):
-        _require(arch in ARCHITECTURES,
-                 f"{flag} {arch!r} is unknown; known: {', '.join(sorted(ARCHITECTURES))}")
+        _require(arch in ARCHITECTURES, f"{flag} {arch!r} is unknown; known: "
+                 f"{', '.join(sorted(ARCHITECTURES, key=str.lower))} (any case where unambiguous)")
     d = cfg.data.dataset
     _require(d in ("cifar100", "cifar10", "digits") or (d.startswith("npz:") and len(d) > 4),
              f"--dataset {d!r} is unknown; known: {', '.join(DATASETS)}")
