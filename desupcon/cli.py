@@ -507,6 +507,17 @@ def cmd_data_subset(args) -> None:
           f"{size / 2**20:.1f} MiB; use it as --dataset npz:{out}")
 
 
+def cmd_teachers_fetch(args) -> None:
+    from .released import RELEASE_URL, fetch_released_teachers
+    out = fetch_released_teachers(args.dest, url=args.url or RELEASE_URL, archive=args.archive, sha256=args.sha256,
+                                  overwrite=args.overwrite)
+    print(f"{out['folder']}: {len(out['teachers'])} released teachers checked ({', '.join(out['teachers'])}); "
+          f"archive SHA-256 {out['sha256']}")
+    if out["missing"]:
+        print(f"not in the archive: {', '.join(out['missing'])}")
+    print("use them with --teacher-weights released --teacher-arch ARCH (e.g. --teacher-arch wrn_40_2)")
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """`I/N` -> (I, N) with 1 <= I <= N."""
     if text is None:
@@ -629,6 +640,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-download", action="store_true", help="never download a torchvision dataset")
     q.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty OUT folder")
     q.set_defaults(func=cmd_data_subset)
+
+    from .released import DEFAULT_DEST
+    p = sub.add_parser("teachers", help="mdistiller's released CIFAR-100 teachers")
+    teachers_sub = p.add_subparsers(dest="teachers_command", required=True)
+    q = teachers_sub.add_parser("fetch", help="download mdistiller's cifar_teachers.tar, check it and unpack it "
+                                              "where --teacher-weights released finds it")
+    q.add_argument("--dest", default=DEFAULT_DEST,
+                   help=f"folder that receives cifar_teachers/ (default {DEFAULT_DEST}, as mdistiller's script)")
+    q.add_argument("--url", default=None, help="where the archive is downloaded from (default: mdistiller's release)")
+    q.add_argument("--archive", default=None, metavar="FILE",
+                   help="a cifar_teachers.tar already on disk (no download)")
+    q.add_argument("--sha256", default=None, help="refuse an archive whose SHA-256 differs from this")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing <dest>/cifar_teachers")
+    q.set_defaults(func=cmd_teachers_fetch)
 
     p = sub.add_parser("report", help="results tables from every run on disk")
     p.add_argument("--output-dir", default=".", help="the folder whose runs are reported")

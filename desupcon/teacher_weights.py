@@ -178,7 +178,7 @@ def load_encoder_weights(encoder: nn.Module, state: dict, source: str, num_class
         load_matching_state_dict(encoder, state, source=f"teacher weights {source}{expected}")
     except CheckpointMismatchError:
         found = identify_architecture(state)
-        if found is None or found == arch:
+        if found is None or found == arch or arch is None:
             raise
         raise CheckpointMismatchError(f"teacher weights {source}: a {found} state dict, but --teacher-arch "
                                       f"is {arch}; pass --teacher-arch {found}") from None
