@@ -183,3 +183,23 @@ def test_torchrun_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights
     a = load_checkpoint(next((tmp_path / "whole" / "pth_models").glob("student_*.pth")))["student"]
     b = load_checkpoint(next((tmp_path / "resumed" / "pth_models").glob("student_*.pth")))["student"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on POSIX")
+def test_torchrun_trains_a_zoo_pair_with_sdd_regions(tmp_path):
+    """A zoo teacher and student (names in any case) under DDP with SDD's regions: MobileNetV2's
+    final map is 1x1 at 16 px, the wide ResNet's 4x4; both pool to the same 4x4-first regions."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+         str(_free_port()), str(REPO / "desupcon.py"), "train", "--preset", "quick", "--method", "sdd-lskd",
+         "--device", "cpu", "--epochs", "1", "--train-subset", "64", "--test-subset", "32",
+         "--teacher-arch", "WRN_16_1", "--student-arch", "mobilenetv2", "--teacher-epochs", "1",
+         "--probe-epochs", "1", "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from desupcon.checkpoint import load_checkpoint
+    [path] = (out / "pth_models").glob("student_sddlskd_*.pth")
+    ckpt = load_checkpoint(path)
+    assert ckpt["student_arch"] == "MobileNetV2" and ckpt["config"]["model"]["teacher_arch"] == "wrn_16_1"
+    assert "_teacherwrn_16_1" in path.name and "MobileNetV2" in path.name

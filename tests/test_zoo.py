@@ -218,3 +218,26 @@ def test_registry_keeps_torchvision_resnets_and_adds_the_zoo():
         assert name in ARCHITECTURES
     assert "downsample" in dict(build_encoder("resnet18", 10).named_modules())["layer2.0"]._modules
     assert "shortcut" in dict(build_encoder("ResNet18", 10).named_modules())["layer2.0"]._modules
+
+
+def test_zoo_students_in_lockstep_equal_their_solo_runs(tmp_path, tiny_config):
+    """Different zoo students (a wide ResNet, ShuffleV2, VGG) sharing one zoo teacher's forwards
+    give bit for bit the runs trained alone."""
+    from desupcon.checkpoint import load_checkpoint
+    from desupcon.pipeline import Session
+    base = tiny_config(tmp_path / "solo", train_images=64, test_images=32, epochs=1).replace(
+        model={"teacher_arch": "wrn_16_1"})
+    variants = [({"student_arch": "wrn_16_1"}, "kd"), ({"student_arch": "ShuffleV2"}, "sd-dkd"),
+                ({"student_arch": "vgg8"}, "crd-nce")]
+
+    def configs(cfg):
+        return [cfg.replace(model=m).with_method(method).replace(method={"nce_negatives": 16})
+                for m, method in variants]
+    solo_session = Session(base, analyze=False)
+    solo = [solo_session.run(c) for c in configs(base)]
+    lock_base = base.replace(output_dir=str(tmp_path / "lock"))
+    lock = Session(lock_base, analyze=False).run_many(configs(lock_base), lockstep=True)
+    for a, b in zip(solo, lock):
+        sa, sb = load_checkpoint(a.checkpoint)["student"], load_checkpoint(b.checkpoint)["student"]
+        assert a.name == b.name
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), f"{a.name}: lockstep differs from solo"
