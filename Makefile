@@ -24,6 +24,7 @@ bench: $(PY)
 	$(PY) benchmarks/bench_analysis.py
 	$(PY) benchmarks/bench_teacher_epoch.py
 	$(PY) benchmarks/bench_compare.py
+	$(PY) benchmarks/bench_zoo.py
 
 # The published comparison at CPU scale on the real CIFAR-100 (an npz folder, or CIFAR100=cifar100
 # with DATA_ROOT=<torchvision root>): a resnet20 teacher on 10,000 images, resnet8 students on
