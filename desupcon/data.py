@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -165,34 +166,110 @@ def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.25, seed:
                         labels[test_idx], [str(d) for d in range(10)])
 
 
+def _npz_array(path: Path, npz, key: str) -> np.ndarray:
+    try:
+        return npz[key]
+    except ValueError as exc:  # object arrays: refused without unpickling
+        raise DatasetFormatError(f"{path}: array `{key}` holds Python objects ({exc}); store plain numeric "
+                                 "arrays (numpy.savez with uint8 images and int64 labels)") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetFormatError(f"{path}: array `{key}` is truncated or damaged ({exc}); write the file "
+                                 "again") from None
+
+
+def _checked_labels(path: Path, values: np.ndarray, key: str, n_images: int) -> torch.Tensor:
+    if values.ndim == 2 and values.shape[0] == n_images:
+        raise DatasetFormatError(f"{path}: `{key}` has shape {values.shape} (one-hot?); store one class "
+                                 f"index per image, e.g. {key}=onehot.argmax(1)")
+    if values.ndim != 1:
+        raise DatasetFormatError(f"{path}: `{key}` must be 1-D (one class index per image), got shape "
+                                 f"{values.shape}")
+    if not np.issubdtype(values.dtype, np.integer):
+        kind = "strings" if values.dtype.kind in "US" else str(values.dtype)
+        raise DatasetFormatError(f"{path}: `{key}` must hold integer class indices, got {kind}; map "
+                                 "class names to 0..K-1 and list the names in classes.json")
+    if values.shape[0] != n_images:
+        raise DatasetFormatError(f"{path}: {n_images} images but {values.shape[0]} entries in `{key}`; "
+                                 "give one per image")
+    if values.size and values.min() < 0:
+        raise DatasetFormatError(f"{path}: `{key}` has negative values (min {int(values.min())}); class "
+                                 "indices start at 0")
+    return torch.from_numpy(values.astype(np.int64))
+
+
+def _read_npz_split(path: Path) -> dict:
+    """One split file, checked: `images` uint8 N x H x W x 3 (N >= 1), integer `labels` (and
+    `coarse_labels`) of one class index per image. Nothing is unpickled."""
+    if not path.is_file():
+        raise DatasetNotFoundError(
+            f"{path} not found: an npz dataset folder needs train.npz and test.npz with arrays "
+            "`images` (uint8, N x H x W x 3) and `labels` (int64, N)")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetFormatError(f"{path} is not a readable .npz archive ({str(exc).splitlines()[0][:100]}); "
+                                 "write it with numpy.savez(path, images=..., labels=...)") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DatasetFormatError(f"{path} is a single .npy array, not an .npz archive; write it with "
+                                 "numpy.savez(path, images=..., labels=...)")
+    with npz:
+        if "images" not in npz.files or "labels" not in npz.files:
+            raise DatasetFormatError(f"{path} must hold arrays `images` and `labels`, has {npz.files}")
+        images = _npz_array(path, npz, "images")
+        if images.ndim == 3:
+            raise DatasetFormatError(f"{path}: `images` has shape {images.shape} (greyscale?); store "
+                                     "N x H x W x 3, e.g. numpy.repeat(images[..., None], 3, axis=3)")
+        if images.ndim != 4 or images.shape[3] != 3:
+            raise DatasetFormatError(f"{path}: `images` must be N x H x W x 3 (channels last), got shape "
+                                     f"{images.shape}")
+        if images.dtype != np.uint8:
+            raise DatasetFormatError(f"{path}: `images` must be uint8 (0-255), got {images.dtype}")
+        if images.shape[0] == 0:
+            raise DatasetFormatError(f"{path} holds no images; both splits need at least one")
+        out = {"images": _hwc_to_tensor(images),
+               "labels": _checked_labels(path, _npz_array(path, npz, "labels"), "labels", images.shape[0])}
+        if "coarse_labels" in npz.files:
+            out["coarse_labels"] = _checked_labels(path, _npz_array(path, npz, "coarse_labels"),
+                                                   "coarse_labels", images.shape[0])
+    return out
+
+
 def load_npz_dataset(directory: str | Path) -> ImageDataset:
     """The folder format: train.npz / test.npz (`images` uint8 NHWC, `labels`, optional
-    `coarse_labels`) and an optional classes.json ({"classes": [...], "coarse_classes": [...]})."""
+    `coarse_labels`) and an optional classes.json ({"classes": [...], "coarse_classes": [...]}).
+    Without classes.json the classes are 0..K-1 with K - 1 the largest label, and every one of them
+    must have training images (a stray label would otherwise make classes out of nothing)."""
     directory = Path(directory)
-    splits = {}
-    for split in ("train", "test"):
-        path = directory / f"{split}.npz"
-        if not path.is_file():
-            raise DatasetNotFoundError(
-                f"{path} not found: an npz dataset folder needs train.npz and test.npz with arrays "
-                "`images` (uint8, N x H x W x 3) and `labels` (int64, N)")
-        with np.load(path) as npz:
-            if "images" not in npz or "labels" not in npz:
-                raise DatasetFormatError(f"{path} must hold arrays `images` and `labels`, "
-                                         f"has {list(npz.keys())}")
-            splits[split] = {k: npz[k] for k in npz.files}
-    n_classes = int(max(splits["train"]["labels"].max(), splits["test"]["labels"].max())) + 1
+    splits = {split: _read_npz_split(directory / f"{split}.npz") for split in ("train", "test")}
+    train_size, test_size = (tuple(splits[s]["images"].shape[2:]) for s in ("train", "test"))
+    if train_size != test_size:
+        raise DatasetFormatError(f"{directory}: training images are {train_size[0]}x{train_size[1]} but test "
+                                 f"images {test_size[0]}x{test_size[1]}; store both splits at one size")
     names = _read_class_names(directory / "classes.json")
-    classes = names.get("classes") or [str(i) for i in range(n_classes)]
-    coarse = {s: _labels(splits[s]["coarse_labels"]) if "coarse_labels" in splits[s] else None
-              for s in splits}
+    labels = {s: splits[s]["labels"] for s in splits}
+    if "classes" in names:
+        classes = names["classes"]
+        for split, values in labels.items():
+            if int(values.max()) >= len(classes):
+                raise DatasetFormatError(f"{directory / f'{split}.npz'}: label {int(values.max())} but "
+                                         f"classes.json names {len(classes)} classes")
+    else:
+        n_classes = int(max(labels["train"].max(), labels["test"].max())) + 1
+        missing = sorted(set(range(n_classes)) - set(labels["train"].unique().tolist()))
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+            raise DatasetFormatError(
+                f"{directory}: labels go up to {n_classes - 1} but classes {shown} have no training images; "
+                "without classes.json the classes must be 0..K-1 all present: fix the labels or add "
+                'classes.json {"classes": [names]}')
+        classes = [str(i) for i in range(n_classes)]
+    coarse = {s: splits[s].get("coarse_labels") for s in splits}
     coarse_classes = None
     if coarse["train"] is not None:
         n_coarse = int(max(int(c.max()) for c in coarse.values() if c is not None and c.numel())) + 1
         coarse_classes = names.get("coarse_classes") or [f"superclass_{i}" for i in range(n_coarse)]
-    return ImageDataset(f"npz:{directory}", _hwc_to_tensor(splits["train"]["images"]),
-                        _labels(splits["train"]["labels"]), _hwc_to_tensor(splits["test"]["images"]),
-                        _labels(splits["test"]["labels"]), classes,
+    return ImageDataset(f"npz:{directory}", splits["train"]["images"], labels["train"],
+                        splits["test"]["images"], labels["test"], classes,
                         coarse["train"], coarse["test"], coarse_classes)
 
 
@@ -227,9 +304,45 @@ _CIFAR_LAYOUT = {
 }
 
 
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+def cifar_checksums(name: str) -> dict[str, str]:
+    """{file: official MD5} of torchvision's CIFAR pickles (the lists of its own integrity check)."""
+    import torchvision.datasets as tvd
+    cls = tvd.CIFAR100 if name == "cifar100" else tvd.CIFAR10
+    return {**dict(cls.train_list), **dict(cls.test_list), cls.meta["filename"]: cls.meta["md5"]}
+
+
+class ArraysOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds only what the CIFAR pickles hold: dicts, lists, strings, numbers and numpy arrays.
+    Any other global (a function to call, a class to build) is refused before it is looked up."""
+
+    ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype"),
+                                                          ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a dataset file")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path, md5: str, dataset: str) -> dict:
+    """A CIFAR pickle, verified against its official MD5 before a byte of it is unpickled, then
+    unpickled with `ArraysOnlyUnpickler`."""
+    import hashlib
+    content = path.read_bytes()
+    digest = hashlib.md5(content, usedforsecurity=False).hexdigest()
+    if digest != md5:
+        raise DatasetFormatError(
+            f"{path}: MD5 {digest} differs from the official {dataset} file's {md5}; it is damaged or "
+            f"not the original (never unpickled): delete {path.parent} and download it again (--download)")
+    try:
+        out = ArraysOnlyUnpickler(io.BytesIO(content), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise DatasetFormatError(f"{path}: refused ({exc}); the official {dataset} files hold only arrays, "
+                                 "lists and strings") from None
+    if not isinstance(out, dict):
+        raise DatasetFormatError(f"{path} holds a {type(out).__name__}, not the CIFAR dict of arrays")
+    return out
 
 
 def _cifar_files_present(root: Path, layout: dict) -> bool:
@@ -243,9 +356,10 @@ def load_cifar_dataset(name: str, root: str | Path, download: bool = True) -> Im
     root = Path(root)
     if not _cifar_files_present(root, layout) and download:
         import torchvision
+        from torchvision.datasets.utils import download_and_extract_archive
         cls = torchvision.datasets.CIFAR100 if name == "cifar100" else torchvision.datasets.CIFAR10
-        try:
-            cls(str(root), train=True, download=True)
+        try:  # the archive's MD5 is checked before it is unpacked; nothing is unpickled here
+            download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
         except Exception as exc:  # offline, proxy, disk
             raise DatasetNotFoundError(
                 f"{name} is not under {root} and downloading it failed ({type(exc).__name__}: {exc}). "
@@ -258,10 +372,11 @@ def load_cifar_dataset(name: str, root: str | Path, download: bool = True) -> Im
             f"(needs internet) or place the extracted official python archive there "
             "(--data-root sets the folder).")
     folder = root / layout["folder"]
-    meta = _unpickle(folder / layout["meta"])
+    checksums = cifar_checksums(name)
+    meta = _unpickle(folder / layout["meta"], checksums[layout["meta"]], name)
     parts = {}
     for split in ("train", "test"):
-        batches = [_unpickle(folder / f) for f in layout[split]]
+        batches = [_unpickle(folder / f, checksums[f], name) for f in layout[split]]
         data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
         images = data.reshape(-1, 3, 32, 32)
         labels = np.concatenate([np.asarray(b[layout["label_key"]]) for b in batches])

@@ -453,7 +453,7 @@ def _cifar_rows(n, rng):
     return rng.integers(0, 256, (n, 3072), dtype=np.uint8)
 
 
-def test_cifar100_from_pickles(tmp_path):
+def test_cifar100_from_pickles(tmp_path, accept_cifar_files):
     rng = np.random.default_rng(0)
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
@@ -470,6 +470,7 @@ def test_cifar100_from_pickles(tmp_path):
     _dump(folder / "train", {"data": train, "fine_labels": fine_train, "coarse_labels": coarse_train})
     _dump(folder / "test", {"data": test, "fine_labels": fine_test, "coarse_labels": coarse_test})
     _dump(folder / "meta", {"fine_label_names": fine_names, "coarse_label_names": coarse_names})
+    accept_cifar_files(folder)
 
     ds = load_dataset("cifar100", root=tmp_path, download=False)
     assert ds.name == "cifar100"
@@ -489,7 +490,7 @@ def test_cifar100_from_pickles(tmp_path):
     assert ds.coarse_classes == coarse_names
 
 
-def test_cifar10_from_pickles(tmp_path):
+def test_cifar10_from_pickles(tmp_path, accept_cifar_files):
     rng = np.random.default_rng(1)
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
@@ -506,6 +507,7 @@ def test_cifar10_from_pickles(tmp_path):
     _dump(folder / "test_batch", {"data": test, "labels": [9, 0]})
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     _dump(folder / "batches.meta", {"label_names": names})
+    accept_cifar_files(folder)
 
     ds = load_dataset("cifar10", root=tmp_path, download=False)
     assert ds.train_images.shape == (15, 3, 32, 32) and ds.test_images.shape == (2, 3, 32, 32)

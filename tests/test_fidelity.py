@@ -360,6 +360,7 @@ def _fake_cifar100(root, n_train=200, n_test=100):
                      "coarse_labels": [f // 5 for f in fine]})
     dump("meta", {"fine_label_names": [f"class{i}" for i in range(100)],
                   "coarse_label_names": [f"super{i}" for i in range(20)]})
+    return folder
 
 
 def _published_teacher_with_projection(path):
@@ -381,10 +382,10 @@ def _published_student(path):
     return student
 
 
-def test_published_student_and_teacher_are_loaded_not_trained(tmp_path, monkeypatch, capsys):
+def test_published_student_and_teacher_are_loaded_not_trained(tmp_path, monkeypatch, capsys, accept_cifar_files):
     models = tmp_path / "pth_models"
     models.mkdir()
-    _fake_cifar100(tmp_path / "data")
+    accept_cifar_files(_fake_cifar100(tmp_path / "data"))
     teacher_file = models / "teacher_resnet50_cifar100_with_projection.pth"
     _published_teacher_with_projection(teacher_file)
     student_file = models / "student_undistilled_resnet18_cifar100.pth"
@@ -426,8 +427,8 @@ def test_published_student_and_teacher_are_loaded_not_trained(tmp_path, monkeypa
     assert "published checkpoint" in text and "published (file)" in text
 
 
-def test_unknown_published_layout_file_is_analysable(tmp_path, capsys):
-    _fake_cifar100(tmp_path / "data", n_train=100, n_test=100)
+def test_unknown_published_layout_file_is_analysable(tmp_path, capsys, accept_cifar_files):
+    accept_cifar_files(_fake_cifar100(tmp_path / "data", n_train=100, n_test=100))
     path = tmp_path / "downloads" / "my_favourite_student.pth"
     path.parent.mkdir()
     _published_student(path)

@@ -1,0 +1,176 @@
+"""Hostile and clumsy input (issue 22): dataset files verified before they are trusted, npz folders
+checked with one-line errors, every setting range-checked, inputs checked in a useful order."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from desupcon import data
+from desupcon.cli import main
+from desupcon.data import DatasetFormatError, load_dataset
+
+
+class RunsAShellCommand:
+    """A pickle payload: unpickling it would call os.system (touching a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _crafted_cifar100(root, marker):
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rows = np.zeros((2, 3072), np.uint8)
+    for split in ("train", "test"):
+        with open(folder / split, "wb") as f:
+            pickle.dump({"data": rows, "fine_labels": [0, 1], "coarse_labels": [0, 0]}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": ["a", "b"], "payload": RunsAShellCommand(marker)}, f)
+    return folder
+
+
+def test_crafted_pickle_fails_the_official_checksum_before_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+    _crafted_cifar100(tmp_path / "root", marker)
+    with pytest.raises(DatasetFormatError, match="MD5 .* differs from the official cifar100 file's"):
+        load_dataset("cifar100", tmp_path / "root", download=False)
+    assert not marker.exists()
+
+
+def test_crafted_pickle_with_matching_checksums_is_still_refused(tmp_path, accept_cifar_files):
+    marker = tmp_path / "pwned"
+    accept_cifar_files(_crafted_cifar100(tmp_path / "root", marker))
+    with pytest.raises(DatasetFormatError, match="system is not allowed"):
+        load_dataset("cifar100", tmp_path / "root", download=False)
+    assert not marker.exists()
+
+
+def test_cli_reports_the_crafted_pickle_in_one_line(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    _crafted_cifar100(tmp_path / "root", marker)
+    code = main(["data", "subset", "cifar100", str(tmp_path / "out"), "--data-root", str(tmp_path / "root"),
+                 "--no-download", "--train-per-class", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# npz folders
+# ----------------------------------------------------------------------------------------------
+
+def _good_split(n=12, classes=3, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"images": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+            "labels": np.arange(n) % classes}
+
+
+def _folder(tmp_path, train=None, test=None, classes_json=None, raw=None):
+    folder = tmp_path / "npzdata"
+    folder.mkdir()
+    for split, arrays in (("train", train or _good_split()), ("test", test or _good_split(6, seed=1))):
+        if raw and split in raw:
+            (folder / f"{split}.npz").write_bytes(raw[split])
+        else:
+            np.savez(folder / f"{split}.npz", **arrays)
+    if classes_json is not None:
+        (folder / "classes.json").write_text(classes_json if isinstance(classes_json, str)
+                                             else json.dumps(classes_json))
+    return folder
+
+
+def _one_line_exit_2(capsys, folder, *flags):
+    code = main(["data", "subset", f"npz:{folder}", str(folder.parent / "out"), "--train-per-class", "1",
+                 *flags])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _npy_bytes(array):
+    import io
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+BAD_FOLDERS = {
+    "greyscale images": (dict(train={"images": np.zeros((4, 8, 8), np.uint8), "labels": np.arange(4) % 2}),
+                         "greyscale?"),
+    "float images": (dict(train={"images": np.zeros((4, 8, 8, 3), np.float32), "labels": np.arange(4) % 2}),
+                     "must be uint8"),
+    "empty test split": (dict(test={"images": np.zeros((0, 8, 8, 3), np.uint8), "labels": np.zeros(0, int)}),
+                         "holds no images"),
+    "string labels": (dict(train={"images": np.zeros((3, 8, 8, 3), np.uint8), "labels": np.array(["a", "b", "c"])}),
+                      "integer class indices, got strings"),
+    "float labels": (dict(train={"images": np.zeros((3, 8, 8, 3), np.uint8), "labels": np.array([0.0, 1.7, 2.0])}),
+                     "integer class indices, got float64"),
+    "object labels": (dict(train={"images": np.zeros((2, 8, 8, 3), np.uint8),
+                                  "labels": np.array([0, None], dtype=object)}), "Python objects"),
+    "one-hot labels": (dict(train={"images": np.zeros((4, 8, 8, 3), np.uint8), "labels": np.eye(4, dtype=int)}),
+                       "one-hot?"),
+    "negative labels": (dict(train={"images": np.zeros((2, 8, 8, 3), np.uint8), "labels": np.array([0, -1])}),
+                        "negative values"),
+    "stray label": (dict(train={"images": np.zeros((4, 8, 8, 3), np.uint8), "labels": np.array([0, 1, 2, 57])}),
+                    "classes 3, 4, 5, 6, 7, 8, 9, 10 ... have no training images"),
+    "label count": (dict(train={"images": np.zeros((4, 8, 8, 3), np.uint8), "labels": np.array([0, 1, 2])}),
+                    "4 images but 3 entries in `labels`"),
+    "sizes differ": (dict(test={"images": np.zeros((3, 16, 16, 3), np.uint8), "labels": np.arange(3)}),
+                     "training images are 8x8 but test images 16x16"),
+    "coarse length": (dict(train={**_good_split(), "coarse_labels": np.zeros(5, int)}),
+                      "12 images but 5 entries in `coarse_labels`"),
+    "missing key": (dict(train={"pixels": np.zeros((2, 8, 8, 3), np.uint8)}), "must hold arrays `images` and `labels`"),
+    "label beyond classes.json": (dict(classes_json={"classes": ["a", "b"]}), "label 2 but classes.json names 2"),
+    "malformed classes.json": (dict(classes_json="{not json"), "not valid JSON"),
+    "list-shaped classes.json": (dict(classes_json=["a", "b", "c"]), "must be an object with a list"),
+    "empty train.npz": (dict(raw={"train": b""}), "not a readable .npz archive"),
+    "truncated train.npz": (dict(raw={"train": b"PK\x03\x04" + b"\x00" * 40}), "not a readable .npz archive"),
+    "random bytes": (dict(raw={"train": bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8))}),
+                     "not a readable .npz archive"),
+    "a .npy named train.npz": (dict(raw={"train": _npy_bytes(np.zeros((2, 8, 8, 3), np.uint8))}),
+                               "single .npy array"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FOLDERS))
+def test_bad_npz_folders_exit_2_with_one_line(tmp_path, capsys, case):
+    spec, problem = BAD_FOLDERS[case]
+    folder = _folder(tmp_path, **spec)
+    err = _one_line_exit_2(capsys, folder)
+    assert problem in err, err
+    if "raw" not in spec and "classes_json" not in spec:
+        assert str(folder) in err  # the file (or folder) is named
+
+
+def test_truncated_array_inside_a_valid_archive(tmp_path, capsys):
+    folder = _folder(tmp_path)
+    content = (folder / "train.npz").read_bytes()
+    (folder / "train.npz").write_bytes(content[: len(content) // 2])
+    assert "train.npz" in _one_line_exit_2(capsys, folder)
+
+
+def test_a_good_folder_still_loads(tmp_path):
+    folder = _folder(tmp_path, classes_json={"classes": ["a", "b", "c"]})
+    ds = load_dataset(f"npz:{folder}")
+    assert ds.num_classes == 3 and ds.train_images.shape == (12, 3, 8, 8) and ds.classes == ["a", "b", "c"]
+    # a class without training images is fine when classes.json says the classes exist
+    train = {"images": np.zeros((4, 8, 8, 3), np.uint8), "labels": np.array([0, 1, 1, 0])}
+    folder2 = tmp_path / "second"
+    folder2.mkdir()
+    np.savez(folder2 / "train.npz", **train)
+    np.savez(folder2 / "test.npz", **_good_split(3, seed=2))
+    (folder2 / "classes.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
+    assert load_dataset(f"npz:{folder2}").num_classes == 3
+
+
+def test_cifar_checksums_are_torchvisions():
+    sums = data.cifar_checksums("cifar100")
+    assert set(sums) == {"train", "test", "meta"} and all(len(v) == 32 for v in sums.values())
+    assert len(data.cifar_checksums("cifar10")) == 7
