@@ -201,16 +201,25 @@ def read_json(path: str | Path):
 
 
 def describe_load_failure(path: Path, exc: Exception) -> str:
-    """Why `torch.load(path, weights_only=True)` failed, in words naming the file."""
+    """Why `torch.load(path, weights_only=True)` failed, in words naming the file. A pickle the
+    safe loader refused is said to be refused (nothing in it ran), not damaged."""
     text = str(exc)
-    if "Unsupported global" in text:
-        i = text.find("GLOBAL ")
+    lower = text.lower()
+    if "unsupported global" in lower:
+        i = lower.find("global ")
         what = text[i + 7:].split()[0] if i >= 0 else "Python objects"
         return (f"{path} holds pickled Python objects ({what}) that the safe loader "
-                "(weights_only=True) refuses to run; expected a desupcon checkpoint or a plain state "
-                "dict of tensors")
-    if "WeightsUnpickler error:" in text:  # garbage that happens to start like a pickle
-        text = text[text.find("WeightsUnpickler error:"):].split("Check the documentation")[0]
+                "(weights_only=True) refused to run (nothing in it was executed); expected a desupcon "
+                "checkpoint or a plain state dict of tensors")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        head = b""
+    if "WeightsUnpickler error:" in text and head[:1] == b"\x80":  # a real pickle (protocol 2+)
+        reason = " ".join(text[text.find("WeightsUnpickler error:") + 23:].split("Check the documentation")[0].split())
+        return (f"{path} is a pickle the safe loader (weights_only=True) refused ({reason[:120]}; nothing in it "
+                "was executed); expected a desupcon checkpoint or a state dict saved with torch.save")
     first = " ".join(text.split()).split(". ")[0][:200]
     size = path.stat().st_size if path.is_file() else 0
     return (f"{path} is not a readable PyTorch checkpoint ({size} bytes; truncated, corrupted or "

@@ -15,7 +15,7 @@ from . import pipeline
 from .checkpoint import CheckpointError, check_json_records, check_writable, load_checkpoint
 from .devices import PRECISIONS
 from .config import HUB_TEACHER, METHODS, PRESET_HELP, PRESETS, RunConfig, config_json, preset, run_name
-from .errors import DesupconError, InputFileError
+from .errors import DesupconError, InputFileError, MissingInputsError
 from .models import canonical_arch
 from .runs import OutputPaths
 from .validation import ConfigError, checked_config_dict, validate_config
@@ -247,9 +247,24 @@ def preflight(cfgs: list[RunConfig], teacher: bool = True) -> None:
         for folder in (paths.models, paths.results):
             check_writable(folder)
         check_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset))
+    from .data import DatasetNotFoundError, check_dataset_available
+    from .teacher_weights import TeacherWeightsUnavailableError
+    missing = []  # every missing input named at once: the data and the teacher
+    for cfg in {repr(c.data_identity()) + c.data.data_root: c for c in cfgs}.values():
+        try:
+            check_dataset_available(cfg.data.dataset, cfg.data.data_root, cfg.data.download)
+        except DatasetNotFoundError as exc:
+            missing.append(exc)
     if teacher:
         for cfg in {repr(c.teacher_identity()): c for c in cfgs}.values():
-            check_teacher_available(cfg)
+            try:
+                check_teacher_available(cfg)
+            except TeacherWeightsUnavailableError as exc:
+                missing.append(exc)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        raise MissingInputsError(f"{len(missing)} inputs are missing:\n" + "\n".join(f"  - {e}" for e in missing))
 
 
 def print_config(cfgs) -> None:
@@ -313,6 +328,8 @@ def two_stage_settings(args, cfg: RunConfig):
     from .probes import ProbeConfig
     from .two_stage import TwoStageConfig
     phase1 = cfg.with_method(args.phase1_method)
+    if args.phase2_epochs is not None and args.phase2_epochs < 1:
+        raise ConfigError(f"--phase2-epochs must be >= 1, got {args.phase2_epochs}")
     epochs = args.phase2_epochs or (50 if cfg.preset.startswith("paper") or cfg.preset == "mdistiller"
                                     else cfg.optim.epochs)
     settings = TwoStageConfig(phase1_method=args.phase1_method, phase1_optimizer=args.phase1_optimizer,
@@ -393,6 +410,9 @@ def cmd_probe(args) -> None:
 
 
 def cmd_report(args) -> None:
+    if not Path(args.output_dir).is_dir():
+        raise InputFileError(f"--output-dir {args.output_dir}: no such folder (nothing is reported, nothing "
+                             "created); give the folder your runs were written under")
     text, path = pipeline.report(args.output_dir)
     print(text)
     print(f"written to {path}")

@@ -389,6 +389,25 @@ def load_cifar_dataset(name: str, root: str | Path, download: bool = True) -> Im
                         list(meta["coarse_label_names"]) if "coarse_label_names" in meta else None)
 
 
+def check_dataset_available(name: str, root: str | Path = "data", download: bool = True) -> None:
+    """Raise DatasetNotFoundError now (before any other work) when `name` cannot be had: an npz
+    folder without its files, or torchvision's CIFAR files missing with downloads turned off."""
+    if name in _CIFAR_LAYOUT:
+        layout = _CIFAR_LAYOUT[name]
+        if not download and not _cifar_files_present(Path(root), layout):
+            raise DatasetNotFoundError(
+                f"{name} not found: expected {Path(root) / layout['folder']} with files "
+                f"{', '.join(layout['train'] + layout['test'] + [layout['meta']])} (downloads are off: "
+                "--no-download); place the extracted official python archive there, point --data-root at it "
+                "or allow --download")
+    elif name.startswith("npz:"):
+        folder = Path(name[len("npz:"):])
+        missing = [f for f in ("train.npz", "test.npz") if not (folder / f).is_file()]
+        if missing:
+            raise DatasetNotFoundError(f"--dataset {name}: {', '.join(str(folder / f) for f in missing)} not "
+                                       "found; an npz folder holds train.npz and test.npz (`data subset` writes one)")
+
+
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size), antialiased bilinear."""
     if images.shape[-1] == size and images.shape[-2] == size:

@@ -16,3 +16,8 @@ class DesupconError(Exception):
 
 class InputFileError(DesupconError, OSError):
     """A file named on the command line is missing or cannot be read; the message names it."""
+
+
+class MissingInputsError(DesupconError, FileNotFoundError):
+    """Several inputs of one command are missing (the data and the teacher, say); the message
+    names each of them, so that one rerun can fix them all."""

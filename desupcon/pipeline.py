@@ -123,12 +123,19 @@ def analyze_checkpoint(path: str | Path, device: str = "auto", output_dir: str |
     """
     path = Path(path)
     dev = select_device(device)
-    published = not _is_desupcon_checkpoint(path)
+    try:  # the file first: a bad file is named before any dataset is looked for
+        ckpt = load_checkpoint(path, expected_kind="student")
+        published = False
+    except CheckpointError:
+        from .teacher_weights import is_plain_state_dict_file
+        if _is_desupcon_checkpoint(path) or not is_plain_state_dict_file(path):
+            raise
+        published = True
     if published:
         described = published_config(path.stem)
         cfg = described or preset("paper")
     else:
-        cfg = RunConfig.from_dict(load_checkpoint(path, expected_kind="student")["config"])
+        cfg = RunConfig.from_dict(ckpt["config"])
     cfg = cfg.replace(device=device, output_dir=str(output_dir),
                       data={"data_root": data_root} if data_root else {})
     dataset = prepare_dataset(cfg, dev)

@@ -60,6 +60,7 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
     _require(0 <= m.lam <= 1, f"--lam must be in [0, 1], got {m.lam}")
     _require(0 <= m.bank_momentum < 1, f"--bank-momentum must be in [0, 1), got {m.bank_momentum}")
     _require(m.bank_size >= 0, f"--bank-size must be >= 0 (0 = no bank), got {m.bank_size}")
+    _check_logit_settings(m)
     _require(o.epochs >= 1, f"--epochs must be >= 1, got {o.epochs}")
     _require(o.batch_size >= 2, f"--batch-size must be >= 2 (contrastive losses need pairs), got {o.batch_size}")
     _require(o.lr > 0, f"--lr must be > 0, got {o.lr}")
@@ -110,6 +111,35 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
         _require(cfg.teacher.batch_size <= n_train or cfg.model.teacher_weights is not None,
                  f"--teacher-batch-size {cfg.teacher.batch_size} is larger than the training set "
                  f"({n_train} images)")
+
+
+LOGIT_TERMS = ("none", "kd", "dkd")
+MAX_SDD_SCALE = 8  # SDD's own levels are 1, 2, 4; finer grids only upsample the usual 4x4-8x8 maps
+
+
+def _check_logit_settings(m) -> None:
+    """The logit distillers' (SPEC 13) and crd-nce's (SPEC 14) settings, each with its range."""
+    _require(m.logit_term in LOGIT_TERMS, f"--logit-term {m.logit_term!r} is unknown; known: {', '.join(LOGIT_TERMS)}")
+    for flag, value in (("--logit-weight", m.logit_weight), ("--ce-weight", m.ce_weight),
+                        ("--kd-weight", m.kd_weight), ("--dkd-alpha", m.dkd_alpha), ("--dkd-beta", m.dkd_beta),
+                        ("--complementary-weight", m.complementary_weight), ("--nce-weight", m.nce_weight)):
+        _require(value >= 0, f"{flag} must be >= 0 (a weight), got {value}")
+    _require(m.logit_temperature > 0, f"--logit-temperature must be > 0 (it divides the logits), got "
+                                      f"{m.logit_temperature}")
+    _require(m.warmup >= 0, f"--warmup must be >= 0 epochs, got {m.warmup}")
+    scales = list(m.sdd_scales)
+    _require(bool(scales) and all(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_SDD_SCALE
+                                  for k in scales),
+             f"--sdd-scales must be grid sizes between 1 and {MAX_SDD_SCALE} (SDD's: 1 2 4), got {scales}")
+    try:
+        from .losses import _check_scales
+        _check_scales(scales)
+    except ValueError as exc:
+        raise ConfigError(f"--sdd-scales {' '.join(map(str, scales))}: {str(exc).split(': ', 1)[1]}") from None
+    _require(m.nce_negatives >= 1, f"--nce-negatives must be >= 1 (negatives per anchor), got {m.nce_negatives}")
+    _require(m.nce_dim >= 1, f"nce_dim must be >= 1, got {m.nce_dim}")
+    _require(0 <= m.nce_momentum < 1, f"nce_momentum must be in [0, 1), got {m.nce_momentum}")
+    _require(m.nce_temperature > 0, f"nce_temperature must be > 0, got {m.nce_temperature}")
 
 
 _PLAIN_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}

@@ -174,3 +174,73 @@ def test_cifar_checksums_are_torchvisions():
     sums = data.cifar_checksums("cifar100")
     assert set(sums) == {"train", "test", "meta"} and all(len(v) == 32 for v in sums.values())
     assert len(data.cifar_checksums("cifar10")) == 7
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings: every logit, SDD and NCE setting has a range
+# ----------------------------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    (["--method", "sd-kd", "--sdd-scales", "0"], "--sdd-scales must be grid sizes"),
+    (["--method", "sd-kd", "--sdd-scales", "-2"], "--sdd-scales must be grid sizes"),
+    (["--method", "sd-kd", "--sdd-scales", "64"], "--sdd-scales must be grid sizes"),
+    (["--method", "sd-kd", "--sdd-scales", "2", "4"], "must include 1"),
+    (["--method", "sd-kd", "--sdd-scales", "1", "3"], "must divide"),
+    (["--method", "crd-nce", "--nce-negatives", "0"], "--nce-negatives must be >= 1"),
+    (["--method", "crd-nce", "--nce-negatives=-3"], "--nce-negatives must be >= 1"),
+    (["--method", "kd", "--logit-temperature", "0"], "--logit-temperature must be > 0"),
+    (["--method", "kd", "--logit-temperature=-4"], "--logit-temperature must be > 0"),
+    (["--method", "crd-nce", "--nce-weight=-1"], "--nce-weight must be >= 0"),
+    (["--method", "dkd", "--dkd-beta=-8"], "--dkd-beta must be >= 0"),
+    (["--method", "dkd", "--warmup=-1"], "--warmup must be >= 0"),
+    (["--method", "kd", "--kd-weight=-0.5"], "--kd-weight must be >= 0"),
+    (["--method", "lw-supcrd", "--logit-term", "mse"], "--logit-term 'mse' is unknown"),
+    (["--method", "two-stage", "--phase2-epochs", "0"], "--phase2-epochs must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("flags, problem", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
+def test_bad_settings_exit_2_with_one_line(tmp_path, capsys, flags, problem):
+    code = main(["train", "--preset", "quick", "--device", "cpu", "--output-dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and problem in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "pth_models").exists() or not any((tmp_path / "pth_models").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# Order of checks
+# ----------------------------------------------------------------------------------------------
+
+def test_analyze_names_the_bad_file_before_any_dataset(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.pth").write_bytes(b"garbage\n")
+    assert main(["analyze", "garbage.pth", "--no-plots", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "garbage.pth is not a readable PyTorch checkpoint" in err and "cifar" not in err.lower()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pth"]  # no data folder, no download
+
+
+def test_missing_data_and_missing_teacher_are_named_together(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["train", "--dataset", "cifar100", "--data-root", str(tmp_path / "nowhere"), "--no-download",
+                 "--epochs", "1", "--device", "cpu", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "2 inputs are missing" in err
+    assert str(tmp_path / "nowhere" / "cifar-100-python") in err and "resnet50_cifar100" in err
+
+
+def test_refused_pickle_is_not_called_corrupted(tmp_path):
+    from desupcon.checkpoint import CheckpointError, load_checkpoint
+    import torch
+    marker = tmp_path / "pwned"
+    torch.save({"x": RunsAShellCommand(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "evil.pth")
+    assert "refused to run (nothing in it was executed)" in str(err.value) and "system" in str(err.value)
+    assert "corrupted" not in str(err.value) and not marker.exists()
+
+
+def test_report_on_a_mistyped_folder_creates_nothing(tmp_path, capsys):
+    assert main(["report", "--output-dir", str(tmp_path / "mistyped")]) == 2
+    assert "no such folder" in capsys.readouterr().err and not (tmp_path / "mistyped").exists()
