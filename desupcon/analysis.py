@@ -20,11 +20,14 @@ in the individual functions and None in `analyze_embeddings`, whose output is JS
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+
+log = logging.getLogger("desupcon")
 
 DEFAULT_CHUNK_SIZE = 2048
 
@@ -62,6 +65,25 @@ def normalized(z, device: torch.device | None = None) -> torch.Tensor:
     if z.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D (N, D) array, got shape {tuple(z.shape)}")
     return torch.nn.functional.normalize(z, dim=1)
+
+
+def zero_vector_share(z) -> float:
+    """Share of rows with no direction (zero or non-finite norm): alignment and uniformity are
+    undefined on such embeddings (a dead network's pooled features are all zero)."""
+    z = as_float64(z)
+    if z.ndim != 2 or z.shape[0] == 0:
+        return 0.0
+    norms = z.norm(dim=1)
+    return float(((norms == 0) | ~torch.isfinite(norms)).double().mean())
+
+
+def degenerate_reason(z) -> str | None:
+    """Why alignment and uniformity of `z` are NaN, or None when they are defined."""
+    share = zero_vector_share(z)
+    if share:
+        n = z.shape[0]
+        return f"{round(share * n)} of {n} embeddings are zero or non-finite vectors (no direction)"
+    return None
 
 
 def _labels(labels, n: int, device: torch.device) -> torch.Tensor:
@@ -112,8 +134,10 @@ def uniformity(z, t: float = 2.0, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float
     """Uniformity loss  log( 1/P sum_{i<j} exp(-t ||z_i - z_j||^2) ),  P = N(N-1)/2.
 
     Always <= 0; 0 when all points coincide, -4t for two antipodal points, lower is more uniform.
-    NaN for fewer than two points.
+    NaN for fewer than two points and when any row has no direction (`degenerate_reason`).
     """
+    if degenerate_reason(z):
+        return math.nan
     z = normalized(z)
     if z.shape[0] < 2:
         return math.nan
@@ -154,16 +178,21 @@ def alignment_class(z, labels) -> float:
 
     All same-class pairs are pooled (a class of n samples weighs n(n-1)/2 pairs), which is the
     published definition, not the mean of per-class means. Classes with one sample contribute no
-    pairs; with no same-class pair at all the result is 0.0 (nothing is misaligned).
-    Range [0, 4]; lower is better aligned.
+    pairs; with no same-class pair at all the result is 0.0 (nothing is misaligned). NaN when any
+    row has no direction (`degenerate_reason`). Range [0, 4]; lower is better aligned.
     """
+    if degenerate_reason(z):
+        return math.nan
     z = normalized(z)
     total, pairs = _same_class_pair_stats(z, _labels(labels, z.shape[0], z.device))
     return total / pairs if pairs else 0.0
 
 
 def alignment_instance(z1, z2) -> float:
-    """Instance alignment  1/N sum_i ||z1_i - z2_i||^2  for two augmented views of each image."""
+    """Instance alignment  1/N sum_i ||z1_i - z2_i||^2  for two augmented views of each image;
+    NaN when any row of either view has no direction."""
+    if degenerate_reason(z1) or degenerate_reason(z2):
+        return math.nan
     z1 = normalized(z1)
     z2 = normalized(z2, z1.device)
     if z1.shape != z2.shape:
@@ -347,9 +376,14 @@ def analyze_embeddings(z, labels, class_names: Sequence[str] | None = None, coar
     centroid_pairs = {"a|b": cos} when `named_pairs` and `class_names` are given.
     Undefined values are None, never NaN, so the dict can be written as strict JSON.
     """
+    reason = degenerate_reason(z)
+    if reason:
+        log.warning(f"alignment and uniformity are undefined (None): {reason}")
+    zero_share = zero_vector_share(z)
     z = normalized(z)
     labels = _labels(labels, z.shape[0], z.device)
-    out: dict = {"alignment_class": alignment_class(z, labels), "uniformity": uniformity(z)}
+    out: dict = {"alignment_class": alignment_class(z, labels), "uniformity": uniformity(z),
+                 "zero_vectors": zero_share}
     if z_view2 is not None:
         out["alignment_instance"] = alignment_instance(z, z_view2)
     out.update(class_distances(z, labels))

@@ -10,6 +10,7 @@ reproduces the stored numbers without the teacher.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -138,15 +139,48 @@ def comprehensive_results_path(paths: OutputPaths, student_arch: str, dataset: s
     return paths.results / f"comprehensive_results_{student_arch}_{dataset_tag(dataset)}.json"
 
 
+COLLAPSE_UNIFORMITY = -0.05  # backbone uniformity above this: the test embeddings nearly coincide
+CHANCE_SDS = 3.0  # accuracy within this many binomial sd of guessing counts as chance
+
+
+def collapse_reasons(accuracy: dict, num_classes: int, n_test: int, metrics: dict) -> list[str]:
+    """Why a finished run counts as collapsed (empty: it does not): its best test accuracy within
+    3 sd of guessing on `n_test` images, or its backbone embeddings without direction or nearly
+    coinciding (uniformity near 0) while the loss stayed finite."""
+    reasons = []
+    best = accuracy.get("best_test_acc")
+    best = accuracy.get("test_acc") if best is None else best
+    p = 1.0 / num_classes
+    ceiling = 100 * (p + CHANCE_SDS * math.sqrt(p * (1 - p) / max(n_test, 1)))
+    if best is not None and best <= ceiling:
+        reasons.append(f"accuracy at chance (best {best:.2f} % vs chance {100 * p:.2f} %, within "
+                       f"{CHANCE_SDS:g} sd of guessing on {n_test} test images)")
+    for space, m in (("projection", metrics), ("backbone", metrics.get("backbone") or {})):
+        if m.get("zero_vectors"):
+            reasons.append(f"{space}: {100 * m['zero_vectors']:.0f} % of the test embeddings are zero vectors")
+    uniformity = (metrics.get("backbone") or {}).get("uniformity")
+    if uniformity is not None and uniformity > COLLAPSE_UNIFORMITY:
+        reasons.append(f"backbone embeddings collapsed (uniformity {uniformity:.4f}, near 0: the test "
+                       "images' features nearly coincide)")
+    return reasons
+
+
 def _record(kind: str, name: str, cfg: RunConfig, metrics: dict, analysis_metrics: dict,
-            pictures: dict, source: str, teacher: dict) -> dict:
+            pictures: dict, source: str, teacher: dict, dataset: ImageDataset) -> dict:
     acc = {k: metrics.get(k) for k in ("test_acc", "train_acc", "best_test_acc", "best_epoch")}
     acc["train_test_gap"] = (acc["train_acc"] - acc["test_acc"]
                              if acc["test_acc"] is not None and acc["train_acc"] is not None else None)
     return {"run": name, "kind": kind, "method": cfg.method.method if kind == "student" else "teacher",
             "seed": cfg.optim.seed, "protocol": protocol_of(cfg), "source": source, "teacher": teacher,
             "config": cfg.to_dict(), "accuracy": acc, "seconds": metrics.get("seconds"),
-            "metrics": analysis_metrics, "plots": pictures}
+            "metrics": analysis_metrics, "plots": pictures,
+            "collapsed": collapse_reasons(acc, dataset.num_classes, len(dataset.test_labels), analysis_metrics)}
+
+
+def _warn_if_collapsed(record: dict) -> None:
+    if record["collapsed"]:
+        log.warning(f"[{record['run']}] COLLAPSED: {'; '.join(record['collapsed'])} (the run is kept and "
+                    "marked in its record and the report; check the learning rate and the data)")
 
 
 def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.device,
@@ -176,7 +210,8 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
                         "teacher": teacher_info}
     atomic_torch_save(path, ckpt)
     source = (ckpt.get("source") or {}).get("kind", "trained")
-    record = _record("student", ckpt["name"], cfg, ckpt["metrics"], metrics, pics, source, teacher_info)
+    record = _record("student", ckpt["name"], cfg, ckpt["metrics"], metrics, pics, source, teacher_info, dataset)
+    _warn_if_collapsed(record)
     # per-image predictions (and the labels, in the dataset's order): the report's agreement with the
     # teacher and McNemar tests between runs come from them
     record.update(test_predictions=predictions, test_labels=dataset.test_labels.tolist())
@@ -219,7 +254,8 @@ def analyze_teacher(teacher: Teacher, cfg: RunConfig, teacher_metrics: dict, dat
         atomic_torch_save(ckpt_path, ckpt)
     info = {"fingerprint": getattr(teacher, "fingerprint", None), "source": getattr(teacher, "source", None)}
     source = (ckpt.get("source") or {}).get("kind", "trained")
-    record = _record("teacher", name, cfg, teacher_metrics, metrics, pics, source, info)
+    record = _record("teacher", name, cfg, teacher_metrics, metrics, pics, source, info, dataset)
+    _warn_if_collapsed(record)
     record.update(test_predictions=predictions, test_labels=dataset.test_labels.tolist())
     update_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset), name, record)
     return metrics

@@ -312,7 +312,7 @@ HEADER = ["run", "seeds", "test acc % (last epoch)", "best-epoch test acc %", "t
           "published acc / align / unif", "protocol", "teacher", "source",
           "linear probe top-1 / top-5", "k-NN top-1 / top-5", "KD probe top-1",
           "superclass margin (proj / backbone)", "nearest centroid in own superclass % (proj / backbone)",
-          "agreement with teacher %", "McNemar p (exact, per shared seed)"]
+          "agreement with teacher %", "McNemar p (exact, per shared seed)", "collapsed (seeds)"]
 
 
 def teacher_agreement(c: Configuration, setting: list[Configuration]) -> dict[int, float]:
@@ -403,6 +403,8 @@ def render_table(table: str, title: str, key: str | None, configs: list[Configur
         p_values = mcnemar_against(c, other) if other is not None else {}
         cells.append(", ".join(f"{p:.2g}" for p in p_values.values()) + f" vs {_row_label(table, None, other)}"
                      if p_values else "")
+        collapsed = {seed: r["collapsed"] for seed, r in c.records.items() if r.get("collapsed")}
+        cells.append("; ".join(f"seed {seed}: {reasons[0].split(' (')[0]}" for seed, reasons in collapsed.items()))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -244,3 +244,54 @@ def test_refused_pickle_is_not_called_corrupted(tmp_path):
 def test_report_on_a_mistyped_folder_creates_nothing(tmp_path, capsys):
     assert main(["report", "--output-dir", str(tmp_path / "mistyped")]) == 2
     assert "no such folder" in capsys.readouterr().err and not (tmp_path / "mistyped").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Collapsed runs
+# ----------------------------------------------------------------------------------------------
+
+def test_degenerate_embeddings_give_nan_with_a_reason():
+    import math
+    import torch
+    from desupcon import analysis
+    zeros = torch.zeros(6, 4)
+    assert math.isnan(analysis.uniformity(zeros)) and math.isnan(analysis.alignment_class(zeros, [0, 0, 1, 1, 2, 2]))
+    assert math.isnan(analysis.alignment_instance(zeros, zeros))
+    one_dead = torch.randn(6, 4)
+    one_dead[3] = 0
+    assert analysis.degenerate_reason(one_dead) == "1 of 6 embeddings are zero or non-finite vectors (no direction)"
+    out = analysis.analyze_embeddings(one_dead, [0, 0, 1, 1, 2, 2])
+    assert out["uniformity"] is None and out["alignment_class"] is None and out["zero_vectors"] == pytest.approx(1 / 6)
+    assert analysis.degenerate_reason(torch.randn(6, 4)) is None
+    # coinciding (but non-zero) points stay defined: uniformity exactly 0
+    assert analysis.uniformity(torch.ones(5, 3)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_collapse_reasons_thresholds():
+    from desupcon.evaluation import collapse_reasons
+    healthy = {"uniformity": -2.1, "zero_vectors": 0.0, "backbone": {"uniformity": -1.4, "zero_vectors": 0.0}}
+    assert collapse_reasons({"test_acc": 61.0, "best_test_acc": 62.0}, 10, 450, healthy) == []
+    # 10 classes, 450 test images: chance 10 %, sd 1.41 %: 14.2 % is the ceiling
+    assert "accuracy at chance" in collapse_reasons({"best_test_acc": 14.0}, 10, 450, healthy)[0]
+    assert collapse_reasons({"best_test_acc": 14.5}, 10, 450, healthy) == []
+    flat = {**healthy, "backbone": {"uniformity": -0.0001, "zero_vectors": 0.0}}
+    assert "backbone embeddings collapsed" in collapse_reasons({"best_test_acc": 50.0}, 10, 450, flat)[0]
+    dead = {**healthy, "backbone": {"uniformity": None, "zero_vectors": 1.0}}
+    assert "100 % of the test embeddings are zero vectors" in collapse_reasons({"best_test_acc": 50.0}, 10, 450, dead)[0]
+
+
+def test_a_run_at_lr_1e3_is_flagged_collapsed(tmp_path, tiny_config, caplog):
+    import logging
+    from desupcon import report
+    from desupcon.checkpoint import read_json
+    from desupcon.pipeline import Session
+    cfg = tiny_config(tmp_path, train_images=320, test_images=200, epochs=2).replace(
+        method={"method": "ce"}, optim={"lr": 1e3, "schedule": "constant"})
+    with caplog.at_level(logging.WARNING, logger="desupcon"):
+        result = Session(cfg).run(cfg)
+    records = read_json(next((tmp_path / "json_results").glob("comprehensive_results_*.json")))
+    record = records[result.name]
+    assert record["collapsed"] and "COLLAPSED" in caplog.text and result.name in caplog.text
+    text = report.build_report(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| CE student"))
+    assert row.rstrip(" |").endswith(f"seed {cfg.optim.seed}: " + record["collapsed"][0].split(" (")[0])
