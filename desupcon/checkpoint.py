@@ -84,6 +84,28 @@ def remove_stale_temporaries(path: str | Path, min_age: float = _STALE_TMP_SECON
     return removed
 
 
+def remove_stale_temporaries_in(folder: str | Path, min_age: float = _STALE_TMP_SECONDS) -> list[Path]:
+    """`remove_stale_temporaries` for every file of `folder`: the temporaries of writers that died
+    mid-write, whatever file they were writing (`.<name>.<pid>.<random>.tmp`, the pid dead)."""
+    removed, now = [], time.time()
+    with contextlib.suppress(OSError):
+        for tmp in Path(folder).iterdir():
+            name = tmp.name
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            parts = name[:-len(".tmp")].rsplit(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
+                continue
+            pid = int(parts[1])
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime >= min_age:
+                    tmp.unlink()
+                    removed.append(tmp)
+    return removed
+
+
 def _write_error(path: Path, exc: OSError) -> OutputWriteError:
     reason = exc.strerror or str(exc)
     hint = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",

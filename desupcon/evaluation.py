@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import analysis, plots
-from .checkpoint import atomic_torch_save, load_checkpoint, update_json_records
+from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, update_json_records
 from .config import RunConfig, dataset_tag, protocol_of
 from .data import ImageDataset, TwoViewAugment, eval_batches
 from .models import Teacher
@@ -137,6 +137,16 @@ def draw_pictures(name: str, z: torch.Tensor, dataset: ImageDataset, log_entries
 
 def comprehensive_results_path(paths: OutputPaths, student_arch: str, dataset: str) -> Path:
     return paths.results / f"comprehensive_results_{student_arch}_{dataset_tag(dataset)}.json"
+
+
+def has_record(cfg: RunConfig, name: str) -> bool:
+    """Whether the records file of `cfg`'s runs holds the run `name`."""
+    from .checkpoint import read_json
+    path = comprehensive_results_path(OutputPaths(cfg.output_dir), cfg.model.student_arch, cfg.data.dataset)
+    try:
+        return path.is_file() and name in read_json(path)
+    except (CheckpointError, TypeError):
+        return False
 
 
 COLLAPSE_UNIFORMITY = -0.05  # backbone uniformity above this: the test embeddings nearly coincide

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from . import distributed, evaluation, train
 from .checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
-from .config import RunConfig, default_bank_size, preset, run_name
+from .config import RunConfig, default_bank_size, preset, run_name, teacher_run_name
 from .data import ImageDataset
 from .devices import DevicePolicy, select_device
 from .methods import build_method
 from .models import Teacher
 from .published import published_config
 from .report import write_report
+from .run_locks import RunLock
 from .runs import OutputPaths, prepare_dataset
 from .teacher import load_or_train_teacher
 from .validation import validate_config
@@ -57,8 +58,17 @@ class Session:
         """The teacher with its projection head, loaded (or trained) once per session."""
         if self._teacher is None:
             validate_config(self.cfg, self.dataset)
-            self._teacher = load_or_train_teacher(self.cfg, self.dataset, self.policy,
-                                                  force=self.force_teacher, resume=resume)
+            # one process trains (or probes) a teacher; another one on this folder waits and loads it
+            lock = None if distributed.active() else RunLock(self.paths.run_lock(teacher_run_name(self.cfg, True)))
+            if lock is not None and not lock.acquire(wait=False):
+                log.info("the teacher is being trained by another process; waiting for it to finish")
+                lock.acquire(wait=True)
+            try:
+                self._teacher = load_or_train_teacher(self.cfg, self.dataset, self.policy,
+                                                      force=self.force_teacher, resume=resume)
+            finally:
+                if lock is not None:
+                    lock.release(finished=self._teacher is not None)
         return self._teacher
 
     def _check_compatible(self, cfg: RunConfig) -> None:
@@ -100,7 +110,8 @@ class Session:
 
     def analyze(self, result: train.RunResult, force: bool = False) -> dict:
         """Section 7 metrics (and pictures) of a finished run, computed once and stored."""
-        if result.analysis is None or force:
+        # a record lost (a kill while the records file was written) is rebuilt from the checkpoint
+        if result.analysis is None or force or not evaluation.has_record(result.config, result.name):
             result.analysis = evaluation.analyze_student_checkpoint(
                 result.checkpoint, self.dataset, self.policy, self.teacher()[0], self.pictures)
         return result.analysis

@@ -59,6 +59,10 @@ class OutputPaths:
         """The epoch checkpoint of a run in progress; replaced by the final one."""
         return self.models / "in_progress" / f"{name}.pth"
 
+    def run_lock(self, name: str) -> Path:
+        """The lock a process holds while it trains the run (run_locks.py)."""
+        return self.models / "in_progress" / f"{name}.lock"
+
     def training_log(self, name: str) -> Path:
         return self.results / "training_logs" / f"{name}.json"
 

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from . import distributed as dist
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
+from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint,
+                         remove_stale_temporaries_in)
 from .config import OptimConfig, RunConfig, run_name
 from .devices import DevicePolicy, as_policy, make_scheduler
 from .memory_bank import MomentumMemoryBank
@@ -36,6 +37,7 @@ from .methods import Method, StepOutputs, build_method
 from .models import Student, Teacher, build_encoder, load_matching_state_dict
 from .published import (PUBLISHED_SOURCE, file_sha256, imported_path, load_plain_state,
                         published_config, published_names, student_state_from_published)
+from .run_locks import RunLock
 from .runs import (NonFiniteLossError, OutputPaths, check_finite, check_output_dirs, evaluate_accuracy,
                    global_rng_state, grads_finite, identity_diff, load_partial, non_finite_error,
                    params_finite, save_log, remove_partial, set_global_rng_state, summary_line,
@@ -482,33 +484,84 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
     results: dict[str, RunResult] = {}
     pending: list[RunConfig] = []
     fp = getattr(teacher, "fingerprint", None)
+
+    def load_finished(cfg: RunConfig) -> bool:
+        found = None if force else find_cached_run(cfg, paths, fp, dataset, policy)
+        if found is None:
+            return False
+        path, ckpt = found
+        log.info(f"[{run_name(cfg)}] loaded from {'a ' + PUBLISHED_SOURCE if _is_published(ckpt) else 'cache'}"
+                 f": test acc {ckpt['metrics']['test_acc']:.2f}%")
+        results[run_name(cfg)] = _result_from_checkpoint(cfg, path, ckpt, cached=True)
+        return True
+
     for cfg in cfgs:
         name = run_name(cfg)
-        found = None if force else find_cached_run(cfg, paths, fp, dataset, policy)
-        if found is not None:
-            path, ckpt = found
-            log.info(f"[{name}] loaded from {'a ' + PUBLISHED_SOURCE if _is_published(ckpt) else 'cache'}"
-                     f": test acc {ckpt['metrics']['test_acc']:.2f}%")
-            results[name] = _result_from_checkpoint(cfg, path, ckpt, cached=True)
-        elif name not in results and all(run_name(p) != name for p in pending):
+        if not load_finished(cfg) and name not in results and all(run_name(p) != name for p in pending):
             pending.append(cfg)
 
-    runs = [make_student_run(cfg, dataset, teacher, policy) for cfg in pending]
-    finished, failures = ([], []) if not runs else train_group(
-        runs, dataset, teacher, paths, resume=resume and not force, save_every=cfgs[0].save_every)
-    for run in finished:
-        ckpt = run.final_checkpoint(final_metrics(run.log, run.epoch))
-        if dist.is_main():
-            atomic_torch_save(paths.checkpoint(run.name), ckpt)
-            remove_partial(paths, run.name)
-        dist.barrier()
-        results[run.name] = _result_from_checkpoint(run.cfg, paths.checkpoint(run.name), ckpt, False)
+    # One process per run (run_locks): claim what is free now, wait for the rest afterwards. Under
+    # torchrun the ranks train together and nothing is claimed.
+    locks: dict[str, RunLock] = {}
+    saved: set[str] = set()
+
+    def claim(cfg: RunConfig, wait: bool) -> bool:
+        if dist.active():
+            return True
+        lock = RunLock(paths.run_lock(run_name(cfg)))
+        if lock.acquire(wait):
+            locks[run_name(cfg)] = lock
+            return True
+        return False
+
+    failures: list[NonFiniteLossError] = []
+    try:
+        now = [cfg for cfg in pending if claim(cfg, wait=False)]
+        later = [cfg for cfg in pending if run_name(cfg) not in locks and not dist.active()]
+        # a run claimed now may have been finished by another process since the look above
+        now = [cfg for cfg in now if not load_finished(cfg)]
+        failures += _train_and_save(now, dataset, teacher, policy, paths, results, saved, resume, force)
+        for cfg in later:
+            log.info(f"[{run_name(cfg)}] is being trained by another process; waiting for it to finish")
+            claim(cfg, wait=True)
+        retry = [cfg for cfg in later if not load_finished(cfg)]  # its process died: resume it here
+        failures += _train_and_save(retry, dataset, teacher, policy, paths, results, saved, resume, force)
+    finally:
+        for name, lock in locks.items():
+            lock.release(finished=name in saved or name in results)
+    if dist.is_main():
+        remove_stale_temporaries_under(paths)
     if failures:  # the other runs are finished and saved; report every run that went bad
         if len(failures) == 1:
             raise failures[0]
         raise NonFiniteLossError("\n".join(str(f) for f in failures), failures[0].name,
                                  failures[0].epoch, failures[0].step)
     return [results[run_name(c)] for c in cfgs]
+
+
+def remove_stale_temporaries_under(paths: OutputPaths) -> None:
+    """Temporary files of killed writes in every output folder, removed once a run completes."""
+    for folder in (paths.models, paths.models / "in_progress", paths.results, paths.results / "training_logs"):
+        remove_stale_temporaries_in(folder)
+
+
+def _train_and_save(cfgs: list[RunConfig], dataset, teacher, policy, paths: OutputPaths,
+                    results: dict[str, RunResult], saved: set[str], resume: bool, force: bool) -> list:
+    """Train `cfgs` in lockstep and save each finished run (rank 0); returns the failures."""
+    if not cfgs:
+        return []
+    runs = [make_student_run(cfg, dataset, teacher, policy) for cfg in cfgs]
+    finished, failures = train_group(runs, dataset, teacher, paths, resume=resume and not force,
+                                     save_every=cfgs[0].save_every)
+    for run in finished:
+        ckpt = run.final_checkpoint(final_metrics(run.log, run.epoch))
+        if dist.is_main():
+            atomic_torch_save(paths.checkpoint(run.name), ckpt)
+            remove_partial(paths, run.name)
+        dist.barrier()
+        saved.add(run.name)
+        results[run.name] = _result_from_checkpoint(run.cfg, paths.checkpoint(run.name), ckpt, False)
+    return failures
 
 
 def train_student(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Teacher | None,
