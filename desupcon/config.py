@@ -434,8 +434,14 @@ _TEACHER_PROBE = ("probe_epochs", "probe_lr", "probe_temperature")
 
 
 def dataset_tag(dataset: str) -> str:
+    """The dataset's part of run names: `npz-<folder>-<6 hex of the folder's absolute path>` for an
+    npz folder (two folders of one name never share a teacher's or a run's file), else the name."""
     if dataset.startswith("npz:"):
-        return "npz-" + dataset.rstrip("/").split("/")[-1]
+        import hashlib
+        from pathlib import Path
+        folder = dataset[len("npz:"):].rstrip("/")
+        where = hashlib.sha1(str(Path(folder).expanduser().resolve()).encode()).hexdigest()[:6]
+        return f"npz-{folder.split('/')[-1]}-{where}"
     return dataset
 
 

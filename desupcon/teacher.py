@@ -96,9 +96,10 @@ def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, policy
 
 
 def train_projection_probe(teacher: Teacher, cfg: RunConfig, dataset: data_mod.ImageDataset,
-                           policy, paths: OutputPaths | None = None) -> list[dict]:
+                           policy, paths: OutputPaths | None = None, resume: bool = True) -> list[dict]:
     """Cosine probe of the teacher's projection head on the frozen backbone, through the one
-    training loop (augmented views, Adam, constant lr). Returns the probe's log."""
+    training loop (augmented views, Adam, constant lr); resumes from its epoch checkpoint unless
+    `resume` is False. Returns the probe's log."""
     if cfg.teacher.probe_epochs < 1:
         return []
     policy = as_policy(policy)
@@ -113,7 +114,7 @@ def train_projection_probe(teacher: Teacher, cfg: RunConfig, dataset: data_mod.I
               make_scheduler(optimizer, ["constant"], pcfg.optim.epochs), policy, pcfg.optim,
               data_views=1, kind="probe")
     finished, failures = train_group([run], dataset, None, paths or OutputPaths(cfg.output_dir),
-                                     save_every=cfg.save_every)
+                                     resume=resume, save_every=cfg.save_every)
     if failures:
         raise failures[0]
     teacher.eval()
@@ -241,10 +242,11 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, policy
         remove_partial(paths, name)
     log.info(f"[{name}] teacher test accuracy {test_acc:.2f}%")
 
-    probe_log = train_projection_probe(teacher, cfg, dataset, policy, paths)
+    probe_log = train_projection_probe(teacher, cfg, dataset, policy, paths, resume=resume and not force)
     metrics = {**metrics, "probe_train_acc": probe_log[-1]["train_acc"] if probe_log else None}
     _save(own_proj, _teacher_checkpoint("teacher_projection", proj_name, identity, cfg,
                                                     teacher, metrics, probe_log, source))
+    remove_partial(paths, proj_name)  # the probe's epoch checkpoint: finished, no longer needed
     return _finish(teacher, metrics, policy)
 
 

@@ -173,6 +173,11 @@ def load_encoder_weights(encoder: nn.Module, state: dict, source: str, num_class
             f"teacher weights {source} have a classifier for {fc.shape[0]} classes, but the dataset "
             f"{dataset_name} has {num_classes} classes; use teacher weights trained on {dataset_name} "
             "(or --train-teacher)")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointMismatchError(
+            f"teacher weights {source} hold NaN or infinite values in {len(bad)} tensors ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}): a diverged training; use another file or --train-teacher")
     expected = f" (expected {arch} weights)" if arch else ""
     try:
         load_matching_state_dict(encoder, state, source=f"teacher weights {source}{expected}")

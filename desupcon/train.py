@@ -492,6 +492,12 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
         path, ckpt = found
         log.info(f"[{run_name(cfg)}] loaded from {'a ' + PUBLISHED_SOURCE if _is_published(ckpt) else 'cache'}"
                  f": test acc {ckpt['metrics']['test_acc']:.2f}%")
+        stale = paths.partial_checkpoint(run_name(cfg))
+        if stale.is_file() and not dist.active():  # a kill between the final save and its clean-up
+            lock = RunLock(paths.run_lock(run_name(cfg)))
+            if lock.acquire(wait=False):  # (not while another process retrains it by force)
+                remove_partial(paths, run_name(cfg))
+                lock.release(finished=True)
         results[run_name(cfg)] = _result_from_checkpoint(cfg, path, ckpt, cached=True)
         return True
 

@@ -295,3 +295,41 @@ def test_a_run_at_lr_1e3_is_flagged_collapsed(tmp_path, tiny_config, caplog):
     text = report.build_report(tmp_path)
     row = next(line for line in text.splitlines() if line.startswith("| CE student"))
     assert row.rstrip(" |").endswith(f"seed {cfg.optim.seed}: " + record["collapsed"][0].split(" (")[0])
+
+
+def test_nan_teacher_weights_are_refused(tmp_path, capsys):
+    import torch
+    from desupcon.models import build_encoder
+    state = build_encoder("resnet8", 10).state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "diverged.pth"
+    torch.save(state, path)
+    code = main(["train", "--preset", "quick", "--teacher-arch", "resnet8", "--teacher-weights", str(path),
+                 "--train-subset", "64", "--test-subset", "32", "--epochs", "1", "--device", "cpu",
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "NaN or infinite values" in err and "layer1.0.conv1.weight" in err
+    assert not list((tmp_path / "out" / "pth_models").glob("teacher_*.pth"))
+
+
+def test_teacher_probe_leaves_no_epoch_checkpoint_and_force_reprobes_every_epoch(tmp_path, tiny_config):
+    from desupcon.pipeline import Session
+    cfg = tiny_config(tmp_path).replace(teacher={"probe_epochs": 3})
+    _, metrics = Session(cfg).teacher()
+    assert not (tmp_path / "pth_models" / "in_progress").exists()
+    from desupcon.checkpoint import load_checkpoint
+    from desupcon.teacher import teacher_checkpoint_path
+    first = load_checkpoint(teacher_checkpoint_path(cfg))["log"]
+    Session(cfg, force_teacher=True).teacher()
+    again = load_checkpoint(teacher_checkpoint_path(cfg))["log"]
+    assert [e["epoch"] for e in again] == [1, 2, 3] and len(again) == len(first)
+
+
+def test_two_npz_folders_of_one_name_have_their_own_teacher_and_runs(tmp_path):
+    from desupcon.config import dataset_tag, preset, run_name, teacher_run_name
+    a, b = tmp_path / "one" / "cifar100", tmp_path / "two" / "cifar100"
+    cfg = preset("quick").replace(model={"teacher_weights": None})
+    cfg_a, cfg_b = (cfg.replace(data={"dataset": f"npz:{p}"}) for p in (a, b))
+    assert dataset_tag(f"npz:{a}").startswith("npz-cifar100-")
+    assert teacher_run_name(cfg_a) != teacher_run_name(cfg_b) and run_name(cfg_a) != run_name(cfg_b)
+    assert dataset_tag(f"npz:{a}") == dataset_tag(f"npz:{a}/")  # the same folder, however written
