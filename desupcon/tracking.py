@@ -39,6 +39,12 @@ def _flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def wandb_run_id(name: str, output_dir: str | Path) -> str:
+    """A W&B run id fixed by the run's name and output folder (W&B ids: at most 64 characters)."""
+    import hashlib
+    return hashlib.sha1(f"{Path(output_dir).resolve()}|{name}".encode()).hexdigest()[:24]
+
+
 class RunTracker:
     """The trackers of one run. `epoch(entry)` after every epoch; `final(metrics)` once analysed."""
 
@@ -52,8 +58,9 @@ class RunTracker:
             import wandb as wandb_module
             if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
                 os.environ["WANDB_MODE"] = "offline"  # no account or network: write locally, sync later
-            self._wandb = wandb_module.init(project="desupcon", name=name, config=config, reinit=True,
-                                            dir=str(Path(output_dir)))
+            # one W&B run per training run: the analysis afterwards reopens the training's run
+            self._wandb = wandb_module.init(project="desupcon", name=name, id=wandb_run_id(name, output_dir),
+                                            resume="allow", config=config, reinit=True, dir=str(Path(output_dir)))
 
     @property
     def active(self) -> bool:

@@ -78,3 +78,22 @@ def test_tensorboard_event_file_reads_back(tmp_path):
     log = json.loads(next((tmp_path / "json_results" / "training_logs").glob("student_*.json")).read_text())
     assert [e.value for e in events.Scalars("accuracy/test")] == pytest.approx([e["test_acc"] for e in log])
     assert "analysis/uniformity" in scalars and "analysis/backbone/uniformity" in scalars
+
+
+def test_wandb_offline_one_run_per_training_run(tmp_path, monkeypatch):
+    """The real wandb package in offline mode: each training run is one W&B run (the analysis
+    afterwards writes into the same run id), with the epochs' scalars and the analysis summary."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = ["sweep", "baselines", *_tiny_flags(tmp_path), "--wandb", "--no-plots"]
+    args = [a for a in args if a not in ("--method",)]
+    assert main(args) == 0
+    runs = [p for p in (tmp_path / "wandb").glob("offline-run-*") if p.is_dir()]
+    ids = [next(p.glob("run-*.wandb")).stem[len("run-"):] for p in runs]  # a reopened run: a new folder
+    students = list((tmp_path / "pth_models").glob("student_*.pth"))
+    from desupcon.tracking import wandb_run_id
+    student_ids = {wandb_run_id(p.stem, tmp_path) for p in students}
+    assert len(students) == 4 and student_ids <= set(ids)
+    # the 4 students, the teacher's training and its probe: 6 runs; a student's analysis reopens its run
+    assert len(set(ids)) == 6, sorted(p.name for p in runs)
