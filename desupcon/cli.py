@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -152,37 +153,56 @@ def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) ->
                         "of loading weights")
 
 
-def config_file(path: str) -> RunConfig:
-    """The configuration stored in `path`: a JSON object as written by `--print-config`, or a
-    desupcon checkpoint (student, teacher or epoch checkpoint: its stored configuration)."""
+def read_config_file(path: str) -> dict:
+    """The configuration stored in `path`, as plain data: JSON as `--print-config` writes it, YAML
+    (`.yaml`/`.yml`, the same structure), or any desupcon checkpoint (student, two-stage, teacher,
+    epoch checkpoint: its stored configuration). A two-stage run's settings come as `two_stage`."""
     source, file = f"--config {path}", Path(path).expanduser()
     try:
         with open(file, "rb") as f:
             head = f.read(64).lstrip()
-        text = file.read_bytes() if head[:1] in (b"{", b"[") else None
+        is_yaml = file.suffix.lower() in (".yaml", ".yml")
+        text = file.read_bytes() if head[:1] in (b"{", b"[") or is_yaml else None
     except FileNotFoundError as exc:
         raise InputFileError(f"{source}: file not found") from exc
     except OSError as exc:
         raise InputFileError(f"{source}: cannot read it ({exc.strerror or exc})") from exc
-    if text is not None:
+    if text is not None and is_yaml:
+        import yaml
+        try:
+            data = yaml.safe_load(text.decode("utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{source} is not valid YAML ({' '.join(str(exc).split())[:160]})") from None
+    elif text is not None:
         try:
             data = json.loads(text.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{source} is not valid JSON ({exc})") from exc
-        if isinstance(data, list):
-            raise ConfigError(f"{source} holds a list of {len(data)} configurations (what `sweep "
-                              "--print-config` and `quickstart --print-config` print); --config takes "
-                              "one configuration, as `train --print-config` writes it")
     else:
         try:
             ckpt = load_checkpoint(file)
         except CheckpointError as exc:
-            raise ConfigError(f"{source} is neither a JSON configuration (as --print-config writes it) "
+            raise ConfigError(f"{source} is neither a JSON or YAML configuration (as --print-config writes it) "
                               f"nor a desupcon checkpoint: {exc}") from exc
         data = ckpt.get("config")
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: this {ckpt.get('kind')!r} checkpoint holds no configuration")
-    return RunConfig.from_dict(checked_config_dict(data, source))
+    if isinstance(data, list):
+        raise ConfigError(f"{source} holds a list of {len(data)} configurations (what `sweep "
+                          "--print-config` and `quickstart --print-config` print); --config takes "
+                          "one configuration, as `train --print-config` writes it")
+    return data
+
+
+def config_file(path: str) -> tuple[RunConfig, dict | None]:
+    """(configuration, two-stage settings or None) stored in `path` (`read_config_file`)."""
+    data = read_config_file(path)
+    two_stage = data.get("two_stage") if isinstance(data, dict) else None
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k != "two_stage"}
+    if two_stage is not None and not isinstance(two_stage, dict):
+        raise ConfigError(f"--config {path}: two_stage must be an object of two-stage settings")
+    return RunConfig.from_dict(checked_config_dict(data, f"--config {path}")), two_stage
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -190,7 +210,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     applied. `--device`, `--output-dir` and `--compile` always come from the command line."""
     given_preset = getattr(args, "preset", None)
     if getattr(args, "config", None):
-        cfg = config_file(args.config)
+        cfg, _ = config_file(args.config)
         if given_preset is not None and given_preset != cfg.preset:
             raise ConfigError(f"--preset {given_preset} and --config {args.config} (preset {cfg.preset}) "
                               "conflict: the file's configuration replaces the preset; give one of them")
@@ -323,30 +343,51 @@ def cmd_teacher(args) -> None:
           f"(source: {teacher.source}, fingerprint {teacher.fingerprint})")
 
 
-def two_stage_settings(args, cfg: RunConfig):
-    """(phase-1 configuration, TwoStageConfig) of `train --method two-stage`."""
+def two_stage_settings(args, cfg: RunConfig, stored: dict | None = None):
+    """(phase-1 configuration, TwoStageConfig) of `train --method two-stage`, or of a two-stage
+    configuration file (`stored`: its settings, under any two-stage flag given)."""
     from .probes import ProbeConfig
     from .two_stage import TwoStageConfig
-    phase1 = cfg.with_method(args.phase1_method)
     if args.phase2_epochs is not None and args.phase2_epochs < 1:
         raise ConfigError(f"--phase2-epochs must be >= 1, got {args.phase2_epochs}")
-    epochs = args.phase2_epochs or (50 if cfg.preset.startswith("paper") or cfg.preset == "mdistiller"
-                                    else cfg.optim.epochs)
-    settings = TwoStageConfig(phase1_method=args.phase1_method, phase1_optimizer=args.phase1_optimizer,
-                              phase2=ProbeConfig(epochs=epochs, batch_size=cfg.optim.batch_size,
-                                                 schedule="constant"),
-                              finetune_last_stage=args.finetune_last_stage, two_level_crd=args.two_level_crd)
+    if stored is not None:
+        try:
+            settings = TwoStageConfig.from_dict(stored)
+        except TypeError as exc:
+            raise ConfigError(f"--config {args.config}: two_stage settings: {exc}") from None
+        changes = {k: v for k, v in (("phase1_method", args.phase1_method),
+                                     ("phase1_optimizer", args.phase1_optimizer)) if v is not None}
+        changes.update({k: True for k in ("finetune_last_stage", "two_level_crd") if getattr(args, k)})
+        phase2 = (dataclasses.replace(settings.phase2, epochs=args.phase2_epochs) if args.phase2_epochs
+                  else settings.phase2)
+        settings = TwoStageConfig.from_dict({**settings.to_dict(), **changes,
+                                             "phase2": dataclasses.asdict(phase2)})
+        phase1 = cfg if cfg.method.method == settings.phase1_method else cfg.with_method(settings.phase1_method)
+    else:
+        method = args.phase1_method or "crd"
+        phase1 = cfg.with_method(method)
+        epochs = args.phase2_epochs or (50 if cfg.preset.startswith("paper") or cfg.preset == "mdistiller"
+                                        else cfg.optim.epochs)
+        settings = TwoStageConfig(phase1_method=method, phase1_optimizer=args.phase1_optimizer or "run",
+                                  phase2=ProbeConfig(epochs=epochs, batch_size=cfg.optim.batch_size,
+                                                     schedule="constant"),
+                                  finetune_last_stage=args.finetune_last_stage, two_level_crd=args.two_level_crd)
     settings.check()
     return phase1, settings
 
 
 def cmd_train(args) -> None:
     cfg = config_from_args(args)
-    two_stage = getattr(args, "method", None) == "two-stage"
+    stored = config_file(args.config)[1] if getattr(args, "config", None) else None
+    if stored is not None and getattr(args, "method", None) not in (None, "two-stage"):
+        stored = None  # --method X on a two-stage file: an end-to-end run of its configuration
+    two_stage = getattr(args, "method", None) == "two-stage" or stored is not None
     if two_stage:
-        cfg, settings = two_stage_settings(args, cfg)
+        cfg, settings = two_stage_settings(args, cfg, stored)
     if args.print_config:
-        return print_config(cfg)
+        # a two-stage run prints its settings too, so that the output reads back with --config
+        return print(json.dumps({**cfg.to_dict(), "two_stage": settings.to_dict()}, indent=2)) if two_stage \
+            else print_config(cfg)
     preflight([cfg])
     session = pipeline.Session(cfg, force_teacher=args.force_teacher)
     if two_stage:
@@ -570,9 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help=f"train one student run (methods: {', '.join(METHODS)}, two-stage)")
     add_common_flags(p)
-    p.add_argument("--phase1-method", default="crd",
-                   help="two-stage: the representation method of phase 1 (crd, supcon, lw-supcrd, hybrid, crd-nce)")
-    p.add_argument("--phase1-optimizer", choices=("run", "adam", "sgd"), default="run",
+    p.add_argument("--phase1-method", default=None,
+                   help="two-stage: the representation method of phase 1 (crd, supcon, lw-supcrd, hybrid, "
+                        "crd-nce; default crd)")
+    p.add_argument("--phase1-optimizer", choices=("run", "adam", "sgd"), default=None,
                    help="two-stage: phase 1 with the run's own optimiser (default), the run's settings with "
                         "Adam, or the seed's SGD (0.05, momentum 0.9, weight decay 5e-4, batch 64)")
     p.add_argument("--phase2-epochs", type=int, default=None,

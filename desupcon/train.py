@@ -204,7 +204,7 @@ class Run:
     def training_state(self, data_generator: torch.Generator) -> dict:
         """Everything needed to continue bit-identically from the end of `self.epoch`."""
         return {"format": CHECKPOINT_FORMAT, "kind": "in_progress", "name": self.name,
-                "identity": self.identity, "epoch": self.epoch, "log": self.log,
+                "identity": self.identity, "config": self.cfg.to_dict(), "epoch": self.epoch, "log": self.log,
                 "model": self.model.state_dict(),
                 "teacher_head": self.teacher_head.state_dict() if self.teacher_head is not None else None,
                 "method_state": self.method.state_dict(),
