@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import losses
+from . import distributed, losses
 from .config import MethodConfig
 
 
@@ -325,7 +325,11 @@ class CRDNCEMethod(Method):
 
     def after_step(self, out: StepOutputs) -> None:
         if self._pending is not None:
-            self.memory.update(*self._pending)
+            indices, v_s, v_t = self._pending
+            if distributed.active():  # every rank applies the global batch's update: identical banks
+                indices = distributed.all_gather_no_grad(indices.to(v_s.device)).cpu()
+                v_s, v_t = distributed.all_gather_no_grad(v_s), distributed.all_gather_no_grad(v_t)
+            self.memory.update(indices, v_s, v_t)
             self._pending = None
 
     def state_dict(self) -> dict:

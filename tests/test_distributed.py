@@ -106,6 +106,48 @@ def test_gathered_losses_and_gradients_equal_the_single_process(tmp_path):
             assert torch.allclose(r["grad_t"], t_grad[rows], rtol=1e-9, atol=1e-12), f"{name}: teacher grads"
 
 
+N_IMAGES, FEAT = 24, 6  # crd-nce's banks: a training set of 24 images, 6-d pooled features
+
+
+def _crd_nce_steps(rows_of_step):
+    """A crd-nce method after a few steps on the given rows of each global batch; its banks."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    labels = torch.arange(N_IMAGES) % 3
+    method = build_method(MethodConfig(method="crd-nce", nce_dim=4, nce_negatives=5))
+    policy = SimpleNamespace(device=torch.device("cpu"))
+    method.setup(SimpleNamespace(train_labels=labels), SimpleNamespace(encoder=SimpleNamespace(feature_dim=FEAT)),
+                 SimpleNamespace(encoder=SimpleNamespace(feature_dim=FEAT)), policy)
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        indices = torch.randperm(N_IMAGES, generator=g)[:B]
+        feats_s, feats_t = torch.randn(B, FEAT, generator=g), torch.randn(B, FEAT, generator=g)
+        rows = rows_of_step
+        out = StepOutputs(labels[indices][rows], torch.zeros(len(rows), 4), torch.randn(len(rows), 3),
+                          indices=indices[rows], student_features=feats_s[rows], teacher_features=feats_t[rows])
+        method.representation_losses(out)
+        method.after_step(out)
+    return {"student": method.memory.student_bank.clone(), "teacher": method.memory.teacher_bank.clone()}
+
+
+def _bank_worker(rank, port, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    rows = list(range(rank * B // WORLD, (rank + 1) * B // WORLD))
+    torch.save(_crd_nce_steps(rows), f"{result_path}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_crd_nce_banks_stay_identical_across_ranks(tmp_path):
+    result_path = tmp_path / "banks"
+    mp.spawn(_bank_worker, args=(_free_port(), str(result_path)), nprocs=WORLD, join=True)
+    banks = [torch.load(f"{result_path}.{r}") for r in range(WORLD)]
+    alone = _crd_nce_steps(list(range(B)))  # one process on the whole global batch
+    for name in ("student", "teacher"):
+        assert torch.equal(banks[0][name], banks[1][name]), f"{name} bank differs between ranks"
+        assert torch.allclose(banks[0][name], alone[name], atol=1e-6), f"{name} bank differs from one process"
+
+
 def test_sharded_batches_are_the_global_batch():
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(40) % 4
