@@ -508,7 +508,8 @@ def cmd_sweep(args) -> None:
                                     force_bank=args.force_bank, force_teacher=args.force_teacher,
                                     lockstep=args.lockstep, pictures=not args.no_plots,
                                     resume=not args.no_resume, shard=parse_shard(args.shard))
-    print(text)
+    if text:
+        print(text)
 
 
 def cmd_compare(args) -> None:

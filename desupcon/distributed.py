@@ -16,6 +16,7 @@ Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -24,8 +25,24 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 
 
+_SOLO = False  # inside `solo()`: this process works alone, the others are not taking part
+
+
 def active() -> bool:
-    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+    return (not _SOLO and torch_dist.is_available() and torch_dist.is_initialized()
+            and torch_dist.get_world_size() > 1)
+
+
+@contextlib.contextmanager
+def solo():
+    """Work that one process does alone while the others wait (rank 0 loading a cached teacher to
+    send them): no collective inside, every function here a no-op as in a single process."""
+    global _SOLO
+    previous, _SOLO = _SOLO, True
+    try:
+        yield
+    finally:
+        _SOLO = previous
 
 
 def rank() -> int:
@@ -43,6 +60,16 @@ def is_main() -> bool:
 def barrier() -> None:
     if active():
         torch_dist.barrier()
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank (the others' are ignored): one decision for all, e.g. the epoch
+    a run resumes from, read from rank 0's checkpoint even where the others' disks hold none."""
+    if not active():
+        return obj
+    box = [obj if rank() == 0 else None]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def launched_by_torchrun() -> bool:

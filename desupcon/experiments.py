@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import plots
+from . import distributed, plots
 from .config import RunConfig, bank_protocol, dataset_tag, default_bank_size, run_name
 from .pipeline import Session
 from .report import write_report
@@ -188,6 +188,8 @@ def sweep(base: RunConfig, groups: str | list[str] = "all", seeds: list[int] | N
                               force_groups=("bank",) if force_bank else (), lockstep=lockstep,
                               session=Session(base, pictures=pictures, force_teacher=force_teacher),
                               resume=resume)
+    if not distributed.is_main():  # several processes: the first one plots and reports
+        return results, ""
     for group in sorted({e.group for e in experiments}):
         plot_group(base, group, results)
     text, _ = write_report(base.output_dir)

@@ -21,7 +21,7 @@ from .published import published_config
 from .report import write_report
 from .run_locks import RunLock
 from .runs import OutputPaths, prepare_dataset
-from .teacher import load_or_train_teacher
+from .teacher import load_or_train_teacher, teacher_from_state, teacher_ready, teacher_state
 from .validation import validate_config
 
 log = logging.getLogger("desupcon")
@@ -34,6 +34,7 @@ class Session:
                  force_teacher: bool = False, policy: DevicePolicy | None = None):
         self.cfg = cfg
         # several processes (torchrun): only the first analyses and writes
+        self.analyze_requested = analyze
         self.analyze_runs, self.pictures = analyze and distributed.is_main(), pictures
         self.force_teacher = force_teacher  # the teacher's own switch, applied at its first load
         # One device policy for everything this session runs (tests pass any policy on the CPU).
@@ -64,12 +65,26 @@ class Session:
                 log.info("the teacher is being trained by another process; waiting for it to finish")
                 lock.acquire(wait=True)
             try:
-                self._teacher = load_or_train_teacher(self.cfg, self.dataset, self.policy,
-                                                      force=self.force_teacher, resume=resume)
+                self._teacher = self._load_or_train_teacher(resume)
             finally:
                 if lock is not None:
                     lock.release(finished=self._teacher is not None)
         return self._teacher
+
+    def _load_or_train_teacher(self, resume: bool) -> tuple[Teacher, dict]:
+        """Several processes: a teacher rank 0 has ready (cached or published) is loaded there and
+        sent to the others (their disks may not hold it); one to train trains on every rank."""
+        ready = not self.force_teacher and distributed.active() and distributed.broadcast_from_main(
+            teacher_ready(self.cfg) if distributed.is_main() else None)
+        if not ready:
+            return load_or_train_teacher(self.cfg, self.dataset, self.policy, force=self.force_teacher,
+                                         resume=resume)
+        loaded = None
+        if distributed.is_main():
+            with distributed.solo():  # nothing trains: rank 0 loads it alone, then sends it
+                loaded = load_or_train_teacher(self.cfg, self.dataset, self.policy)
+        state = distributed.broadcast_from_main(teacher_state(*loaded) if loaded else None)
+        return loaded or teacher_from_state(state, self.cfg, self.dataset.num_classes, self.policy)
 
     def _check_compatible(self, cfg: RunConfig) -> None:
         if cfg.teacher_identity() != self.cfg.teacher_identity() or \
@@ -87,7 +102,8 @@ class Session:
             self._check_compatible(cfg)
             validate_config(cfg, self.dataset)
         # The analysis compares every student with the teacher, so it is loaded even for CE runs.
-        needs_teacher = self.analyze_runs or any(build_method(c.method).uses_teacher for c in cfgs)
+        # (the same on every rank: a teacher that trains needs them all, even if only rank 0 analyses)
+        needs_teacher = self.analyze_requested or any(build_method(c.method).uses_teacher for c in cfgs)
         teacher = self.teacher(resume=resume)[0] if needs_teacher else None
         forced = [force and run_name(c) not in self.retrained for c in cfgs]
         results: dict[int, train.RunResult] = {}
@@ -110,6 +126,8 @@ class Session:
 
     def analyze(self, result: train.RunResult, force: bool = False) -> dict:
         """Section 7 metrics (and pictures) of a finished run, computed once and stored."""
+        if not self.analyze_runs:  # several processes: only the first analyses (and writes)
+            return result.analysis or {}
         # a record lost (a kill while the records file was written) is rebuilt from the checkpoint
         if result.analysis is None or force or not evaluation.has_record(result.config, result.name):
             result.analysis = evaluation.analyze_student_checkpoint(
@@ -118,6 +136,8 @@ class Session:
 
     def analyze_teacher(self) -> dict:
         teacher, metrics = self.teacher()
+        if not self.analyze_runs:  # several processes: only the first analyses (and writes)
+            return {}
         return evaluation.analyze_teacher(teacher, self.cfg, metrics, self.dataset, self.policy,
                                           self.pictures)
 
@@ -213,6 +233,8 @@ def quickstart(cfg: RunConfig, force: bool = False, force_teacher: bool = False,
     table = results_table(rows, [("method", "method"), ("test_acc", "test acc %"),
                                  ("train_acc", "train acc %"), ("seconds", "train seconds (an equal share of the lockstep group)"),
                                  ("alignment_class", "alignment (class)"), ("uniformity", "uniformity")])
+    if not distributed.is_main():  # several processes: the first one writes and prints
+        return rows
     out = session.paths.results
     atomic_write_json(out / "quickstart_results.json", rows)
     atomic_write_text(out / "quickstart_results.md", table + "\n")

@@ -169,7 +169,9 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, policy
     identity = cfg.teacher_identity()
     name, proj_name = teacher_run_name(cfg), teacher_run_name(cfg, with_projection=True)
     encoder = build_encoder(cfg.model.teacher_arch, dataset.num_classes, cfg.model.init)
-    published_proj, published_plain = _published_teacher_files(cfg, paths)
+    # Several processes decide as rank 0 does (node-local disks may differ): which files exist,
+    # which checkpoints are cached; the others then use rank 0's loaded checkpoints.
+    published_proj, published_plain = dist.broadcast_from_main(_published_teacher_files(cfg, paths))
     # Our checkpoint of the teacher lives beside a published file of the same name, never over it.
     own_proj = imported_path(paths.models, proj_name) if published_proj else paths.checkpoint(proj_name)
     own_name = imported_path(paths.models, name) if published_plain else paths.checkpoint(name)
@@ -198,7 +200,8 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, policy
             return _finish(teacher, metrics, policy)
         return _from_checkpoint(cached, encoder, proj_name, policy)
 
-    cached_proj = None if force else _load_if(own_proj, "teacher_projection", identity)
+    cached_proj = None if force else dist.broadcast_from_main(
+        _load_if(own_proj, "teacher_projection", identity) if dist.is_main() else None)
     if cached_proj is not None:
         return _from_checkpoint(cached_proj, encoder, proj_name, policy)
 
@@ -212,8 +215,9 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, policy
         source = {"kind": "trained"}
     cached = None
     if not (force and cfg.trains_teacher):
-        cached = _load_if(own_name, "teacher", backbone_identity,
-                          lambda c: c.get("source", source) == source)
+        cached = dist.broadcast_from_main(_load_if(own_name, "teacher", backbone_identity,
+                                                   lambda c: c.get("source", source) == source)
+                                          if dist.is_main() else None)
     if cached is not None:
         load_matching_state_dict(encoder, cached["encoder"], source=name)
         entries = cached["log"]
@@ -272,6 +276,31 @@ def _from_checkpoint(ckpt: dict, encoder: nn.Module, name: str, policy) -> tuple
     teacher.head.load_state_dict(ckpt["head"])
     log.info(f"[{name}] loaded from cache (test acc {ckpt['metrics']['test_acc']:.2f}%)")
     return _finish(teacher, dict(ckpt["metrics"]), policy)
+
+
+def teacher_ready(cfg: RunConfig) -> bool:
+    """Whether `cfg`'s teacher with its projection head can be had without training anything: a
+    cached checkpoint of this configuration, or a published teacher-with-projection file."""
+    paths = OutputPaths(cfg.output_dir)
+    if _published_teacher_files(cfg, paths)[0] is not None:
+        return True
+    try:
+        return _load_if(teacher_checkpoint_path(cfg), "teacher_projection", cfg.teacher_identity()) is not None
+    except CheckpointError:
+        return False
+
+
+def teacher_state(teacher: Teacher, metrics: dict) -> dict:
+    """What another process needs to rebuild this teacher (`teacher_from_state`)."""
+    return {"encoder": {k: v.cpu() for k, v in teacher.encoder.state_dict().items()},
+            "head": {k: v.cpu() for k, v in teacher.head.state_dict().items()}, "metrics": dict(metrics)}
+
+
+def teacher_from_state(state: dict, cfg: RunConfig, num_classes: int, policy) -> tuple[Teacher, dict]:
+    teacher = Teacher(build_encoder(cfg.model.teacher_arch, num_classes, cfg.model.init))
+    load_matching_state_dict(teacher.encoder, state["encoder"], source="rank 0's teacher")
+    teacher.head.load_state_dict(state["head"])
+    return _finish(teacher, dict(state["metrics"]), as_policy(policy))
 
 
 def teacher_checkpoint_path(cfg: RunConfig) -> Path:

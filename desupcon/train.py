@@ -370,7 +370,11 @@ def train_group(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teache
     """
     by_start: dict[int, list[tuple[Run, dict | None]]] = {}
     for run in runs:
-        state = load_partial(paths.partial_checkpoint(run.name), run.identity, run.name) if resume else None
+        # rank 0's epoch checkpoint for every rank: all resume from the same epoch and state
+        # (node-local disks may hold different or no checkpoints on the other ranks)
+        state = dist.broadcast_from_main(
+            load_partial(paths.partial_checkpoint(run.name), run.identity, run.name)
+            if resume and dist.is_main() else None)
         by_start.setdefault(state["epoch"] if state else 0, []).append((run, state))
     finished, failures = [], []
     for start_epoch in sorted(by_start):
@@ -486,7 +490,12 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
     fp = getattr(teacher, "fingerprint", None)
 
     def load_finished(cfg: RunConfig) -> bool:
-        found = None if force else find_cached_run(cfg, paths, fp, dataset, policy)
+        found = None
+        if not force and dist.is_main():
+            found = find_cached_run(cfg, paths, fp, dataset, policy)
+        if dist.active():  # rank 0 decides for all (the others' disks may not hold the file)
+            found = dist.broadcast_from_main(None if found is None else (
+                found[0], {k: found[1].get(k) for k in ("name", "metrics", "log", "analysis", "source")}))
         if found is None:
             return False
         path, ckpt = found

@@ -245,3 +245,57 @@ def test_torchrun_trains_a_zoo_pair_with_sdd_regions(tmp_path):
     ckpt = load_checkpoint(path)
     assert ckpt["student_arch"] == "MobileNetV2" and ckpt["config"]["model"]["teacher_arch"] == "wrn_16_1"
     assert "_teacherwrn_16_1" in path.name and "MobileNetV2" in path.name
+
+
+NODE_LOCAL = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from desupcon import cli, train
+# every rank its own output folder: node-local disks (only rank 0 writes, so rank 1's stays empty)
+argv = sys.argv[1:]
+argv[argv.index("--output-dir") + 1] += "/rank" + os.environ["RANK"]
+if {kill}:
+    real_save = train.atomic_torch_save
+
+    def save_then_die(path, obj, *args, **kwargs):
+        real_save(path, obj, *args, **kwargs)
+        if obj.get("kind") == "in_progress" and obj.get("epoch") == 1 and obj["name"].startswith("student"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    train.atomic_torch_save = save_then_die
+sys.exit(cli.main(argv))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on POSIX")
+def test_node_local_disks_resume_from_rank_0s_checkpoint(tmp_path):
+    """Rank 1's disk holds neither the teacher nor the epoch checkpoint: every decision (teacher
+    cached, run cached, start epoch) is rank 0's, so the resumed run neither hangs nor differs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    scripts = {}
+    for kill in (False, True):
+        scripts[kill] = tmp_path / f"node_local_{kill}.py"
+        scripts[kill].write_text(NODE_LOCAL.format(repo=str(REPO), kill=kill))
+
+    def launch(script, out):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+             str(_free_port()), str(script), "train", "--preset", "quick", "--method", "ce",
+             "--device", "cpu", "--epochs", "3", "--train-subset", "128", "--test-subset", "32",
+             "--teacher-arch", "resnet8", "--teacher-epochs", "1", "--probe-epochs", "1",
+             "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    whole = launch(scripts[False], tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = launch(scripts[True], tmp_path / "resumed")
+    assert killed.returncode != 0
+    assert not (tmp_path / "resumed" / "rank1" / "pth_models").exists() or \
+        not list((tmp_path / "resumed" / "rank1" / "pth_models").rglob("*.pth"))
+    resumed = launch(scripts[False], tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
+    from desupcon.checkpoint import load_checkpoint
+    a = load_checkpoint(next((tmp_path / "whole" / "rank0" / "pth_models").glob("student_*.pth")))["student"]
+    b = load_checkpoint(next((tmp_path / "resumed" / "rank0" / "pth_models").glob("student_*.pth")))["student"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and a third launch finds the finished run on rank 0's disk: nothing trains, nothing hangs
+    again = launch(scripts[False], tmp_path / "resumed")
+    assert again.returncode == 0 and "loaded from cache" in again.stdout + again.stderr
