@@ -492,6 +492,8 @@ def cmd_sweep(args) -> None:
     bases = sweep_bases(args)
     if args.seeds and getattr(args, "seed", None) is not None:
         raise ConfigError("--seeds sets the seed of every run; give --seed or --seeds, not both")
+    if args.lockstep_size is not None and args.lockstep_size < 1:
+        raise ConfigError(f"--lockstep-size must be >= 1, got {args.lockstep_size}")
     for base in bases:
         for group in (experiments.GROUPS if args.group == "all" else [args.group]):
             reject_overridden_flags(args, base, [e.cfg for e in experiments.group_plan(base, group)],
@@ -507,7 +509,8 @@ def cmd_sweep(args) -> None:
         _, text = experiments.sweep(base, args.group, seeds=args.seeds, force=args.force,
                                     force_bank=args.force_bank, force_teacher=args.force_teacher,
                                     lockstep=args.lockstep, pictures=not args.no_plots,
-                                    resume=not args.no_resume, shard=parse_shard(args.shard))
+                                    resume=not args.no_resume, shard=parse_shard(args.shard),
+                                    lockstep_size=args.lockstep_size)
     if text:
         print(text)
 
@@ -660,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-bank", action="store_true", help="retrain only the bank ablation")
     p.add_argument("--lockstep", action="store_true",
                    help="train runs that share a seed together (one teacher forward per batch)")
+    p.add_argument("--lockstep-size", type=int, default=None, metavar="K",
+                   help="with --shard and --lockstep: split lockstep groups into pieces of at most K runs "
+                        "(default: whole groups, or pieces that give every shard work)")
     p.add_argument("--no-plots", action="store_true", help="metrics only, no per-run pictures")
     p.set_defaults(func=cmd_sweep)
 

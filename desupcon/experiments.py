@@ -92,24 +92,34 @@ def plan(base: RunConfig, groups: list[str] | str = "all", seeds: list[int] | No
 
 
 def shard_plan(experiments: list[Experiment], shard: tuple[int, int] | None,
-               lockstep: bool = False) -> list[Experiment]:
+               lockstep: bool = False, lockstep_size: int | None = None) -> list[Experiment]:
     """The I-th of N disjoint parts of a plan (`shard=(I, N)`, 1-based).
 
-    The units are the distinct runs, or with `lockstep` whole lockstep groups (runs sharing data,
-    seed, batch, epochs and teacher); in order of first appearance they go to parts 1, 2, ..., N,
-    1, ... So N processes (or SLURM array tasks) with I = 1..N train every run exactly once. A part
-    keeps every experiment of its runs (a run listed in two groups appears in both).
+    The units are the distinct runs, or with `lockstep` pieces of lockstep groups (runs sharing
+    data, seed, batch, epochs and teacher) of at most `lockstep_size` runs each; by default whole
+    groups, or, when there are fewer groups than parts, pieces of ceil(runs / N) so that every part
+    gets work. In order of first appearance the units go to parts 1, 2, ..., N, 1, ... So N
+    processes (or SLURM array tasks) with I = 1..N train every run exactly once. A part keeps every
+    experiment of its runs (a run listed in two groups appears in both).
     """
     if shard is None:
         return experiments
     index, count = shard
-
-    def unit(e: Experiment):
-        return lockstep_key(e.cfg) if lockstep else run_name(e.cfg)
+    names = list(dict.fromkeys(run_name(e.cfg) for e in experiments))
+    if lockstep:
+        groups: dict = {}
+        for e in experiments:
+            members = groups.setdefault(lockstep_key(e.cfg), [])
+            if run_name(e.cfg) not in members:
+                members.append(run_name(e.cfg))
+        size = lockstep_size or (max(len(m) for m in groups.values()) if len(groups) >= count
+                                 else -(-len(names) // count))
+        piece = {name: (key, i // size) for key, members in groups.items() for i, name in enumerate(members)}
     order: dict = {}
-    for e in experiments:
-        order.setdefault(unit(e), len(order))
-    return [e for e in experiments if order[unit(e)] % count == index - 1]
+    for name in names:
+        order.setdefault(piece[name] if lockstep else name, len(order))
+    return [e for e in experiments
+            if order[piece[run_name(e.cfg)] if lockstep else run_name(e.cfg)] % count == index - 1]
 
 
 def run_experiments(base: RunConfig, experiments: list[Experiment], force: bool = False,
@@ -176,14 +186,15 @@ def plot_group(base: RunConfig, group: str, results: list[tuple[Experiment, RunR
 
 def sweep(base: RunConfig, groups: str | list[str] = "all", seeds: list[int] | None = None,
           force: bool = False, force_bank: bool = False, force_teacher: bool = False, lockstep: bool = False,
-          pictures: bool = True, resume: bool = True, shard: tuple[int, int] | None = None) -> tuple[list, str]:
+          pictures: bool = True, resume: bool = True, shard: tuple[int, int] | None = None,
+          lockstep_size: int | None = None) -> tuple[list, str]:
     """Run sweep groups (`all` = the whole plan), plot them and write the report.
 
     `pictures=False` skips the per-run pictures (metrics are always computed); `resume=False`
     ignores epoch checkpoints and starts interrupted runs over; `shard=(I, N)` runs only the I-th
     of N disjoint parts of the plan (`shard_plan`).
     """
-    experiments = shard_plan(plan(base, groups, seeds), shard, lockstep)
+    experiments = shard_plan(plan(base, groups, seeds), shard, lockstep, lockstep_size)
     results = run_experiments(base, experiments, force=force,
                               force_groups=("bank",) if force_bank else (), lockstep=lockstep,
                               session=Session(base, pictures=pictures, force_teacher=force_teacher),

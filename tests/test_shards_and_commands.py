@@ -27,6 +27,20 @@ def test_shards_are_disjoint_cover_the_plan_and_keep_lockstep_groups(lockstep):
         assert all(part_names), "each shard has work"
 
 
+@pytest.mark.parametrize("size", [None, 2, 5])
+def test_lockstep_shards_give_every_process_work(size):
+    """The paper plan with one seed is two lockstep groups (paper, paper-bank): 4 shards all get
+    runs, by pieces of groups (`lockstep_size`), each run in exactly one shard."""
+    planned = experiments.plan(preset("paper"), "all")
+    names = {run_name(e.cfg) for e in planned}
+    assert len({train.lockstep_key(e.cfg) for e in planned}) == 2
+    parts = [experiments.shard_plan(planned, (i, 4), lockstep=True, lockstep_size=size) for i in (1, 2, 3, 4)]
+    part_names = [{run_name(e.cfg) for e in p} for p in parts]
+    assert set().union(*part_names) == names and sum(map(len, part_names)) == len(names)
+    assert all(part_names), "a shard got nothing"
+    assert max(map(len, part_names)) <= 6  # 19 runs over 4 shards: no shard takes a whole group
+
+
 def _tiny_flags(out):
     return ["--preset", "quick", "--train-subset", "96", "--test-subset", "32", "--teacher-arch", "resnet8",
             "--epochs", "1", "--teacher-epochs", "1", "--probe-epochs", "1", "--batch-size", "32",
