@@ -299,3 +299,38 @@ def test_node_local_disks_resume_from_rank_0s_checkpoint(tmp_path):
     # and a third launch finds the finished run on rank 0's disk: nothing trains, nothing hangs
     again = launch(scripts[False], tmp_path / "resumed")
     assert again.returncode == 0 and "loaded from cache" in again.stdout + again.stderr
+
+
+WRITE_SPY = """
+import os, sys
+sys.path.insert(0, {repo!r})
+if os.environ["RANK"] != "0":  # every atomic write ends in os.replace: note what rank 1 writes
+    real_replace = os.replace
+
+    def noting_replace(src, dst, *args, **kwargs):
+        with open({log!r}, "a") as f:
+            f.write(str(dst) + "\\n")
+        return real_replace(src, dst, *args, **kwargs)
+    os.replace = noting_replace
+from desupcon import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo on POSIX")
+def test_torchrun_sweep_writes_from_rank_0_only(tmp_path):
+    out, log = tmp_path / "out", tmp_path / "rank1_writes.txt"
+    script = tmp_path / "spy.py"
+    script.write_text(WRITE_SPY.format(repo=str(REPO), log=str(log)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+         str(_free_port()), str(script), "sweep", "baselines", "--preset", "quick", "--device", "cpu",
+         "--epochs", "1", "--train-subset", "64", "--test-subset", "32", "--teacher-arch", "resnet8",
+         "--teacher-epochs", "1", "--probe-epochs", "1", "--output-dir", str(out)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((out / "pth_models").glob("student_*.pth"))) == 4
+    assert (out / "json_results" / "results.md").is_file() and list((out / "plots").glob("*.png"))
+    assert not log.exists(), f"rank 1 wrote: {log.read_text()}"
+    assert done.stdout.count("# Results") == 1  # the report is printed once, by rank 0
