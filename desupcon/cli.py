@@ -395,12 +395,14 @@ def cmd_train(args) -> None:
         result = train_two_stage(cfg, settings, session.dataset, session.teacher()[0], session.policy,
                                  force=args.force, resume=not args.no_resume)
         session.analyze(result)
-        print(f"two-stage phase 2 (KD probe on the frozen encoder): test {result.metrics['test_acc']:.2f}% "
-              f"(last epoch)")
+        if session.analyze_runs:
+            print(f"two-stage phase 2 (KD probe on the frozen encoder): test {result.metrics['test_acc']:.2f}% "
+                  f"(last epoch)")
     else:
         result = session.run(cfg, force=args.force, resume=not args.no_resume)
-    if session.analyze_runs:
-        session.analyze_teacher()  # the report shows the teacher beside its students (once, cached)
+    if not session.analyze_runs:  # several processes: the first one reports
+        return
+    session.analyze_teacher()  # the report shows the teacher beside its students (once, cached)
     m = result.metrics
     how = (result.source if result.source != "trained" else "cached") if result.cached \
         else f"{m['seconds']:.0f} s"

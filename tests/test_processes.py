@@ -64,3 +64,16 @@ def test_temporaries_of_killed_writes_are_removed_after_a_run_completes(tmp_path
     assert not any(p.exists() for p in stale)
     assert fresh.exists()
 
+
+
+def test_a_stale_epoch_checkpoint_of_a_finished_run_is_removed(tmp_path, tiny_config):
+    """A kill between the final save and the clean-up leaves the epoch checkpoint beside the
+    finished run; the next session that loads the run removes it."""
+    import shutil
+    cfg = tiny_config(tmp_path, epochs=1).replace(method={"method": "ce"})
+    result = Session(cfg, analyze=False).run(cfg)
+    partial = tmp_path / "pth_models" / "in_progress" / f"{result.name}.pth"
+    partial.parent.mkdir(parents=True)
+    shutil.copy2(result.checkpoint, partial)
+    assert Session(cfg, analyze=False).run(cfg).cached
+    assert not partial.exists() and not partial.parent.exists()
