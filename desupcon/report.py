@@ -110,16 +110,19 @@ class Configuration:
 
 
 def _seedless_key(record: dict) -> str:
-    cfg = json.loads(json.dumps(record["config"]))
-    cfg["optim"].pop("seed", None)
-    for k in ("device", "output_dir", "compile"):
-        cfg.pop(k, None)
-    cfg["data"].pop("data_root", None)
-    cfg["data"].pop("download", None)
-    if record["kind"] == "student":
-        cfg["method"] = RunConfig.from_dict(record["config"]).method.relevant()
+    """What makes two records seeds of one configuration: the run's identity (every setting that
+    can change its result, `RunConfig.identity`) without the seed, and the same teacher and
+    source. Runtime settings (device, precision, --save-every, trackers) never split a row."""
+    cfg = RunConfig.from_dict(record["config"])
     teacher = (record.get("teacher") or {}).get("fingerprint")
-    return record["kind"] + json.dumps(cfg, sort_keys=True) + str(teacher) + str(record.get("source"))
+    if record["kind"] == "student":
+        identity = cfg.identity(teacher)
+        identity["optim"] = {k: v for k, v in identity["optim"].items() if k != "seed"}
+    else:
+        identity = cfg.teacher_identity()
+    extra = {"method": record.get("method"), "two_stage": record["config"].get("two_stage"),
+             "source": record.get("source"), "teacher": teacher}
+    return record["kind"] + json.dumps({**identity, **extra}, sort_keys=True, default=str)
 
 
 def _strip_seed(name: str, seed: int) -> str:

@@ -150,3 +150,21 @@ def test_report_skips_foreign_files_with_one_line(tmp_path, caplog):
     assert "No runs found" in text
     skipped = [r.message for r in caplog.records if "skipping" in r.message]
     assert len(skipped) == 2 and all("not a desupcon checkpoint" in m for m in skipped)
+
+
+def test_runtime_settings_never_split_a_configurations_seeds():
+    from desupcon import report
+    from desupcon.config import preset
+    base = preset("quick")
+
+    def record(cfg, seed):
+        cfg = cfg.replace(optim={"seed": seed})
+        return {"config": cfg.to_dict(), "kind": "student", "seed": seed, "method": cfg.method.method,
+                "teacher": {"fingerprint": "abc"}, "source": "trained"}
+    records = {"a_seed0": record(base.replace(save_every=1, precision="fp32"), 0),
+               "a_seed1": record(base.replace(save_every=5, tensorboard=True, precision="bf16", device="cuda",
+                                              output_dir="/elsewhere"), 1)}
+    [one] = report.group_configurations(records)
+    assert sorted(one.records) == [0, 1]
+    records["b_seed2"] = record(base.replace(optim={"lr": 0.5}), 2)  # a setting that changes the result
+    assert len(report.group_configurations(records)) == 2
