@@ -368,7 +368,8 @@ def analyze_embeddings(z, labels, class_names: Sequence[str] | None = None, coar
                        named_pairs: Iterable[tuple[str, str]] | None = None) -> dict:
     """All section-7 metrics of one model's test embeddings as a flat dict of floats or None.
 
-    Keys: alignment_class, uniformity (t = 2), intra_sq, intra_cos, inter_sq, inter_cos,
+    Keys: alignment_class, uniformity (t = 2), zero_vectors (`zero_vector_share`: with any, alignment
+    and uniformity are None), intra_sq, intra_cos, inter_sq, inter_cos,
     separation_ratio; alignment_instance when `z_view2` (second view of the same images) is given;
     semantic_agreement_pearson (+ semantic_student_superclass_margin and
     semantic_teacher_superclass_margin with `coarse_labels`) when `teacher_z` is given;

@@ -182,8 +182,8 @@ def read_config_file(path: str) -> dict:
         try:
             ckpt = load_checkpoint(file)
         except CheckpointError as exc:
-            raise ConfigError(f"{source} is neither a JSON or YAML configuration (as --print-config writes it) "
-                              f"nor a desupcon checkpoint: {exc}") from exc
+            raise ConfigError(f"{source} is neither a JSON configuration (as --print-config writes it; YAML "
+                              f"files end in .yaml or .yml) nor a desupcon checkpoint: {exc}") from exc
         data = ckpt.get("config")
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: this {ckpt.get('kind')!r} checkpoint holds no configuration")

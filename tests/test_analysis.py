@@ -267,7 +267,7 @@ def test_analyze_embeddings_is_json_ready(sample):
     assert set(out) == {"alignment_class", "uniformity", "alignment_instance", "intra_sq", "intra_cos",
                         "inter_sq", "inter_cos", "separation_ratio", "semantic_agreement_pearson",
                         "semantic_student_superclass_margin", "semantic_teacher_superclass_margin",
-                        "superclass_margin", "superclass_nearest_rate", "centroid_pairs"}
+                        "superclass_margin", "superclass_nearest_rate", "centroid_pairs", "zero_vectors"}
     assert set(out["centroid_pairs"]) == {"apple|orange", "bus|streetcar", "apple|bus", "cat|dog"}
     assert all(type(v) is float for k, v in out.items() if k != "centroid_pairs")
     json.dumps(out, allow_nan=False)
