@@ -19,93 +19,20 @@ from .config import HUB_TEACHER, METHODS, PRESET_HELP, PRESETS, RunConfig, confi
 from .errors import DesupconError, InputFileError, MissingInputsError
 from .models import canonical_arch
 from .runs import OutputPaths
+from .settings import FLAGGED, SWITCHES
 from .validation import ConfigError, checked_config_dict, validate_config
 
 log = logging.getLogger("desupcon")
 
-# flag -> (section, field, type, help); every one overrides the preset only when given.
-RUN_FLAGS = {
-    "--dataset": ("data", "dataset", str, "cifar100, cifar10, digits or npz:<folder>"),
-    "--data-root": ("data", "data_root", str, "folder holding (or receiving) the dataset files"),
-    "--train-subset": ("data", "train_subset", int,
-                       "train on a seeded subset of N images (stratified: classes in proportion)"),
-    "--test-subset": ("data", "test_subset", int,
-                      "evaluate on a seeded subset of N images (stratified: classes in proportion)"),
-    "--subset-sampling": ("data", "subset_sampling", str,
-                          "how --train-subset/--test-subset draw: stratified (default) or random "
-                          "(uniform over images, as runs before stratified subsets)"),
-    "--image-size": ("data", "image_size", int, "resize every image to N x N pixels"),
-    "--teacher-arch": ("model", "teacher_arch", str, "teacher architecture (resnet50, resnet32x4, ...)"),
-    "--student-arch": ("model", "student_arch", str, "student architecture (resnet18, resnet8, ...)"),
-    "--teacher-weights": ("model", "teacher_weights", str,
-                          f"teacher weights: a .pth/.pth.tar/.safetensors/.bin file or {HUB_TEACHER} "
-                          "(the paper presets' default)"),
-    "--init": ("model", "init", str, "convolution initialisation: kaiming (default, as published) or pytorch"),
-    "--method": ("method", "method", str, f"training method: {', '.join(METHODS)}"),
-    "--alpha": ("method", "alpha", float, "LW-SupCRD pull weight alpha (the loss is divided by it)"),
-    "--beta": ("method", "beta", float, "LW-SupCRD push weight beta"),
-    "--temperature": ("method", "temperature", float, "contrastive temperature tau"),
-    "--kd-temperature": ("method", "kd_temperature", float,
-                         "temperature of the teacher softmax that weights LW-SupCRD"),
-    "--lam": ("method", "lam", float, "hybrid mix: lam * SupCon + (1 - lam) * LW-SupCRD"),
-    "--hybrid-scaling": ("method", "hybrid_scaling", str,
-                         "hybrid terms: running (each divided by a running scale, as published) or plain"),
-    "--hybrid-scale-steps": ("method", "hybrid_scale_steps", int,
-                             "steps during which the hybrid's running scales still move (100)"),
-    "--bank-size": ("method", "bank_size", int, "memory-bank entries drawn per step (0: no bank)"),
-    "--bank-momentum": ("method", "bank_momentum", float, "memory-bank momentum m"),
-    "--bank-mode": ("method", "bank_mode", str,
-                    "class-aware (default: written slots, same class positive) or negatives-only "
-                    "(the published README: every entry a negative, drawn from all slots)"),
-    "--epochs": ("optim", "epochs", int, "student training epochs"),
-    "--batch-size": ("optim", "batch_size", int, "images per batch (two views each)"),
-    "--lr": ("optim", "lr", float, "student (encoder and projector) learning rate"),
-    "--weight-decay": ("optim", "weight_decay", float, "student weight decay"),
-    "--schedule": ("optim", "schedule", str, "student learning-rate schedule: constant or cosine"),
-    "--classifier-lr": ("optim", "classifier_lr", float,
-                        "online linear classifier learning rate (constant, no weight decay)"),
-    "--head-lr": ("optim", "head_lr", float, "teacher projection head learning rate during distillation"),
-    "--seed": ("optim", "seed", int, "student seed (data order, initialisation)"),
-    "--teacher-epochs": ("teacher", "epochs", int, "teacher cross-entropy epochs (with --train-teacher)"),
-    "--teacher-lr": ("teacher", "lr", float, "teacher cross-entropy learning rate"),
-    "--teacher-batch-size": ("teacher", "batch_size", int, "teacher training and probe batch size"),
-    "--teacher-weight-decay": ("teacher", "weight_decay", float, "teacher cross-entropy weight decay"),
-    "--teacher-schedule": ("teacher", "schedule", str, "teacher learning-rate schedule: constant or cosine"),
-    "--teacher-seed": ("teacher", "seed", int, "teacher seed (its training and its probe)"),
-    "--probe-epochs": ("teacher", "probe_epochs", int, "cosine-probe epochs of the teacher's projection head"),
-    "--teacher-optimizer": ("teacher", "optimizer", str, "teacher cross-entropy optimiser: adam or sgd"),
-    "--optimizer": ("optim", "optimizer", str, "student optimiser: adam or sgd (momentum --momentum)"),
-    "--momentum": ("optim", "momentum", float, "SGD momentum"),
-    "--milestones": ("optim", "milestones", [int], "epochs after which --schedule step multiplies the lr "
-                     "by --lr-decay (e.g. 150 180 210)"),
-    "--lr-decay": ("optim", "lr_decay", float, "learning-rate factor at each milestone of --schedule step"),
-    "--grad-clip": ("optim", "grad_clip", float, "clip the gradient norm at this value (SDD's trainer: 40)"),
-    "--color-jitter": ("data", "color_jitter", float, "colour-jitter strength j (factors in [1-j, 1+j]; 0: "
-                       "none, as the mdistiller protocol)"),
-    "--logit-term": ("method", "logit_term", str, "add a logit term to a representation method: none, kd "
-                     "or dkd (the classifier then trains end to end with --ce-weight CE)"),
-    "--logit-weight": ("method", "logit_weight", float, "weight of --logit-term"),
-    "--ce-weight": ("method", "ce_weight", float, "weight of the student's cross-entropy in logit distillers"),
-    "--kd-weight": ("method", "kd_weight", float, "weight of the KD term (kd: 0.9; kd-ls: 9)"),
-    "--logit-temperature": ("method", "logit_temperature", float, "temperature T of KD/DKD/SDD (4; LS: 2)"),
-    "--dkd-alpha": ("method", "dkd_alpha", float, "DKD's weight of the target-class term (TCKD)"),
-    "--dkd-beta": ("method", "dkd_beta", float, "DKD's weight of the non-target term (NCKD)"),
-    "--warmup": ("method", "warmup", int, "epochs over which the distillation term ramps up (DKD: 20)"),
-    "--sdd-scales": ("method", "sdd_scales", [int], "SDD's pooling levels M (default 1 2 4; SD-KD 1 2)"),
-    "--complementary-weight": ("method", "complementary_weight", float,
-                               "SDD's weight of regions whose teacher prediction differs from the global one"),
-    "--nce-negatives": ("method", "nce_negatives", int, "crd-nce's negatives per anchor (16384)"),
-    "--nce-weight": ("method", "nce_weight", float, "crd-nce's weight beside CE (0.8)"),
-}
+def _help(setting) -> str:
+    return setting.help.format(choices=", ".join(setting.allowed())) if "{choices}" in setting.help else setting.help
+
+
+# flag -> (section, field, type, help), from the settings' declarations (settings.py); every one
+# overrides the preset only when given.
+RUN_FLAGS = {st.flag: (st.section, st.field, st.kind, _help(st)) for st in FLAGGED}
 # flag pairs -> (section, field, help of the positive flag, help of the negative flag)
-BOOL_FLAGS = {
-    ("--download", "--no-download"): ("data", "download", "download torchvision datasets when missing "
-                                      "(default)", "never download; fail if the files are missing"),
-    ("--adaptive-beta", "--no-adaptive-beta"): ("method", "adaptive_beta",
-                                                "beta_i = beta / (p_i(y_i) + 0.5) (default)", "constant beta"),
-    ("--drop-last", "--keep-last"): ("optim", "drop_last", "drop the last partial batch of every epoch "
-                                     "(paper-bank)", "keep the last partial batch (paper)"),
-}
+BOOL_FLAGS = {(st.flag, st.off_flag): (st.section, st.field, st.help, st.off_help) for st in SWITCHES}
 
 
 def _dest(flag: str) -> str:

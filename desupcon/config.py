@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 
 from . import pairs
+from .settings import SETTINGS
 
 # The published CIFAR-100 ResNet-50 teacher (SPEC 6), a timm-format state dict on the model hub.
 HUB_TEACHER = "hf-hub:edadaltocg/resnet50_cifar100"
@@ -62,13 +63,8 @@ METHOD_DEFAULTS: dict[str, dict] = {
 # Methods whose result does not depend on the teacher (their identity and name leave it out).
 TEACHERLESS_METHODS = {"ce", "supcon"}
 
-SCHEDULES = ("constant", "cosine", "step")
-OPTIMIZERS = ("adam", "sgd")
 RUNTIME_FIELDS = ("device", "output_dir", "compile", "precision", "deterministic", "save_every",
                   "sync_batchnorm", "tensorboard", "wandb")
-INITS = ("kaiming", "pytorch")
-HYBRID_SCALINGS = ("running", "plain")
-BANK_MODES = ("class-aware", "negatives-only")
 
 
 @dataclass
@@ -403,31 +399,9 @@ def _fmt(value) -> str:
     return str(value)
 
 
-# Short tags for settings that differ from the reference protocol and are not in the base name.
-_TAGS = {
-    ("method", "alpha"): "alpha", ("method", "beta"): "beta", ("method", "temperature"): "temp",
-    ("method", "adaptive_beta"): "adaptive", ("method", "kd_temperature"): "kdT",
-    ("method", "lam"): "lam", ("method", "bank_momentum"): "bankmom", ("method", "bank_mode"): "bank",
-    ("method", "hybrid_scaling"): "scaling", ("method", "hybrid_scale_steps"): "scalesteps",
-    ("method", "logit_term"): "plus", ("method", "logit_weight"): "lw", ("method", "ce_weight"): "ce",
-    ("method", "kd_weight"): "kdw", ("method", "logit_temperature"): "T", ("method", "dkd_alpha"): "a",
-    ("method", "dkd_beta"): "b", ("method", "warmup"): "warm", ("method", "sdd_scales"): "M",
-    ("method", "complementary_weight"): "cw", ("method", "nce_weight"): "ncew", ("method", "nce_dim"): "nced",
-    ("method", "nce_negatives"): "ncek", ("method", "nce_momentum"): "ncem",
-    ("method", "nce_temperature"): "ncet", ("data", "color_jitter"): "jitter",
-    ("optim", "epochs"): "ep", ("optim", "batch_size"): "bs", ("optim", "lr"): "lr",
-    ("optim", "weight_decay"): "wd", ("optim", "schedule"): "sched", ("optim", "drop_last"): "droplast",
-    ("optim", "classifier_lr"): "clslr", ("optim", "head_lr"): "headlr", ("optim", "seed"): "seed",
-    ("optim", "optimizer"): "opt", ("optim", "momentum"): "mom", ("optim", "milestones"): "steps",
-    ("optim", "lr_decay"): "decay", ("optim", "grad_clip"): "clip",
-    ("data", "train_subset"): "ntrain", ("data", "test_subset"): "ntest", ("data", "image_size"): "img",
-    ("data", "subset_sampling"): "sampling",
-    ("model", "teacher_arch"): "teacher", ("model", "init"): "init",
-    ("teacher", "epochs"): "tep", ("teacher", "optimizer"): "topt", ("teacher", "lr"): "tlr", ("teacher", "batch_size"): "tbs",
-    ("teacher", "weight_decay"): "twd", ("teacher", "schedule"): "tsched", ("teacher", "seed"): "tseed",
-    ("teacher", "probe_epochs"): "pep", ("teacher", "probe_lr"): "plr",
-    ("teacher", "probe_temperature"): "ptemp",
-}
+# Short tags for settings that differ from the reference protocol and are not in the base name
+# (declared with each setting in settings.py).
+_TAGS = {(st.section, st.field): st.tag for st in SETTINGS if st.tag}
 _DATA_TAGGED = ("train_subset", "test_subset", "image_size", "color_jitter")
 _TEACHER_TRAINING = ("epochs", "optimizer", "lr", "batch_size", "weight_decay", "schedule", "seed")
 _TEACHER_PROBE = ("probe_epochs", "probe_lr", "probe_temperature")

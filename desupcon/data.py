@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .checkpoint import atomic_write_bytes, atomic_write_json
 from .devices import to_device
 from .errors import DesupconError
+from .settings import SUBSET_SAMPLINGS
 
 DATASETS = ("cifar100", "cifar10", "digits", "npz:<dir>")
 
@@ -440,7 +441,6 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True,
     return dataset
 
 
-SUBSET_SAMPLINGS = ("stratified", "random")
 
 
 def stratified_indices(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:

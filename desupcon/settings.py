@@ -1,0 +1,181 @@
+"""Every run setting declared once: its section and field of `RunConfig`, its command-line flag,
+its run-name tag, its help text and its valid range.
+
+The command line's flags (`cli.RUN_FLAGS`), the run names' tags (`config.run_name`) and the range
+checks (`validation.validate_config`) are derived from this table; the defaults are the presets'
+(`config.PRESETS`) and the methods' own (`config.METHOD_DEFAULTS`). A new setting is one field in
+its dataclass and one line here. Checks that join several settings (a step schedule needs
+milestones) or need the data stay in `validation.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+# The choices of the settings that take names (config, data and validation use these).
+SCHEDULES = ("constant", "cosine", "step")
+OPTIMIZERS = ("adam", "sgd")
+INITS = ("kaiming", "pytorch")
+HYBRID_SCALINGS = ("running", "plain")
+BANK_MODES = ("class-aware", "negatives-only")
+SUBSET_SAMPLINGS = ("stratified", "random")
+LOGIT_TERMS = ("none", "kd", "dkd")
+
+# (test, rule in words) pairs for `Setting.valid`
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+WEIGHT = (lambda v: v >= 0, ">= 0 (a weight)")
+AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+UNIT_INTERVAL = (lambda v: 0 <= v <= 1, "in [0, 1]")
+POSITIVE_OR_NONE = (lambda v: v is None or v > 0, "> 0")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting. `kind` is the flag's type (`[int]`: several values); `flag` None: set by a
+    configuration file only; `tag` None: never part of a run name; `valid` a (test, rule) pair
+    and `choices` the allowed values (checked by `validation.validate_config`)."""
+
+    section: str
+    field: str
+    flag: str | None
+    kind: type | list
+    help: str
+    tag: str | None = None
+    valid: tuple[Callable, str] | None = None
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()
+    off_flag: str | None = None  # a switch (`kind` bool): the flag that turns it off, and its help
+    off_help: str = ""
+
+    @property
+    def name(self) -> str:
+        """How messages name it: its flag, else `section.field`."""
+        return self.flag or f"{self.section}.{self.field}"
+
+    def allowed(self) -> tuple[str, ...]:
+        return self.choices() if callable(self.choices) else self.choices
+
+
+def _methods():
+    from .config import METHODS  # the methods are declared in config (their settings, defaults)
+    return METHODS
+
+
+S = Setting
+SETTINGS: tuple[Setting, ...] = (
+    # data
+    S("data", "dataset", "--dataset", str, "cifar100, cifar10, digits or npz:<folder>"),
+    S("data", "data_root", "--data-root", str, "folder holding (or receiving) the dataset files"),
+    S("data", "download", "--download", bool, "download torchvision datasets when missing (default)",
+      off_flag="--no-download", off_help="never download; fail if the files are missing"),
+    S("data", "train_subset", "--train-subset", int,
+      "train on a seeded subset of N images (stratified: classes in proportion)", "ntrain", POSITIVE_OR_NONE),
+    S("data", "test_subset", "--test-subset", int,
+      "evaluate on a seeded subset of N images (stratified: classes in proportion)", "ntest", POSITIVE_OR_NONE),
+    S("data", "subset_sampling", "--subset-sampling", str,
+      "how --train-subset/--test-subset draw: stratified (default) or random (uniform over images, as "
+      "runs before stratified subsets)", "sampling", choices=SUBSET_SAMPLINGS),
+    S("data", "image_size", "--image-size", int, "resize every image to N x N pixels", "img", POSITIVE_OR_NONE),
+    S("data", "color_jitter", "--color-jitter", float, "colour-jitter strength j (factors in [1-j, 1+j]; 0: "
+      "none, as the mdistiller protocol)", "jitter", NON_NEGATIVE),
+    # model
+    S("model", "teacher_arch", "--teacher-arch", str, "teacher architecture (resnet50, resnet32x4, wrn_40_2, ...)",
+      "teacher"),
+    S("model", "student_arch", "--student-arch", str,
+      "student architecture (resnet18, resnet8, MobileNetV2, ShuffleV1, ...)"),
+    S("model", "teacher_weights", "--teacher-weights", str,
+      "teacher weights: a .pth/.pth.tar/.safetensors/.bin file, hf-hub:<repo id> (the paper presets' "
+      "default), or released[:FOLDER] (mdistiller's released teacher of --teacher-arch, `teachers fetch`)"),
+    S("model", "init", "--init", str, "convolution initialisation: kaiming (default, as published) or pytorch",
+      "init", choices=INITS),
+    # method
+    S("method", "method", "--method", str, "training method: {choices}", choices=_methods),
+    S("method", "alpha", "--alpha", float, "LW-SupCRD pull weight alpha (the loss is divided by it)", "alpha",
+      POSITIVE),
+    S("method", "beta", "--beta", float, "LW-SupCRD push weight beta", "beta", NON_NEGATIVE),
+    S("method", "temperature", "--temperature", float, "contrastive temperature tau", "temp", POSITIVE),
+    S("method", "adaptive_beta", "--adaptive-beta", bool, "beta_i = beta / (p_i(y_i) + 0.5) (default)", "adaptive",
+      off_flag="--no-adaptive-beta", off_help="constant beta"),
+    S("method", "kd_temperature", "--kd-temperature", float,
+      "temperature of the teacher softmax that weights LW-SupCRD", "kdT", POSITIVE),
+    S("method", "lam", "--lam", float, "hybrid mix: lam * SupCon + (1 - lam) * LW-SupCRD", "lam", UNIT_INTERVAL),
+    S("method", "hybrid_scaling", "--hybrid-scaling", str,
+      "hybrid terms: running (each divided by a running scale, as published) or plain", "scaling",
+      choices=HYBRID_SCALINGS),
+    S("method", "hybrid_scale_steps", "--hybrid-scale-steps", int,
+      "steps during which the hybrid's running scales still move (100)", "scalesteps", AT_LEAST_ONE),
+    S("method", "bank_size", "--bank-size", int, "memory-bank entries drawn per step (0: no bank)", None,
+      (lambda v: v >= 0, ">= 0 (0 = no bank)")),
+    S("method", "bank_momentum", "--bank-momentum", float, "memory-bank momentum m", "bankmom", FRACTION),
+    S("method", "bank_mode", "--bank-mode", str,
+      "class-aware (default: written slots, same class positive) or negatives-only (the published README: "
+      "every entry a negative, drawn from all slots)", "bank", choices=BANK_MODES),
+    S("method", "logit_term", "--logit-term", str, "add a logit term to a representation method: none, kd "
+      "or dkd (the classifier then trains end to end with --ce-weight CE)", "plus", choices=LOGIT_TERMS),
+    S("method", "logit_weight", "--logit-weight", float, "weight of --logit-term", "lw", WEIGHT),
+    S("method", "ce_weight", "--ce-weight", float, "weight of the student's cross-entropy in logit distillers",
+      "ce", WEIGHT),
+    S("method", "kd_weight", "--kd-weight", float, "weight of the KD term (kd: 0.9; kd-ls: 9)", "kdw", WEIGHT),
+    S("method", "logit_temperature", "--logit-temperature", float, "temperature T of KD/DKD/SDD (4; LS: 2)", "T",
+      (lambda v: v > 0, "> 0 (it divides the logits)")),
+    S("method", "dkd_alpha", "--dkd-alpha", float, "DKD's weight of the target-class term (TCKD)", "a", WEIGHT),
+    S("method", "dkd_beta", "--dkd-beta", float,
+      "DKD's weight of the non-target term (NCKD; default: the pair's, SPEC 17)", "b", WEIGHT),
+    S("method", "warmup", "--warmup", int, "epochs over which the distillation term ramps up (DKD: 20)", "warm",
+      (lambda v: v >= 0, ">= 0 epochs")),
+    S("method", "sdd_scales", "--sdd-scales", [int], "SDD's pooling levels M (default 1 2 4; SD-KD 1 2)", "M"),
+    S("method", "complementary_weight", "--complementary-weight", float,
+      "SDD's weight of regions whose teacher prediction differs from the global one", "cw", WEIGHT),
+    S("method", "nce_weight", "--nce-weight", float, "crd-nce's weight beside CE (0.8)", "ncew", WEIGHT),
+    S("method", "nce_dim", None, int, "crd-nce's embedding size", "nced", AT_LEAST_ONE),
+    S("method", "nce_negatives", "--nce-negatives", int, "crd-nce's negatives per anchor (16384)", "ncek",
+      (lambda v: v >= 1, ">= 1 (negatives per anchor)")),
+    S("method", "nce_momentum", None, float, "crd-nce's bank momentum", "ncem", FRACTION),
+    S("method", "nce_temperature", None, float, "crd-nce's temperature", "ncet", POSITIVE),
+    # student optimisation
+    S("optim", "epochs", "--epochs", int, "student training epochs", "ep", AT_LEAST_ONE),
+    S("optim", "batch_size", "--batch-size", int, "images per batch (two views each)", "bs",
+      (lambda v: v >= 2, ">= 2 (contrastive losses need pairs)")),
+    S("optim", "optimizer", "--optimizer", str, "student optimiser: adam or sgd (momentum --momentum)", "opt",
+      choices=OPTIMIZERS),
+    S("optim", "lr", "--lr", float, "student (encoder and projector) learning rate (default: the preset's; "
+      "light students of the mdistiller pairs 0.01)", "lr", POSITIVE),
+    S("optim", "momentum", "--momentum", float, "SGD momentum", "mom", FRACTION),
+    S("optim", "weight_decay", "--weight-decay", float, "student weight decay", "wd", NON_NEGATIVE),
+    S("optim", "schedule", "--schedule", str, "student learning-rate schedule: constant, cosine or step", "sched",
+      choices=SCHEDULES),
+    S("optim", "milestones", "--milestones", [int], "epochs after which --schedule step multiplies the lr "
+      "by --lr-decay (e.g. 150 180 210)", "steps"),
+    S("optim", "lr_decay", "--lr-decay", float, "learning-rate factor at each milestone of --schedule step",
+      "decay", (lambda v: 0 < v <= 1, "in (0, 1]")),
+    S("optim", "grad_clip", "--grad-clip", float, "clip the gradient norm at this value (SDD's trainer: 40)",
+      "clip", POSITIVE_OR_NONE),
+    S("optim", "drop_last", "--drop-last", bool, "drop the last partial batch of every epoch (paper-bank)",
+      "droplast", off_flag="--keep-last", off_help="keep the last partial batch (paper)"),
+    S("optim", "classifier_lr", "--classifier-lr", float,
+      "online linear classifier learning rate (constant, no weight decay)", "clslr", POSITIVE),
+    S("optim", "head_lr", "--head-lr", float, "teacher projection head learning rate during distillation",
+      "headlr", POSITIVE),
+    S("optim", "seed", "--seed", int, "student seed (data order, initialisation)", "seed"),
+    # the teacher's own settings
+    S("teacher", "epochs", "--teacher-epochs", int, "teacher cross-entropy epochs (with --train-teacher)", "tep"),
+    S("teacher", "optimizer", "--teacher-optimizer", str, "teacher cross-entropy optimiser: adam or sgd", "topt",
+      choices=OPTIMIZERS),
+    S("teacher", "lr", "--teacher-lr", float, "teacher cross-entropy learning rate", "tlr", POSITIVE),
+    S("teacher", "batch_size", "--teacher-batch-size", int, "teacher training and probe batch size", "tbs",
+      (lambda v: v >= 2, ">= 2")),
+    S("teacher", "weight_decay", "--teacher-weight-decay", float, "teacher cross-entropy weight decay", "twd",
+      NON_NEGATIVE),
+    S("teacher", "schedule", "--teacher-schedule", str, "teacher learning-rate schedule: constant or cosine",
+      "tsched", choices=SCHEDULES),
+    S("teacher", "seed", "--teacher-seed", int, "teacher seed (its training and its probe)", "tseed"),
+    S("teacher", "probe_epochs", "--probe-epochs", int, "cosine-probe epochs of the teacher's projection head",
+      "pep", NON_NEGATIVE),
+    S("teacher", "probe_lr", None, float, "the cosine probe's Adam learning rate", "plr", POSITIVE),
+    S("teacher", "probe_temperature", None, float, "the cosine probe's temperature", "ptemp", POSITIVE),
+)
+BY_FIELD = {(s.section, s.field): s for s in SETTINGS}
+FLAGGED = tuple(s for s in SETTINGS if s.flag is not None and s.kind is not bool)  # take a value
+SWITCHES = tuple(s for s in SETTINGS if s.kind is bool and s.off_flag)  # --x / --no-x pairs
