@@ -15,7 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import pipeline
 from .checkpoint import CheckpointError, check_json_records, check_writable, load_checkpoint
 from .devices import PRECISIONS
-from .config import HUB_TEACHER, METHODS, PRESET_HELP, PRESETS, RunConfig, config_json, preset, run_name
+from .config import HUB_TEACHER, PRESET_HELP, PRESETS, RunConfig, config_json, method_names, preset, run_name
 from .errors import DesupconError, InputFileError, MissingInputsError
 from .models import canonical_arch
 from .runs import OutputPaths
@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_flags(p)
     p.set_defaults(func=cmd_teacher)
 
-    p = sub.add_parser("train", help=f"train one student run (methods: {', '.join(METHODS)}, two-stage)")
+    p = sub.add_parser("train", help=f"train one student run (methods: {', '.join(method_names())}, two-stage)")
     add_common_flags(p)
     p.add_argument("--phase1-method", default=None,
                    help="two-stage: the representation method of phase 1 (crd, supcon, lw-supcrd, hybrid, "

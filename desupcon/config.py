@@ -22,46 +22,31 @@ from .settings import SETTINGS
 # The published CIFAR-100 ResNet-50 teacher (SPEC 6), a timm-format state dict on the model hub.
 HUB_TEACHER = "hf-hub:edadaltocg/resnet50_cifar100"
 
-# Method settings each method actually reads; the others do not enter its identity.
-_BANK = ("bank_size", "bank_momentum", "bank_mode")
-_LW = ("alpha", "beta", "temperature", "adaptive_beta", "kd_temperature")
-# Any representation method may add a logit term (RepDistiller's gamma CE + alpha KD + beta rep).
-_COMBO = ("logit_term", "logit_weight", "ce_weight", "logit_temperature", "dkd_alpha", "dkd_beta", "warmup")
-_KD = ("ce_weight", "kd_weight", "logit_temperature", "warmup")
-_DKD = ("ce_weight", "dkd_alpha", "dkd_beta", "logit_temperature", "warmup")
-_SDD = ("sdd_scales", "complementary_weight")
-METHOD_FIELDS = {
-    "ce": (),
-    "supcon": ("temperature", *_COMBO),
-    "crd": ("temperature", *_BANK, *_COMBO),
-    "lw-supcrd": (*_LW, *_BANK, *_COMBO),
-    "hybrid": ("lam", "hybrid_scaling", "hybrid_scale_steps", *_LW, *_BANK, *_COMBO),
-    # logit distillers (SPEC 13): one view, cross-entropy on the student's own classifier
-    "kd": _KD, "kd-ls": _KD, "dkd": _DKD, "dkd-ls": _DKD,
-    "sd-kd": (*_KD, *_SDD), "sd-dkd": (*_DKD, *_SDD), "sdd-lskd": (*_DKD, *_SDD),
-    "sdd-lskd-calibrated": (*_DKD, *_SDD),
-    # the literature's CRD (SPEC 14)
-    "crd-nce": ("ce_weight", "nce_weight", "nce_dim", "nce_negatives", "nce_momentum", "nce_temperature"),
-}
-METHODS = tuple(METHOD_FIELDS)
-LOGIT_METHODS = ("kd", "kd-ls", "dkd", "dkd-ls", "sd-kd", "sd-dkd", "sdd-lskd", "sdd-lskd-calibrated")
-# Each method's own defaults where they differ from MethodConfig's (SPEC 13 and 14); applied when
-# a method is chosen (`with_method`), under any flag given explicitly.
-METHOD_DEFAULTS: dict[str, dict] = {
-    "kd": {"ce_weight": 0.1, "kd_weight": 0.9, "logit_temperature": 4.0, "warmup": 0},
-    "kd-ls": {"ce_weight": 0.1, "kd_weight": 9.0, "logit_temperature": 2.0, "warmup": 0},
-    "dkd": {"ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "logit_temperature": 4.0, "warmup": 20},
-    "dkd-ls": {"ce_weight": 1.0, "dkd_alpha": 9.0, "dkd_beta": 72.0, "logit_temperature": 2.0, "warmup": 20},
-    "sd-kd": {"ce_weight": 0.1, "kd_weight": 0.9, "logit_temperature": 4.0, "warmup": 0,
-              "sdd_scales": [1, 2]},
-    "sd-dkd": {"ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "logit_temperature": 4.0, "warmup": 20},
-    "sdd-lskd": {"ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "logit_temperature": 4.0, "warmup": 20},
-    "sdd-lskd-calibrated": {"ce_weight": 1.0, "dkd_alpha": 9.0, "dkd_beta": 72.0, "logit_temperature": 2.0,
-                            "warmup": 20},
-    "crd-nce": {"ce_weight": 1.0},
-}
-# Methods whose result does not depend on the teacher (their identity and name leave it out).
-TEACHERLESS_METHODS = {"ce", "supcon"}
+# The methods are declared by their classes in methods.py (the settings each reads, its own
+# defaults, its label, what it needs, its losses); these look them up.
+def method_class(name: str):
+    """The class declaring method `name` (None for an unknown name)."""
+    from .methods import METHODS as declared  # methods.py imports this module: looked up when needed
+    return declared.get(name)
+
+
+def method_names() -> tuple[str, ...]:
+    from .methods import METHODS as declared
+    return tuple(declared)
+
+
+def method_fields(name: str) -> tuple[str, ...]:
+    """The settings method `name` reads (the others do not enter its identity or name)."""
+    cls = method_class(name)
+    return cls.reads if cls is not None else ()
+
+
+def method_defaults(name: str) -> dict:
+    """Method `name`'s own defaults where they differ from MethodConfig's (SPEC 13 and 14)."""
+    cls = method_class(name)
+    return dict(cls.defaults) if cls is not None else {}
+
+
 
 RUNTIME_FIELDS = ("device", "output_dir", "compile", "precision", "deterministic", "save_every",
                   "sync_batchnorm", "tensorboard", "wandb")
@@ -130,7 +115,7 @@ class MethodConfig:
     nce_temperature: float = 0.07
 
     def relevant(self) -> dict:
-        return {"method": self.method, **{k: getattr(self, k) for k in METHOD_FIELDS.get(self.method, ())}}
+        return {"method": self.method, **{k: getattr(self, k) for k in method_fields(self.method)}}
 
 
 @dataclass
@@ -220,9 +205,9 @@ class RunConfig:
         return out
 
     def with_method(self, method: str, **settings) -> "RunConfig":
-        """This configuration with another method: its own defaults (METHOD_DEFAULTS, DKD's beta
+        """This configuration with another method: its own defaults (its class's, DKD's beta
         for the pair), then `settings`."""
-        defaults = dict(METHOD_DEFAULTS.get(method, {}))
+        defaults = method_defaults(method)
         if defaults.get("dkd_beta") == pairs.DKD_DEFAULT_BETA:
             defaults["dkd_beta"] = pairs.dkd_beta(self.model.teacher_arch, self.model.student_arch)
         return self.replace(method={"method": method, **defaults, **settings})
@@ -235,7 +220,7 @@ class RunConfig:
         if self.preset in pairs.PAIR_LR_PRESETS:
             out = out.replace(optim={"lr": pairs.student_lr(self.preset, student_arch,
                                                             PRESETS[self.preset].optim.lr)})
-        if METHOD_DEFAULTS.get(self.method.method, {}).get("dkd_beta") == pairs.DKD_DEFAULT_BETA:
+        if method_defaults(self.method.method).get("dkd_beta") == pairs.DKD_DEFAULT_BETA:
             out = out.replace(method={"dkd_beta": pairs.dkd_beta(teacher_arch, student_arch)})
         return out
 
@@ -245,7 +230,8 @@ class RunConfig:
 
     @property
     def uses_teacher(self) -> bool:
-        return self.method.method not in TEACHERLESS_METHODS or self.method.logit_term != "none"
+        cls = method_class(self.method.method)
+        return cls is None or cls.needs_teacher(self.method)
 
     # -- identities -------------------------------------------------------------------------
     def data_identity(self) -> dict:
@@ -317,7 +303,7 @@ PRESETS["mdistiller"] = RunConfig(
     preset="mdistiller",
     data=DataConfig(color_jitter=0.0),
     model=ModelConfig(teacher_arch="resnet32x4", student_arch="resnet8x4", teacher_weights=None),
-    method=MethodConfig(method="kd", **METHOD_DEFAULTS["kd"]),
+    method=MethodConfig(method="kd", **method_defaults("kd")),
     optim=OptimConfig(epochs=240, batch_size=64, optimizer="sgd", lr=0.05, momentum=0.9,
                       weight_decay=5e-4, schedule="step", milestones=[150, 180, 210], lr_decay=0.1,
                       drop_last=False, seed=0),
@@ -472,7 +458,7 @@ def _base_name(cfg: RunConfig) -> tuple[str, set[str], RunConfig]:
     Runs of a preset other than `paper` carry its name (`_quick`, `_paperbank`) and are tagged
     relative to it; the bank ablation's runs under `paper-bank` have the published names."""
     m = cfg.method
-    bank = m.bank_size > 0 and "bank_size" in METHOD_FIELDS.get(m.method, ())
+    bank = m.bank_size > 0 and "bank_size" in method_fields(m.method)
     bank_part = f"_bank{m.bank_size}" if bank else ""
     paper = PRESETS["paper"]
     if cfg.preset == "paper-bank" and m.method in ("crd", "lw-supcrd"):
@@ -503,7 +489,7 @@ def run_name(cfg: RunConfig) -> str:
     base, named, ref = _base_name(cfg)
     m = cfg.method
     tags = []
-    method_keys = [k for k in METHOD_FIELDS.get(m.method, ()) if k not in named and k != "bank_size"]
+    method_keys = [k for k in method_fields(m.method) if k not in named and k != "bank_size"]
     # method and optimiser settings are tagged against the pair's own defaults (SPEC 17)
     pair_ref = ref.with_pair(cfg.model.teacher_arch, cfg.model.student_arch)
     tags += _differing(cfg, pair_ref.with_method(m.method), "method", method_keys)

@@ -14,7 +14,8 @@ from pathlib import Path
 from . import distributed, plots
 from .config import RunConfig, bank_protocol, dataset_tag, default_bank_size, run_name
 from .pipeline import Session
-from .report import write_report
+from .methods import method_label
+from .report import LOGIT_TABLE_METHODS, write_report
 from .train import RunResult, lockstep_key
 
 log = logging.getLogger("desupcon")
@@ -25,11 +26,8 @@ TEMPERATURES = (0.05, 0.07)
 LAMBDAS = (0.3, 0.5, 0.7, 0.9)
 GROUPS = ("baselines", "alpha", "beta", "temp", "lambda", "bank")  # the published plan (`all`)
 EXTRA_GROUPS = ("logit",)  # comparisons beyond the published plan
-# The logit-distillers table (SPEC 13): (label, method); CE and KD are the references.
-LOGIT_TABLE = (("CE student", "ce"), ("KD", "kd"), ("DKD", "dkd"), ("KD+LS", "kd-ls"), ("DKD+LS", "dkd-ls"),
-               ("SD-KD", "sd-kd"), ("SD-DKD", "sd-dkd"), ("SDD-LSKD", "sdd-lskd"),
-               ("SDD-LSKD (LSKD calibration)", "sdd-lskd-calibrated"), ("CRD (NCE, Tian et al.)", "crd-nce"),
-               ("LW-SupCRD", "lw-supcrd"))
+# The logit-distillers table (SPEC 13): its methods in order (report.LOGIT_TABLE_METHODS; CE and
+# KD are the references), each labelled as its class declares.
 
 
 @dataclass(frozen=True)
@@ -51,12 +49,10 @@ def group_plan(base: RunConfig, group: str) -> list[Experiment]:
     """The runs of one group of the published plan, derived from `base`."""
     bank = default_bank_size(base.preset)
     if group == "baselines":
-        return [Experiment(group, "CE student", "ce", base.replace(method={"method": "ce", "bank_size": 0})),
-                Experiment(group, "CRD", "crd", base.replace(method={"method": "crd", "bank_size": 0,
-                                                                       "temperature": 0.07})),
-                Experiment(group, "SupCon", "supcon", base.replace(method={"method": "supcon",
-                                                                             "temperature": 0.07})),
-                Experiment(group, "LW-SupCRD", "lw-supcrd", _lw(base))]
+        configs = [base.replace(method={"method": "ce", "bank_size": 0}),
+                   base.replace(method={"method": "crd", "bank_size": 0, "temperature": 0.07}),
+                   base.replace(method={"method": "supcon", "temperature": 0.07}), _lw(base)]
+        return [Experiment(group, method_label(c.method), c.method.method, c) for c in configs]
     if group == "alpha":
         return [Experiment(group, f"alpha {a}", a, _lw(base, alpha=a)) for a in ALPHAS]
     if group == "beta":
@@ -68,12 +64,14 @@ def group_plan(base: RunConfig, group: str) -> list[Experiment]:
                            _lw(base, lam=lam).replace(method={"method": "hybrid"})) for lam in LAMBDAS]
     if group == "bank":  # under its own protocol: paper-bank for the paper preset (SPEC 6)
         bank_base = bank_protocol(base)
-        return [Experiment(group, f"{name}{' + bank' if k else ''}", f"{method}/{k}",
-                           bank_base.replace(method={"method": method, "bank_size": k, "temperature": 0.07,
-                                                "alpha": 1.0, "beta": 10.0}))
-                for method, name in (("crd", "CRD"), ("lw-supcrd", "LW-SupCRD")) for k in (0, bank)]
+        configs = [bank_base.replace(method={"method": method, "bank_size": k, "temperature": 0.07,
+                                             "alpha": 1.0, "beta": 10.0})
+                   for method in ("crd", "lw-supcrd") for k in (0, bank)]
+        return [Experiment(group, method_label(c.method) + (" + bank" if c.method.bank_size else ""),
+                           f"{c.method.method}/{c.method.bank_size}", c) for c in configs]
     if group == "logit":  # on the base's teacher/student pair, under the base's protocol
-        return [Experiment(group, label, method, base.with_method(method)) for label, method in LOGIT_TABLE]
+        return [Experiment(group, method_label(cfg.method), method, cfg)
+                for method, cfg in ((m, base.with_method(m)) for m in LOGIT_TABLE_METHODS)]
     raise ValueError(f"unknown sweep group {group!r}; known: {', '.join(GROUPS + EXTRA_GROUPS)}, all")
 
 

@@ -7,6 +7,7 @@ small class here, then registering it in `METHODS`.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,16 +38,34 @@ class StepOutputs:
     teacher_feature_map: torch.Tensor | None = None
 
 
+# The method settings (MethodConfig fields, each declared in settings.py) in the groups the
+# methods read them; what a method reads decides its run name and cache identity.
+BANK = ("bank_size", "bank_momentum", "bank_mode")
+LW = ("alpha", "beta", "temperature", "adaptive_beta", "kd_temperature")
+# Any representation method may add a logit term (RepDistiller's gamma CE + alpha KD + beta rep).
+COMBO = ("logit_term", "logit_weight", "ce_weight", "logit_temperature", "dkd_alpha", "dkd_beta", "warmup")
+KD = ("ce_weight", "kd_weight", "logit_temperature", "warmup")
+DKD = ("ce_weight", "dkd_alpha", "dkd_beta", "logit_temperature", "warmup")
+SDD = ("sdd_scales", "complementary_weight")
+
+
 class Method(abc.ABC):
     """Base: contrastive methods train an online linear classifier on detached view-1 features.
 
-    Class attributes say what the training loop must provide: `views` (augmented views per image
-    the model sees), `uses_teacher` (teacher features and logits of the same views),
+    A method is declared once, by its class: `name` (the `--method` value), `label` (its name in
+    tables; `{field}` is filled from its settings), `reads` (the settings it reads: they make its run
+    name and cache identity), `defaults` (its own defaults, applied when it is chosen, under any
+    flag given) and its losses; and what the training loop must provide: `views` (augmented views
+    per image the model sees), `uses_teacher` (teacher features and logits of the same views),
     `uses_teacher_head` (a trainable copy of the teacher's projection head), `gathers_batch` (the
-    loss couples samples, so on several GPUs it needs the global batch) and
+    loss couples samples, so on several GPUs it needs the global batch), `needs_feature_maps` and
     `uses_every_parameter` (False when some model parameters get no gradient, e.g. CE's projector).
     """
 
+    name: str = ""
+    label: str = ""
+    reads: tuple[str, ...] = ()
+    defaults: dict = {}
     uses_teacher = True
     uses_teacher_head = True
     views = 2
@@ -57,10 +76,16 @@ class Method(abc.ABC):
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
+        self.uses_teacher = self.needs_teacher(cfg)
         if getattr(cfg, "logit_term", "none") != "none":
             # RepDistiller's form: the classifier trains end to end with CE and the logit term.
             self.online_classifier = False
-            self.uses_teacher = True
+
+    @classmethod
+    def needs_teacher(cls, cfg: MethodConfig) -> bool:
+        """Whether a run of this method with these settings depends on the teacher (a logit term
+        makes every method use it)."""
+        return cls.uses_teacher or getattr(cfg, "logit_term", "none") != "none"
 
     @property
     def uses_bank(self) -> bool:
@@ -109,6 +134,7 @@ class Method(abc.ABC):
 class CrossEntropyMethod(Method):
     """The undistilled student: cross-entropy on its own classifier, one view."""
 
+    name, label = "ce", "CE student"
     uses_teacher = False
     views = 1
     online_classifier = False
@@ -120,6 +146,7 @@ class CrossEntropyMethod(Method):
 
 
 class SupConMethod(Method):
+    name, label, reads = "supcon", "SupCon", ("temperature", *COMBO)
     uses_teacher = False
 
     def representation_losses(self, out):
@@ -133,12 +160,16 @@ class BankMixin:
 
 
 class CRDMethod(BankMixin, Method):
+    name, label, reads = "crd", "CRD", ("temperature", *BANK, *COMBO)
+
     def representation_losses(self, out):
         return {"crd": losses.crd_loss(out.student_projection, out.teacher_projection,
                                        self.cfg.temperature, bank=out.bank_embeddings)}
 
 
 class LWSupCRDMethod(BankMixin, Method):
+    name, label, reads = "lw-supcrd", "LW-SupCRD", (*LW, *BANK, *COMBO)
+
     def lw_kwargs(self, out: StepOutputs) -> dict:
         c = self.cfg
         return dict(alpha=c.alpha, beta=c.beta, temperature=c.temperature,
@@ -159,6 +190,9 @@ class HybridMethod(LWSupCRDMethod):
     the first L), then s is frozen; L = lambda * SupCon / s_sc + (1 - lambda) * LW-SupCRD / s_lw.
     The scales are detached (no gradient) and checkpointed.
     """
+
+    name, label = "hybrid", "Hybrid (lambda {lam})"
+    reads = ("lam", "hybrid_scaling", "hybrid_scale_steps", *LW, *BANK, *COMBO)
 
     SCALE_MOMENTUM = 0.9
 
@@ -234,18 +268,34 @@ class LogitDistillationMethod(Method):
 
 
 class KDMethod(LogitDistillationMethod):
+    """Hinton's KD: 0.1 CE + 0.9 T^2 KL, T 4."""
+
+    name, label, reads = "kd", "KD", KD
+    defaults = {"ce_weight": 0.1, "kd_weight": 0.9, "logit_temperature": 4.0, "warmup": 0}
     base = "kd"
 
 
 class DKDMethod(LogitDistillationMethod):
+    """Decoupled KD: CE + warm-up x (alpha TCKD + beta NCKD); beta follows the pair (SPEC 17)."""
+
+    name, label, reads = "dkd", "DKD", DKD
+    defaults = {"ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "logit_temperature": 4.0, "warmup": 20}
     base = "dkd"
 
 
 class KDStandardizedMethod(KDMethod):
+    """KD on z-scored logits with the LSKD calibration (T 2, KD weight 9)."""
+
+    name, label = "kd-ls", "KD+LS"
+    defaults = {"ce_weight": 0.1, "kd_weight": 9.0, "logit_temperature": 2.0, "warmup": 0}
     standardize = True
 
 
 class DKDStandardizedMethod(DKDMethod):
+    """DKD on z-scored logits with the LSKD calibration (T 2, alpha and beta x 9)."""
+
+    name, label = "dkd-ls", "DKD+LS"
+    defaults = {"ce_weight": 1.0, "dkd_alpha": 9.0, "dkd_beta": 72.0, "logit_temperature": 2.0, "warmup": 20}
     standardize = True
 
 
@@ -255,6 +305,7 @@ class ScaleDecoupledMethod(LogitDistillationMethod):
 
     needs_feature_maps = True
     base = "dkd"
+    reads = (*DKD, *SDD)
 
     def setup(self, dataset, student, teacher, policy) -> None:
         self.student_classifier = student.classifier
@@ -273,18 +324,32 @@ class ScaleDecoupledMethod(LogitDistillationMethod):
 
 
 class SDKDMethod(ScaleDecoupledMethod):
+    name, label, reads = "sd-kd", "SD-KD", (*KD, *SDD)
+    defaults = {**KDMethod.defaults, "sdd_scales": [1, 2]}  # the published SD-KD used M = [1, 2]
     base = "kd"
 
 
 class SDDKDMethod(ScaleDecoupledMethod):
+    name, label = "sd-dkd", "SD-DKD"
+    defaults = DKDMethod.defaults
     base = "dkd"
 
 
 class SDDLSKDMethod(ScaleDecoupledMethod):
-    """The fusion (seed 003): SDD with DKD as base on z-score standardised region logits."""
+    """The fusion (seed 003): SDD with DKD as base on z-score standardised region logits, with the
+    seed's settings (alpha 1, beta 8, T 4, W 20, M 1 2 4)."""
 
+    name, label = "sdd-lskd", "SDD-LSKD"
+    defaults = DKDMethod.defaults
     base = "dkd"
     standardize = True
+
+
+class SDDLSKDCalibratedMethod(SDDLSKDMethod):
+    """The fusion with the LSKD calibration (alpha 9, beta 72, T 2, W 20)."""
+
+    name, label = "sdd-lskd-calibrated", "SDD-LSKD (LSKD calibration)"
+    defaults = DKDStandardizedMethod.defaults
 
 
 class CRDNCEMethod(Method):
@@ -292,6 +357,9 @@ class CRDNCEMethod(Method):
     and teacher's pooled features, two momentum banks, class-aware negatives, the NCE loss with
     its fixed normalising constants; CE + nce_weight * CRD. One view."""
 
+    name, label = "crd-nce", "CRD (NCE, Tian et al.)"
+    reads = ("ce_weight", "nce_weight", "nce_dim", "nce_negatives", "nce_momentum", "nce_temperature")
+    defaults = {"ce_weight": 1.0}
     uses_teacher_head = False
     views = 1
     online_classifier = False
@@ -345,22 +413,18 @@ class CRDNCEMethod(Method):
         self.generator.set_state(state["generator"])
 
 
-METHODS: dict[str, type[Method]] = {
-    "ce": CrossEntropyMethod,
-    "supcon": SupConMethod,
-    "crd": CRDMethod,
-    "lw-supcrd": LWSupCRDMethod,
-    "hybrid": HybridMethod,
-    "kd": KDMethod,
-    "dkd": DKDMethod,
-    "kd-ls": KDStandardizedMethod,
-    "dkd-ls": DKDStandardizedMethod,
-    "sd-kd": SDKDMethod,
-    "sd-dkd": SDDKDMethod,
-    "sdd-lskd": SDDLSKDMethod,
-    "sdd-lskd-calibrated": SDDLSKDMethod,
-    "crd-nce": CRDNCEMethod,
-}
+# Every method, by its `--method` name (the order of tables and help texts).
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
+    CrossEntropyMethod, SupConMethod, CRDMethod, LWSupCRDMethod, HybridMethod, KDMethod, KDStandardizedMethod,
+    DKDMethod, DKDStandardizedMethod, SDKDMethod, SDDKDMethod, SDDLSKDMethod, SDDLSKDCalibratedMethod,
+    CRDNCEMethod)}
+LOGIT_METHODS = tuple(name for name, cls in METHODS.items() if issubclass(cls, LogitDistillationMethod))
+
+
+def method_label(cfg: MethodConfig) -> str:
+    """The method's name in tables, its settings filled in (`Hybrid (lambda 0.3)`)."""
+    cls = METHODS.get(cfg.method)
+    return cls.label.format(**dataclasses.asdict(cfg)) if cls else cfg.method
 
 
 def build_method(cfg: MethodConfig) -> Method:

@@ -18,6 +18,7 @@ import logging
 
 from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, read_json
 from .config import HUB_TEACHER, RunConfig, protocol_of
+from .methods import method_label
 from .pairs import published_figures
 from .published import PUBLISHED_SOURCE
 
@@ -120,9 +121,10 @@ def _seedless_key(record: dict) -> str:
         identity["optim"] = {k: v for k, v in identity["optim"].items() if k != "seed"}
     else:
         identity = cfg.teacher_identity()
-    extra = {"method": record.get("method"), "two_stage": record["config"].get("two_stage"),
-             "source": record.get("source"), "teacher": teacher}
-    return record["kind"] + json.dumps({**identity, **extra}, sort_keys=True, default=str)
+    extra = {"kind": record["kind"], "recorded_method": record.get("method"),
+             "two_stage": record["config"].get("two_stage"), "source": record.get("source"),
+             "teacher_fingerprint": teacher}
+    return json.dumps({"identity": identity, **extra}, sort_keys=True, default=str)
 
 
 def _strip_seed(name: str, seed: int) -> str:
@@ -261,11 +263,7 @@ def _row_label(table: str, key: str | None, c: Configuration) -> str:
     if c.kind == "teacher":
         return f"teacher {c.cfg.model.teacher_arch}"
     m = c.cfg.method
-    label = {"ce": "CE student", "supcon": "SupCon", "crd": "CRD", "lw-supcrd": "LW-SupCRD",
-             "hybrid": f"Hybrid (lambda {m.lam})", "kd": "KD", "dkd": "DKD", "kd-ls": "KD+LS",
-             "dkd-ls": "DKD+LS", "sd-kd": "SD-KD", "sd-dkd": "SD-DKD", "sdd-lskd": "SDD-LSKD",
-             "sdd-lskd-calibrated": "SDD-LSKD (LSKD calibration)",
-             "crd-nce": "CRD (NCE, Tian et al.)"}.get(m.method, m.method)
+    label = method_label(m)
     if getattr(m, "logit_term", "none") != "none":
         label += f" + {m.logit_term.upper()}"
     if _two_stage(c):

@@ -3,7 +3,7 @@ its run-name tag, its help text and its valid range.
 
 The command line's flags (`cli.RUN_FLAGS`), the run names' tags (`config.run_name`) and the range
 checks (`validation.validate_config`) are derived from this table; the defaults are the presets'
-(`config.PRESETS`) and the methods' own (`config.METHOD_DEFAULTS`). A new setting is one field in
+(`config.PRESETS`) and the methods' own (declared by their classes in `methods.py`). A new setting is one field in
 its dataclass and one line here. Checks that join several settings (a step schedule needs
 milestones) or need the data stay in `validation.py`.
 """
@@ -59,8 +59,8 @@ class Setting:
 
 
 def _methods():
-    from .config import METHODS  # the methods are declared in config (their settings, defaults)
-    return METHODS
+    from .config import method_names  # the methods are declared by their classes (methods.py)
+    return method_names()
 
 
 S = Setting

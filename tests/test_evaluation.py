@@ -168,3 +168,5 @@ def test_runtime_settings_never_split_a_configurations_seeds():
     assert sorted(one.records) == [0, 1]
     records["b_seed2"] = record(base.replace(optim={"lr": 0.5}), 2)  # a setting that changes the result
     assert len(report.group_configurations(records)) == 2
+    records["c_seed0"] = record(base.replace(method={"alpha": 2.0}), 0)  # a method setting too
+    assert len(report.group_configurations(records)) == 3

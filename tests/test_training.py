@@ -10,7 +10,7 @@ import torch
 from desupcon import data, runs, train
 from desupcon.checkpoint import CheckpointError, load_checkpoint
 from desupcon.cli import RUN_FLAGS, build_parser, config_from_args
-from desupcon.config import METHOD_FIELDS, RunConfig, preset, run_name, teacher_run_name
+from desupcon.config import RunConfig, method_fields, preset, run_name, teacher_run_name
 from desupcon.methods import StepOutputs
 from desupcon.pipeline import Session
 
@@ -186,7 +186,7 @@ def test_every_flag_changes_the_run():
         changed = ref.replace(**{section: {key: _flag_value(flag, current)}})
         # Method-specific settings only matter to a method that reads them.
         if section == "method" and key not in ("method",):
-            reader = next(m for m in ("hybrid", "sdd-lskd", "sd-kd", "crd-nce") if key in METHOD_FIELDS[m])
+            reader = next(m for m in ("hybrid", "sdd-lskd", "sd-kd", "crd-nce") if key in method_fields(m))
             changed = changed.replace(method={"method": reader, "bank_size": changed.method.bank_size})
             base_cmp = ref.replace(method={"method": reader})
         else:
