@@ -213,11 +213,12 @@ class HybridMethod(LWSupCRDMethod):
     def representation_losses(self, out):
         c = self.cfg
         kwargs = self.lw_kwargs(out)
+        if c.hybrid_scaling == "plain":  # SPEC 4's mix
+            return {"hybrid": losses.hybrid_loss(out.student_projection, out.teacher_projection,
+                                                 out.teacher_logits, out.labels, lam=c.lam, **kwargs)}
         supcon = losses.supcon_loss(out.student_projection, out.labels, c.temperature)
         lw = losses.lw_supcrd_loss(out.student_projection, out.teacher_projection, out.teacher_logits,
                                    out.labels, **kwargs)
-        if c.hybrid_scaling == "plain":
-            return {"hybrid": c.lam * supcon + (1 - c.lam) * lw}
         current = torch.stack([supcon.detach(), lw.detach()])
         if self.scale_steps < c.hybrid_scale_steps:
             if self.scales is None:

@@ -579,11 +579,6 @@ def _train_and_save(cfgs: list[RunConfig], dataset, teacher, policy, paths: Outp
     return failures
 
 
-def train_student(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Teacher | None,
-                  policy, force: bool = False, resume: bool = True) -> RunResult:
-    return train_students([cfg], dataset, teacher, policy, force, resume)[0]
-
-
 def _is_published(ckpt: dict) -> bool:
     return (ckpt.get("source") or {}).get("kind") == PUBLISHED_SOURCE
 
