@@ -7,7 +7,9 @@ identity."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -152,105 +154,183 @@ def _published_teacher_files(cfg: RunConfig, paths: OutputPaths) -> tuple[Path |
     return found[0], found[1]
 
 
+@dataclass
+class TeacherRequest:
+    """What every teacher source looks at: the configuration, the data, where files live, and
+    which files exist (rank 0's view, on every process)."""
+
+    cfg: RunConfig
+    dataset: data_mod.ImageDataset
+    policy: object
+    paths: OutputPaths
+    force: bool
+    resume: bool
+    published_proj: Path | None
+    published_plain: Path | None
+
+    @property
+    def name(self) -> str:
+        return teacher_run_name(self.cfg)
+
+    @property
+    def proj_name(self) -> str:
+        return teacher_run_name(self.cfg, with_projection=True)
+
+    @property
+    def own_proj(self) -> Path:
+        """Our checkpoint of the teacher with its head (beside a published file, never over it)."""
+        return imported_path(self.paths.models, self.proj_name) if self.published_proj \
+            else self.paths.checkpoint(self.proj_name)
+
+    @property
+    def own_backbone(self) -> Path:
+        return imported_path(self.paths.models, self.name) if self.published_plain \
+            else self.paths.checkpoint(self.name)
+
+    def encoder(self) -> nn.Module:
+        return build_encoder(self.cfg.model.teacher_arch, self.dataset.num_classes, self.cfg.model.init)
+
+    @functools.cached_property
+    def backbone_source(self) -> dict:
+        """Where the backbone comes from when it is not cached: what a cached one must match."""
+        if self.published_plain is not None:
+            return {"kind": PUBLISHED_SOURCE, "file": str(self.published_plain),
+                    "sha256": file_sha256(self.published_plain)}
+        if self.cfg.model.teacher_weights:
+            return {"kind": "weights", "file": self.cfg.model.teacher_weights}
+        return {"kind": "trained"}
+
+
+# -- sources of the teacher with its projection head (the first that answers is used) ----------
+
+def published_with_projection(req: TeacherRequest) -> tuple[Teacher, dict] | None:
+    """A published teacher-with-projection file in pth_models/ (SPEC 11): imported once (its head
+    is used as published, not re-probed), our import reused afterwards."""
+    if req.published_proj is None or req.force:
+        return None
+    cfg, dataset, policy = req.cfg, req.dataset, as_policy(req.policy)
+    source = {"kind": PUBLISHED_SOURCE, "file": str(req.published_proj), "sha256": file_sha256(req.published_proj)}
+    cached = _load_if(req.own_proj, "teacher_projection", cfg.teacher_identity(), lambda c: c.get("source") == source)
+    if cached is not None:
+        return _from_checkpoint(cached, req.encoder(), req.proj_name, policy)
+    body, head = split_projection(read_state_dict(req.published_proj))
+    if not head:
+        raise CheckpointError(f"{req.published_proj} has no projection.* keys; a published "
+                              "teacher with projection holds projection.0/2/4 (SPEC 11)")
+    teacher = Teacher(req.encoder())
+    load_encoder_weights(teacher.encoder, body, str(req.published_proj), dataset.num_classes, dataset.name,
+                         cfg.model.teacher_arch)
+    load_matching_state_dict(teacher.head, head, source=f"{req.published_proj} (projection head)")
+    teacher = policy.prepare(teacher)
+    test_acc = evaluate_accuracy(teacher.encoder, dataset.test_images, dataset.test_labels, dataset, policy)
+    metrics = {"test_acc": test_acc, "train_acc": None, "source": PUBLISHED_SOURCE}
+    _save(req.own_proj, _teacher_checkpoint("teacher_projection", req.proj_name, cfg.teacher_identity(), cfg,
+                                            teacher, metrics, [], source))
+    log.info(f"[{req.proj_name}] imported the published teacher with projection {req.published_proj} "
+             f"(test acc {test_acc:.2f}%; its head is used as published, not re-probed)")
+    return _finish(teacher, metrics, policy)
+
+
+def own_cache_with_projection(req: TeacherRequest) -> tuple[Teacher, dict] | None:
+    """Our cached teacher with its probe-trained head, of exactly this configuration."""
+    if req.force:
+        return None
+    cached = dist.broadcast_from_main(_load_if(req.own_proj, "teacher_projection", req.cfg.teacher_identity())
+                                      if dist.is_main() else None)
+    return None if cached is None else _from_checkpoint(cached, req.encoder(), req.proj_name, as_policy(req.policy))
+
+
+WITH_PROJECTION = (published_with_projection, own_cache_with_projection)
+
+
+# -- sources of the backbone and classifier (the first that answers is used; its head is probed) --
+
+def own_cache_backbone(req: TeacherRequest):
+    """Our cached backbone of this configuration and source: (encoder, log, cached=True)."""
+    if req.force and req.cfg.trains_teacher:
+        return None
+    source = req.backbone_source
+    cached = dist.broadcast_from_main(_load_if(req.own_backbone, "teacher", req.cfg.teacher_backbone_identity(),
+                                               lambda c: c.get("source", source) == source)
+                                      if dist.is_main() else None)
+    if cached is None:
+        return None
+    encoder = req.encoder()
+    load_matching_state_dict(encoder, cached["encoder"], source=req.name)
+    log.info(f"[{req.name}] loaded from cache")
+    return encoder, cached["log"], True
+
+
+def published_backbone(req: TeacherRequest):
+    """A published teacher file in pth_models/ (SPEC 11)."""
+    if req.published_plain is None:
+        return None
+    encoder = req.encoder()
+    load_encoder_weights(encoder, read_state_dict(req.published_plain), str(req.published_plain),
+                         req.dataset.num_classes, req.dataset.name, req.cfg.model.teacher_arch)
+    log.info(f"[{req.name}] using the published teacher {req.published_plain}")
+    return encoder, [], False
+
+
+def weights_file_or_hub(req: TeacherRequest):
+    """`--teacher-weights`: a file, `hf-hub:<repo>` or `released[:FOLDER]`."""
+    weights = req.cfg.model.teacher_weights
+    if not weights:
+        return None
+    path = resolve_source(weights, req.cfg.model.teacher_arch)
+    encoder = req.encoder()
+    load_encoder_weights(encoder, read_state_dict(path), weights, req.dataset.num_classes, req.dataset.name,
+                         req.cfg.model.teacher_arch)
+    log.info(f"[{req.name}] teacher weights from {weights} ({path})")
+    return encoder, [], False
+
+
+def trained_with_cross_entropy(req: TeacherRequest):
+    """Cross-entropy training with the teacher's own settings (resumable)."""
+    encoder, entries = train_teacher_encoder(req.cfg, req.dataset, req.policy, req.paths,
+                                             resume=req.resume and not req.force)
+    return encoder, entries, False
+
+
+BACKBONE = (own_cache_backbone, published_backbone, weights_file_or_hub, trained_with_cross_entropy)
+
+
 def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, policy,
                           force: bool = False, resume: bool = True) -> tuple[Teacher, dict]:
-    """The frozen teacher with its probe-trained projection head, from cache when possible.
-
-    Sources, in order: our cached teacher of this configuration; a published teacher-with-
-    projection file in `pth_models/` (its head is not re-probed); a published teacher file there;
-    `model.teacher_weights` (a file or the hub); cross-entropy training with the teacher's own
-    settings. `force` retrains (or re-probes) the teacher; it is the teacher's own switch.
-    Returns (teacher, metrics); `teacher.fingerprint` identifies its weights.
-    """
+    """The frozen teacher with its probe-trained projection head, from the first source that has
+    it: `WITH_PROJECTION` (a published teacher-with-projection file, our cached teacher), else a
+    backbone from `BACKBONE` (our cached backbone, a published teacher file, `--teacher-weights`,
+    cross-entropy training) whose head is then probed. `force` retrains (or re-probes) the teacher;
+    it is the teacher's own switch. Returns (teacher, metrics); `teacher.fingerprint` identifies
+    its weights. Several processes decide as rank 0 does (node-local disks may differ)."""
     validate_config(cfg, dataset)
     policy = as_policy(policy)
     paths = OutputPaths(cfg.output_dir)
     check_output_dirs(paths)
-    identity = cfg.teacher_identity()
-    name, proj_name = teacher_run_name(cfg), teacher_run_name(cfg, with_projection=True)
-    encoder = build_encoder(cfg.model.teacher_arch, dataset.num_classes, cfg.model.init)
-    # Several processes decide as rank 0 does (node-local disks may differ): which files exist,
-    # which checkpoints are cached; the others then use rank 0's loaded checkpoints.
-    published_proj, published_plain = dist.broadcast_from_main(_published_teacher_files(cfg, paths))
-    # Our checkpoint of the teacher lives beside a published file of the same name, never over it.
-    own_proj = imported_path(paths.models, proj_name) if published_proj else paths.checkpoint(proj_name)
-    own_name = imported_path(paths.models, name) if published_plain else paths.checkpoint(name)
-
-    if published_proj is not None and not force:
-        sha = file_sha256(published_proj)
-        source = {"kind": PUBLISHED_SOURCE, "file": str(published_proj), "sha256": sha}
-        cached = _load_if(own_proj, "teacher_projection", identity, lambda c: c.get("source") == source)
-        if cached is None:
-            body, head = split_projection(read_state_dict(published_proj))
-            if not head:
-                raise CheckpointError(f"{published_proj} has no projection.* keys; a published "
-                                      "teacher with projection holds projection.0/2/4 (SPEC 11)")
-            teacher = Teacher(encoder)
-            load_encoder_weights(teacher.encoder, body, str(published_proj), dataset.num_classes, dataset.name,
-                                 cfg.model.teacher_arch)
-            load_matching_state_dict(teacher.head, head, source=f"{published_proj} (projection head)")
-            teacher = policy.prepare(teacher)
-            test_acc = evaluate_accuracy(teacher.encoder, dataset.test_images, dataset.test_labels,
-                                         dataset, policy)
-            metrics = {"test_acc": test_acc, "train_acc": None, "source": PUBLISHED_SOURCE}
-            _save(own_proj, _teacher_checkpoint("teacher_projection", proj_name, identity, cfg,
-                                                            teacher, metrics, [], source))
-            log.info(f"[{proj_name}] imported the published teacher with projection {published_proj} "
-                     f"(test acc {test_acc:.2f}%; its head is used as published, not re-probed)")
-            return _finish(teacher, metrics, policy)
-        return _from_checkpoint(cached, encoder, proj_name, policy)
-
-    cached_proj = None if force else dist.broadcast_from_main(
-        _load_if(own_proj, "teacher_projection", identity) if dist.is_main() else None)
-    if cached_proj is not None:
-        return _from_checkpoint(cached_proj, encoder, proj_name, policy)
-
-    backbone_identity = cfg.teacher_backbone_identity()
-    entries: list[dict] = []
-    if published_plain is not None:
-        source = {"kind": PUBLISHED_SOURCE, "file": str(published_plain), "sha256": file_sha256(published_plain)}
-    elif cfg.model.teacher_weights:
-        source = {"kind": "weights", "file": cfg.model.teacher_weights}
-    else:
-        source = {"kind": "trained"}
-    cached = None
-    if not (force and cfg.trains_teacher):
-        cached = dist.broadcast_from_main(_load_if(own_name, "teacher", backbone_identity,
-                                                   lambda c: c.get("source", source) == source)
-                                          if dist.is_main() else None)
-    if cached is not None:
-        load_matching_state_dict(encoder, cached["encoder"], source=name)
-        entries = cached["log"]
-        log.info(f"[{name}] loaded from cache")
-    elif published_plain is not None:
-        load_encoder_weights(encoder, read_state_dict(published_plain), str(published_plain),
-                             dataset.num_classes, dataset.name, cfg.model.teacher_arch)
-        log.info(f"[{name}] using the published teacher {published_plain}")
-    elif cfg.model.teacher_weights:
-        path = resolve_source(cfg.model.teacher_weights, cfg.model.teacher_arch)
-        load_encoder_weights(encoder, read_state_dict(path), cfg.model.teacher_weights,
-                             dataset.num_classes, dataset.name, cfg.model.teacher_arch)
-        log.info(f"[{name}] teacher weights from {cfg.model.teacher_weights} ({path})")
-    else:
-        encoder, entries = train_teacher_encoder(cfg, dataset, policy, paths,
-                                                 resume=resume and not force)
+    req = TeacherRequest(cfg, dataset, policy, paths, force, resume,
+                         *dist.broadcast_from_main(_published_teacher_files(cfg, paths)))
+    for source in WITH_PROJECTION:
+        found = source(req)
+        if found is not None:
+            return found
+    encoder, entries, cached = next(found for found in (source(req) for source in BACKBONE) if found is not None)
+    backbone_source = req.backbone_source
     encoder = policy.prepare(encoder)
     torch.manual_seed(cfg.teacher.seed)  # the projection head's initialisation
     teacher = policy.prepare(Teacher(encoder))
     test_acc = evaluate_accuracy(teacher.encoder, dataset.test_images, dataset.test_labels, dataset, policy)
     metrics = {"test_acc": test_acc, "train_acc": entries[-1]["train_acc"] if entries else None,
-               "source": source["kind"] if source["kind"] != "weights" else source["file"]}
-    if cached is None:
-        _save(own_name, _teacher_checkpoint("teacher", name, backbone_identity, cfg, teacher,
-                                                        metrics, entries, source))
-        remove_partial(paths, name)
-    log.info(f"[{name}] teacher test accuracy {test_acc:.2f}%")
-
+               "source": backbone_source["kind"] if backbone_source["kind"] != "weights" else backbone_source["file"]}
+    if not cached:
+        _save(req.own_backbone, _teacher_checkpoint("teacher", req.name, cfg.teacher_backbone_identity(), cfg,
+                                                    teacher, metrics, entries, backbone_source))
+        remove_partial(paths, req.name)
+    log.info(f"[{req.name}] teacher test accuracy {test_acc:.2f}%")
     probe_log = train_projection_probe(teacher, cfg, dataset, policy, paths, resume=resume and not force)
     metrics = {**metrics, "probe_train_acc": probe_log[-1]["train_acc"] if probe_log else None}
-    _save(own_proj, _teacher_checkpoint("teacher_projection", proj_name, identity, cfg,
-                                                    teacher, metrics, probe_log, source))
-    remove_partial(paths, proj_name)  # the probe's epoch checkpoint: finished, no longer needed
+    _save(req.own_proj, _teacher_checkpoint("teacher_projection", req.proj_name, cfg.teacher_identity(), cfg,
+                                            teacher, metrics, probe_log, backbone_source))
+    remove_partial(paths, req.proj_name)  # the probe's epoch checkpoint: finished, no longer needed
     return _finish(teacher, metrics, policy)
 
 
