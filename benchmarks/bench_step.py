@@ -52,13 +52,10 @@ def ours_stepper(cfg, dataset, teacher, policy):
     def step() -> tuple[float, float]:
         sync(device)
         t0 = time.perf_counter()
-        indices, view1, view2, labels = next(it)
-        view1 = policy.inputs(view1)
-        views = policy.inputs(torch.cat([view1, view2]))
+        batch = next(it)
         sync(device)
         t1 = time.perf_counter()
-        teacher_out = teacher.features_and_logits(views, policy) if run.method.uses_teacher else None
-        run.step(indices, view1, views, labels, teacher_out)
+        train.train_step([run], batch, teacher, policy)  # the loop's own step (inputs moved there)
         sync(device)
         return t1 - t0, time.perf_counter() - t1
 

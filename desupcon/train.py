@@ -394,6 +394,31 @@ def train_group(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teache
     return finished, failures
 
 
+def views_the_teacher_sees(runs: list[Run]) -> int:
+    """2 when a run that uses the teacher sees both views, else 1."""
+    users = [r.method.views for r in runs if r.method.uses_teacher]
+    return max(users) if users else 1
+
+
+def train_step(runs: list[Run], batch: tuple, teacher: Teacher | None, policy,
+               teacher_views: int | None = None) -> None:
+    """One training step of `runs` on one batch `(indices, view1, view2 or None, labels)` of
+    `data.epoch_batches`: the inputs moved by the device policy, one teacher forward shared by
+    every run that uses the teacher, then each run's step. The loop's body; benchmarks and tests
+    call it rather than a copy."""
+    indices, view1, view2, labels = batch
+    view1 = policy.inputs(view1)
+    views = policy.inputs(torch.cat([view1, view2])) if view2 is not None else None
+    teacher_out = None
+    if teacher is not None and any(r.method.uses_teacher for r in runs):
+        teacher_views = teacher_views or views_the_teacher_sees(runs)
+        teacher_out = teacher.features_and_logits(
+            views if teacher_views == 2 and views is not None else view1, policy,
+            feature_map=any(r.method.needs_feature_maps for r in runs))
+    for run in runs:
+        run.step(indices, view1, views, labels, teacher_out)
+
+
 def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teacher | None,
                     generator: torch.Generator, paths: OutputPaths, save_every: int = 1
                     ) -> tuple[list[Run], list[NonFiniteLossError]]:
@@ -413,8 +438,7 @@ def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Te
     label = first.name if len(runs) == 1 else f"{len(runs)} runs in lockstep"
     data_views = first.data_views
     active, failures = list(runs), []
-    teacher_views = max(r.method.views for r in runs if r.method.uses_teacher) if any(
-        r.method.uses_teacher for r in runs) else 1
+    teacher_views = views_the_teacher_sees(runs)  # fixed for the group (a run that stops changes nothing)
 
     def stop(run: Run, exc: NonFiniteLossError) -> None:
         active.remove(run)
@@ -434,15 +458,7 @@ def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Te
         for indices, view1, view2, labels in tqdm(batches, total=n_steps, leave=False,
                                                   desc=f"{label} {epoch}/{epochs}",
                                                   **({"disable": True} if rank else {})):
-            view1 = policy.inputs(view1)
-            views = policy.inputs(torch.cat([view1, view2])) if view2 is not None else None
-            teacher_out = None
-            if teacher is not None and any(r.method.uses_teacher for r in active):
-                teacher_out = teacher.features_and_logits(
-                    views if teacher_views == 2 and views is not None else view1, policy,
-                    feature_map=any(r.method.needs_feature_maps for r in active))
-            for run in active:
-                run.step(indices, view1, views, labels, teacher_out)
+            train_step(active, (indices, view1, view2, labels), teacher, policy, teacher_views)
         seconds = time.perf_counter() - started
         group = (seconds, len(active)) if len(runs) > 1 else None
         for run in list(active):

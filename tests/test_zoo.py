@@ -192,12 +192,10 @@ def _one_step(dataset, teacher_arch, student_arch, method):
     run = train.make_student_run(cfg, dataset, teacher, policy)
     before = {k: v.clone() for k, v in run.student.state_dict().items() if v.is_floating_point()}
     aug = data.TwoViewAugment(dataset.mean, dataset.std)
-    indices, view1, view2, labels = next(data.epoch_batches(dataset.train_images, dataset.train_labels, 8, aug,
-                                                            torch.Generator().manual_seed(0)))
-    views = torch.cat([view1, view2])
-    teacher_out = teacher(views if run.method.views == 2 else view1, feature_map=run.method.needs_feature_maps)
+    batch = next(data.epoch_batches(dataset.train_images, dataset.train_labels, 8, aug,
+                                    torch.Generator().manual_seed(0)))
     run.start_epoch()
-    run.step(indices, view1, views, labels, teacher_out)
+    train.train_step([run], batch, teacher, policy)
     loss = float(run._total)
     assert torch.isfinite(torch.tensor(loss)), f"{teacher_arch} -> {student_arch} {method}: loss {loss}"
     changed = [k for k, v in run.student.state_dict().items() if k in before and not torch.equal(v, before[k])]
