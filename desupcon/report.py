@@ -307,9 +307,10 @@ def _published_cell(pub) -> str:
     return " / ".join(parts)
 
 
+DELTA_COLUMN = "Δ test acc (paired)"  # named after the table's reference row when it has one
 HEADER = ["run", "seeds", "test acc % (last epoch)", "best-epoch test acc %", "train acc %", "gap",
           "alignment (class, proj)", "uniformity (proj)", "alignment (instance, proj)",
-          "alignment (class, backbone)", "uniformity (backbone)", "Δ test acc (paired)",
+          "alignment (class, backbone)", "uniformity (backbone)", DELTA_COLUMN,
           "published acc / align / unif", "protocol", "teacher", "source",
           "linear probe top-1 / top-5", "k-NN top-1 / top-5", "KD probe top-1",
           "superclass margin (proj / backbone)", "nearest centroid in own superclass % (proj / backbone)",
@@ -374,7 +375,8 @@ def render_table(table: str, title: str, key: str | None, configs: list[Configur
     labels = [f"{lab} [{c.label}]" if labels.count(lab) > 1 else lab for lab, c in zip(labels, configs)]
     ref_label = labels[configs.index(ref)] if ref else None
     header = list(HEADER)
-    header[11] = f"Δ test acc vs {ref_label} (paired)" if ref else header[11]
+    if ref:
+        header[header.index(DELTA_COLUMN)] = f"Δ test acc vs {ref_label} (paired)"
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, c in zip(labels, configs):
         acc = c.values("test_acc")
