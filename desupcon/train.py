@@ -504,6 +504,8 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
     results: dict[str, RunResult] = {}
     pending: list[RunConfig] = []
     fp = getattr(teacher, "fingerprint", None)
+    locks: dict[str, RunLock] = {}  # the runs this process has claimed
+    saved: set[str] = set()
 
     def load_finished(cfg: RunConfig) -> bool:
         found = None
@@ -519,10 +521,13 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
                  f": test acc {ckpt['metrics']['test_acc']:.2f}%")
         stale = paths.partial_checkpoint(run_name(cfg))
         if stale.is_file() and not dist.active():  # a kill between the final save and its clean-up
-            lock = RunLock(paths.run_lock(run_name(cfg)))
-            if lock.acquire(wait=False):  # (not while another process retrains it by force)
+            if run_name(cfg) in locks:  # ours already
                 remove_partial(paths, run_name(cfg))
-                lock.release(finished=True)
+            else:
+                lock = RunLock(paths.run_lock(run_name(cfg)))
+                if lock.acquire(wait=False):  # (not while another process retrains it by force)
+                    remove_partial(paths, run_name(cfg))
+                    lock.release(finished=True)
         results[run_name(cfg)] = _result_from_checkpoint(cfg, path, ckpt, cached=True)
         return True
 
@@ -533,8 +538,6 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
 
     # One process per run (run_locks): claim what is free now, wait for the rest afterwards. Under
     # torchrun the ranks train together and nothing is claimed.
-    locks: dict[str, RunLock] = {}
-    saved: set[str] = set()
 
     def claim(cfg: RunConfig, wait: bool) -> bool:
         if dist.active():
