@@ -11,6 +11,7 @@ import contextlib
 import errno
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -157,6 +158,22 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
         finally:
             os.close(dir_fd)
     remove_stale_temporaries(path)
+
+
+def update_checkpoint(path: str | Path, ckpt: dict) -> bool:
+    """Write results back into an existing checkpoint (the analysis, a probe) when the file can be
+    written; a read-only one (a shared or published folder) is left as it is, with a warning: the
+    results still reach the records file, and the next analysis recomputes them. Other failures
+    (a full disk) raise as `atomic_torch_save` does."""
+    try:
+        atomic_torch_save(path, ckpt)
+        return True
+    except OutputWriteError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        logging.getLogger("desupcon").warning(
+            f"{path} is read-only: left unchanged (its results are in the records file)")
+        return False
 
 
 def check_writable(directory: str | Path) -> None:

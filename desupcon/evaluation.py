@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from . import analysis, plots
-from .checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, update_json_records
+from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, update_checkpoint,
+                         update_json_records)
 from .config import RunConfig, dataset_tag, protocol_of
 from .data import ImageDataset, TwoViewAugment, eval_batches
 from .models import Teacher
@@ -218,7 +219,7 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
     pics = draw_pictures(ckpt["name"], z, dataset, ckpt["log"], paths) if pictures else {}
     ckpt["analysis"] = {"metrics": metrics, "teacher_test_embeddings": teacher_z, "plots": pics,
                         "teacher": teacher_info}
-    atomic_torch_save(path, ckpt)
+    update_checkpoint(path, ckpt)  # (a read-only file stays as it is: the record below holds the results)
     source = (ckpt.get("source") or {}).get("kind", "trained")
     record = _record("student", ckpt["name"], cfg, ckpt["metrics"], metrics, pics, source, teacher_info, dataset)
     _warn_if_collapsed(record)

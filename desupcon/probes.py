@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import data as data_mod
 from . import distributed as dist
 from . import losses
-from .checkpoint import atomic_torch_save, change_json_record
+from .checkpoint import change_json_record, update_checkpoint
 from .config import MethodConfig, OptimConfig, RunConfig, protocol_of
 from .devices import as_policy, make_scheduler
 from .methods import CrossEntropyMethod, Method, StepOutputs
@@ -441,7 +441,7 @@ def probe_checkpoint(path: str | Path, kind: str, dataset: data_mod.ImageDataset
             entry["teacher"] = identity["teacher"]
     if dist.is_main():
         ckpt.setdefault("probes", {})[kind] = {**entry, "log": result.get("log")}
-        atomic_torch_save(path, ckpt)
+        update_checkpoint(path, ckpt)
         record_probe(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset),
                      ckpt, cfg, kind, entry)
     log.info(f"[{ckpt['name']}] {kind} probe: top-1 {entry['top1']:.2f}% top-5 {entry['top5']:.2f}% "

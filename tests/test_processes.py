@@ -77,3 +77,29 @@ def test_a_stale_epoch_checkpoint_of_a_finished_run_is_removed(tmp_path, tiny_co
     shutil.copy2(result.checkpoint, partial)
     assert Session(cfg, analyze=False).run(cfg).cached
     assert not partial.exists() and not partial.parent.exists()
+
+
+def test_analyze_and_probe_a_read_only_checkpoint(tmp_path, tiny_config, monkeypatch, capsys):
+    """A checkpoint that cannot be rewritten (a read-only share; simulated: root ignores chmod)
+    is analysed and probed all the same: the results go to the records, the file stays as it is."""
+    import errno
+    from desupcon import checkpoint
+    from desupcon.cli import main
+    cfg = tiny_config(tmp_path, epochs=1).replace(method={"method": "ce"})
+    result = Session(cfg, analyze=False).run(cfg)
+    before = result.checkpoint.read_bytes()
+    real = checkpoint.atomic_torch_save
+
+    def read_only(path, obj, *args, **kwargs):
+        if str(path) == str(result.checkpoint):
+            raise checkpoint._write_error(result.checkpoint, OSError(errno.EROFS, "Read-only file system"))
+        return real(path, obj, *args, **kwargs)
+    monkeypatch.setattr(checkpoint, "atomic_torch_save", read_only)
+    assert main(["analyze", str(result.checkpoint), "--output-dir", str(tmp_path), "--no-plots",
+                 "--device", "cpu"]) == 0
+    assert main(["probe", str(result.checkpoint), "--kind", "knn", "--output-dir", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    assert result.checkpoint.read_bytes() == before
+    [records_file] = (tmp_path / "json_results").glob("comprehensive_results_*.json")
+    record = read_json(records_file)[result.name]
+    assert "uniformity" in record["metrics"] and "knn" in record["probes"]
