@@ -157,11 +157,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         changes.setdefault("model", {})["teacher_weights"] = None
     model = changes.get("model", {})
     for key, flag in (("teacher_arch", "--teacher-arch"), ("student_arch", "--student-arch")):
-        if key in model:
-            try:
+        try:  # the registry's spelling, whether the name came from a flag or from a file
+            if key in model:
                 model[key] = canonical_arch(model[key])
-            except ValueError as exc:
-                raise ConfigError(f"{flag}: {exc}") from None
+            else:
+                cfg = cfg.replace(model={key: canonical_arch(getattr(cfg.model, key))})
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
     if "teacher_arch" in model or "student_arch" in model or not getattr(args, "config", None):
         # the pair's own settings (SPEC 17: the light students' lr, DKD's beta) under every flag given
         cfg = cfg.with_pair(model.get("teacher_arch", cfg.model.teacher_arch),

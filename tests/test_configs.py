@@ -95,3 +95,11 @@ def test_config_from_an_epoch_checkpoint(tmp_path, capsys, tiny_config):
     path = tmp_path / "in_progress.pth"
     atomic_torch_save(path, run.training_state(torch.Generator()))
     assert _printed(capsys, "--config", str(path))["optim"]["epochs"] == 7
+
+
+def test_architecture_names_in_files_resolve_like_flags(tmp_path, capsys):
+    cfg = _printed(capsys, "--preset", "mdistiller")
+    cfg["model"].update(teacher_arch="WRN_40_2", student_arch="shufflev1")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    printed = _printed(capsys, "--config", str(tmp_path / "c.yaml"))
+    assert printed["model"]["teacher_arch"] == "wrn_40_2" and printed["model"]["student_arch"] == "ShuffleV1"
