@@ -64,6 +64,13 @@ def _representation_loss(method, out):
     return sum(method.representation_losses(out).values())
 
 
+def _leave_group():
+    """Both ranks done with every collective before the group goes (a rank destroying it while the
+    other still talks aborted the process now and then)."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def _worker(rank, port, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -81,7 +88,7 @@ def _worker(rank, port, result_path):
         results[name] = {"loss": loss.detach(), "grad_s": s.grad / WORLD, "grad_t": grad_t / WORLD,
                          "labels": out.labels, "indices": out.indices}
     torch.save(results, f"{result_path}.{rank}")
-    torch.distributed.destroy_process_group()
+    _leave_group()
 
 
 def test_gathered_losses_and_gradients_equal_the_single_process(tmp_path):
@@ -135,7 +142,7 @@ def _bank_worker(rank, port, result_path):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     rows = list(range(rank * B // WORLD, (rank + 1) * B // WORLD))
     torch.save(_crd_nce_steps(rows), f"{result_path}.{rank}")
-    torch.distributed.destroy_process_group()
+    _leave_group()
 
 
 def test_crd_nce_banks_stay_identical_across_ranks(tmp_path):
