@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torchvision
 
 from .errors import DesupconError
-from .zoo import ORIGINAL_CLASSIFIER, ZOO
+from .zoo import ORIGINAL_CLASSIFIER, ZOO, ZooEncoder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + shortcut)
 
 
-class SmallCifarResNet(nn.Module):
+class SmallCifarResNet(ZooEncoder):
     """The KD literature's CIFAR ResNets: 3 stages of basic blocks, (depth - 2) / 6 blocks each."""
 
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int):
@@ -93,15 +93,6 @@ class SmallCifarResNet(nn.Module):
         """Final feature map (B, C, H, W): after the last ReLU, before pooling (SPEC section 13)."""
         x = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
-
-    def pool_features(self, feature_map: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(feature_map, 1).flatten(1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool_features(self.forward_feature_map(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.forward_features(x))
 
 
 def _torchvision(block, layers):

@@ -20,12 +20,11 @@ import torch.nn.functional as F
 
 
 class ZooEncoder(nn.Module):
-    """Shared tail: global average pooling of the final map, then the linear classifier `fc`."""
+    """The tail every CIFAR encoder shares (the zoo's and models.SmallCifarResNet): global average
+    pooling of the final map, then the linear classifier `fc`. A subclass sets `feature_dim` and
+    `fc` and defines `forward_feature_map(x)`, the final pre-pool map."""
 
     feature_dim: int
-
-    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def pool_features(self, feature_map: torch.Tensor) -> torch.Tensor:
         # The originals pool with a fixed window equal to the map at 32x32 input; the global mean
