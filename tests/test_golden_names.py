@@ -1,6 +1,6 @@
 """Run names and identities are part of the cache: a restructuring must leave them byte-identical.
 
-`tests/data/golden_names.json` was written from the code before the structure changed (issue 19);
+`tests/golden_names.json` was written from the code before the structure changed (issue 19);
 every experiment of every preset and group, the logit sweep on the 13 pairs, two-stage runs,
 probes, the quick start, the teachers, and one run per setting changed from its default are named
 and identified here and compared with it. Regenerate it only for a deliberate rename (which
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-GOLDEN = Path(__file__).parent / "data" / "golden_names.json"
+GOLDEN = Path(__file__).parent / "golden_names.json"
 FINGERPRINT = "0123456789abcdef"  # a teacher's content fingerprint, fixed for the comparison
 
 
@@ -143,6 +143,5 @@ def test_the_settings_variants_name_distinct_runs(golden):
 
 if __name__ == "__main__" and "--write" in sys.argv:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(current(), indent=1, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN} ({len(current())} entries)")
