@@ -73,7 +73,7 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int =
 
 class BaselineStep:
     """One student trained the straightforward way. Same parameter groups as
-    `desupcon.train.make_student_run`: encoder + projector and classifier at lr, the student's own
+    `desupcon.engine.loop.make_student_run`: encoder + projector and classifier at lr, the student's own
     copy of the teacher projection head at lr / 10, weight decay on all."""
 
     def __init__(self, cfg: RunConfig, teacher: Teacher | None, student: Student, num_train: int,

@@ -1,4 +1,4 @@
-"""Benchmark of desupcon.analysis: exact uniformity + class alignment on 10,000 x 64 embeddings.
+"""Benchmark of desupcon.analysis.metrics: exact uniformity + class alignment on 10,000 x 64 embeddings.
 
 Prints the time of `uniformity` + `alignment_class` (best of a few repeats, torch limited to 2
 threads), the peak extra memory of one call, and the speed-up over a naive pure-Python pair loop.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from desupcon.analysis import DEFAULT_CHUNK_SIZE, alignment_class, uniformity  # noqa: E402
+from desupcon.analysis.metrics import DEFAULT_CHUNK_SIZE, alignment_class, uniformity  # noqa: E402
 
 
 def naive_uniformity_and_alignment(z: list[list[float]], labels: list[int], t: float = 2.0):

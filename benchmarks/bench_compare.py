@@ -1,4 +1,4 @@
-"""Benchmark of desupcon.compare: linear CKA of 10,000 x 2,048 against 10,000 x 512 features, and
+"""Benchmark of desupcon.analysis.compare: linear CKA of 10,000 x 2,048 against 10,000 x 512 features, and
 the KSG mutual information of 10,000 points in 8 + 8 dimensions, each against a naive reference.
 
 References measured in the same run: for CKA, the centred n x n Gram matrices built with numpy
@@ -21,7 +21,7 @@ import torch
 from scipy.special import digamma
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from desupcon.compare import ksg_mutual_information, linear_cka  # noqa: E402
+from desupcon.analysis.compare import ksg_mutual_information, linear_cka  # noqa: E402
 
 
 def gram_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import header, table
 from desupcon import data as data_mod
 from desupcon.config import MethodConfig, preset, run_name
-from desupcon.experiments import plan
+from desupcon.plan import plan
 from desupcon.methods import StepOutputs, build_method
 from desupcon.models import Student, Teacher, build_encoder
 
@@ -108,7 +108,7 @@ def teacher_ce_step_flops(arch: str, batch: int, image_size: int, num_classes: i
 
 
 def published_plan() -> tuple[int, list[MethodConfig]]:
-    """The student runs of the published plan (desupcon.experiments.plan of the paper preset),
+    """The student runs of the published plan (desupcon.plan.plan of the paper preset),
     each distinct run once, as the sweep runs them (duplicates share a run name)."""
     experiments = plan(preset("paper"), "all")
     unique: dict[str, MethodConfig] = {}
@@ -174,7 +174,7 @@ def main() -> None:
                          ("plan with the teacher from weights (probe only), lockstep", lock - teacher_ce)):
         rows.append([label, "-", f"{total / 1e15:.1f}"])
     print(table(["", "TFLOP/step", "PFLOP total"], rows))
-    print(f"the plan (desupcon.experiments.plan) lists {n_listed} student runs, {len(runs)} distinct; "
+    print(f"the plan (desupcon.plan.plan) lists {n_listed} student runs, {len(runs)} distinct; "
           f"teacher training {teacher_ce / 1e15:.1f} PFLOP (50 cross-entropy epochs), projection probe "
           f"{probe / 1e15:.1f} PFLOP.")
     common.footer(began)

@@ -31,9 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import PeakRSS, banner, make_teacher, sync, table
 from desupcon import data as data_mod
-from desupcon import train
+from desupcon.engine import loop as train
 from desupcon.config import preset
-from desupcon.devices import DevicePolicy, select_device
+from desupcon.engine.devices import DevicePolicy, select_device
 
 
 def synthetic_dataset(n: int, classes: int, size: int = 32) -> data_mod.ImageDataset:

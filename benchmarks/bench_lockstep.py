@@ -22,7 +22,7 @@ import torch
 
 from common import banner, footer, header, load_data, make_teacher, setup, sync, table
 from desupcon import data as data_mod
-from desupcon import train
+from desupcon.engine import loop as train
 from desupcon.config import preset
 
 VARIANTS = [{"method": "lw-supcrd", "alpha": 1.0}, {"method": "lw-supcrd", "alpha": 2.0},

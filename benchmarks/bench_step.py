@@ -30,7 +30,7 @@ import torch
 import baseline_pipeline as base
 from common import PeakRSS, banner, footer, header, load_data, make_cfg, make_teacher, setup, sync, table
 from desupcon import data as data_mod
-from desupcon import train
+from desupcon.engine import loop as train
 from desupcon.models import Student, build_encoder
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from desupcon.models import Student, build_encoder
-from desupcon.zoo import ZOO
+from desupcon.models.zoo import ZOO
 
 
 def plain_step(encoder, x, y) -> None:

@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 from desupcon import data as data_mod  # noqa: E402
-from desupcon import devices  # noqa: E402
+from desupcon.engine import devices  # noqa: E402
 from desupcon.config import preset  # noqa: E402
 from desupcon.models import Teacher, build_encoder  # noqa: E402
 

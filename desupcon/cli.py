@@ -12,15 +12,15 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import pipeline
-from .checkpoint import CheckpointError, check_json_records, check_writable, load_checkpoint
-from .devices import PRECISIONS
-from .config import HUB_TEACHER, PRESET_HELP, PRESETS, RunConfig, config_json, method_names, preset, run_name
-from .errors import DesupconError, InputFileError, MissingInputsError
-from .models import canonical_arch
-from .runs import OutputPaths
-from .settings import FLAGGED, SWITCHES
-from .validation import ConfigError, checked_config_dict, validate_config
+from desupcon import session as pipeline
+from desupcon.store.checkpoint import CheckpointError, check_json_records, check_writable, load_checkpoint
+from desupcon.engine.devices import PRECISIONS
+from desupcon.config import HUB_TEACHER, PRESET_HELP, PRESETS, RunConfig, config_json, method_names, preset, run_name
+from desupcon.errors import DesupconError, InputFileError, MissingInputsError
+from desupcon.models import canonical_arch
+from desupcon.engine.runs import OutputPaths
+from desupcon.config.settings import FLAGGED, SWITCHES
+from desupcon.config.validation import ConfigError, checked_config_dict, validate_config
 
 log = logging.getLogger("desupcon")
 
@@ -185,9 +185,9 @@ def preflight(cfgs: list[RunConfig], teacher: bool = True) -> None:
     output folders are writable, that the results files the runs will update are readable (a
     corrupted one is reported now, not after hours of training) and that the teacher's weights
     can be had (a missing published teacher is reported before any data is loaded)."""
-    from .evaluation import comprehensive_results_path
-    from .teacher import check_teacher_available
-    from .tracking import check_available
+    from desupcon.analysis.evaluate import comprehensive_results_path
+    from desupcon.teacher import check_teacher_available
+    from desupcon.engine.tracking import check_available
     for cfg in cfgs:
         validate_config(cfg)
         check_available(cfg.tensorboard, cfg.wandb)
@@ -196,8 +196,8 @@ def preflight(cfgs: list[RunConfig], teacher: bool = True) -> None:
         for folder in (paths.models, paths.results):
             check_writable(folder)
         check_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset))
-    from .data import DatasetNotFoundError, check_dataset_available
-    from .teacher_weights import TeacherWeightsUnavailableError
+    from desupcon.data import DatasetNotFoundError, check_dataset_available
+    from desupcon.store.weights import TeacherWeightsUnavailableError
     missing = []  # every missing input named at once: the data and the teacher
     for cfg in {repr(c.data_identity()) + c.data.data_root: c for c in cfgs}.values():
         try:
@@ -275,8 +275,8 @@ def cmd_teacher(args) -> None:
 def two_stage_settings(args, cfg: RunConfig, stored: dict | None = None):
     """(phase-1 configuration, TwoStageConfig) of `train --method two-stage`, or of a two-stage
     configuration file (`stored`: its settings, under any two-stage flag given)."""
-    from .probes import ProbeConfig
-    from .two_stage import TwoStageConfig
+    from desupcon.probes import ProbeConfig
+    from desupcon.two_stage import TwoStageConfig
     if args.phase2_epochs is not None and args.phase2_epochs < 1:
         raise ConfigError(f"--phase2-epochs must be >= 1, got {args.phase2_epochs}")
     if stored is not None:
@@ -320,7 +320,7 @@ def cmd_train(args) -> None:
     preflight([cfg])
     session = pipeline.Session(cfg, force_teacher=args.force_teacher)
     if two_stage:
-        from .two_stage import train_two_stage
+        from desupcon.two_stage import train_two_stage
         result = train_two_stage(cfg, settings, session.dataset, session.teacher()[0], session.policy,
                                  force=args.force, resume=not args.no_resume)
         session.analyze(result)
@@ -341,7 +341,7 @@ def cmd_train(args) -> None:
 
 
 def _saved_run_path(run: str, output_dir) -> Path:
-    from .runs import saved_run_path
+    from desupcon.engine.runs import saved_run_path
     return saved_run_path(run, output_dir)
 
 
@@ -358,10 +358,10 @@ def cmd_analyze(args) -> None:
 
 def cmd_probe(args) -> None:
     """A probe on a saved student's frozen encoder (SPEC 12), recorded beside its other results."""
-    from .checkpoint import load_checkpoint
-    from .devices import DevicePolicy, select_device
-    from .probes import ProbeConfig, probe_checkpoint
-    from .runs import prepare_dataset
+    from desupcon.store.checkpoint import load_checkpoint
+    from desupcon.engine.devices import DevicePolicy, select_device
+    from desupcon.probes import ProbeConfig, probe_checkpoint
+    from desupcon.engine.runs import prepare_dataset
     path = _saved_run_path(args.run, args.output_dir)
     ckpt = load_checkpoint(path, expected_kind="student")
     cfg = RunConfig.from_dict(ckpt["config"]).replace(device=args.device, output_dir=str(args.output_dir),
@@ -393,7 +393,7 @@ def cmd_report(args) -> None:
 def sweep_bases(args) -> list[RunConfig]:
     """The sweep's base configuration, or one per teacher -> student pair with `--pair T:S` /
     `--pairs all` (each with the pair's own settings, SPEC 17)."""
-    from .pairs import STANDARD_PAIRS, parse_pair
+    from desupcon.config.pairs import STANDARD_PAIRS, parse_pair
     if args.pair is None and args.pairs is None:
         return [config_from_args(args)]
     if args.pair is not None and args.pairs is not None:
@@ -417,7 +417,7 @@ def sweep_bases(args) -> list[RunConfig]:
 
 
 def cmd_sweep(args) -> None:
-    from . import experiments
+    from desupcon import plan as experiments
     if args.pairs not in (None, "all"):
         raise ConfigError(f"--pairs {args.pairs!r}: only `all` (the 13 pairs of SPEC 17); one pair is --pair T:S")
     bases = sweep_bases(args)
@@ -447,7 +447,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare_models import compare_models
+    from desupcon.analysis.compare_models import compare_models
     out = compare_models(args.a, args.b, args.output_dir, args.device, args.data_root, args.json,
                          mi_dims=args.mi_dims, mi_k=args.mi_k, cka_sigma=args.cka_sigma)
     mi = out["mutual_information"]
@@ -467,7 +467,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_similarity(args) -> None:
-    from .compare_models import layer_similarity
+    from desupcon.analysis.compare_models import layer_similarity
     out = layer_similarity(args.a, args.b, args.output_dir, args.device, args.data_root, args.json)
     width = max(len(n) for n in out["layers_a"])
     print(f"linear CKA (unbiased, minibatches of {out['batch_size']}, {out['n']} test images); rows: "
@@ -479,7 +479,7 @@ def cmd_similarity(args) -> None:
 
 
 def cmd_data_subset(args) -> None:
-    from . import data as data_mod
+    from desupcon import data as data_mod
     source = args.source
     if not source.startswith("npz:") and source not in ("cifar100", "cifar10", "digits"):
         if not (Path(source) / "train.npz").is_file():
@@ -504,7 +504,7 @@ def cmd_data_subset(args) -> None:
 
 
 def cmd_teachers_fetch(args) -> None:
-    from .released import RELEASE_URL, fetch_released_teachers
+    from desupcon.store.released import RELEASE_URL, fetch_released_teachers
     out = fetch_released_teachers(args.dest, url=args.url or RELEASE_URL, archive=args.archive, sha256=args.sha256,
                                   overwrite=args.overwrite)
     print(f"{out['folder']}: {len(out['teachers'])} released teachers checked ({', '.join(out['teachers'])}); "
@@ -641,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty OUT folder")
     q.set_defaults(func=cmd_data_subset)
 
-    from .released import DEFAULT_DEST
+    from desupcon.store.released import DEFAULT_DEST
     p = sub.add_parser("teachers", help="mdistiller's released CIFAR-100 teachers")
     teachers_sub = p.add_subparsers(dest="teachers_command", required=True)
     q = teachers_sub.add_parser("fetch", help="download mdistiller's cifar_teachers.tar, check it and unpack it "
@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["sweep", "all", *argv]
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
-    from . import distributed
+    from desupcon.engine import distributed
     if distributed.launched_by_torchrun() and hasattr(args, "device"):
         args.device = distributed.init_from_environment(args.device)  # one process per GPU
     # only the first process of a torchrun job talks (and writes)

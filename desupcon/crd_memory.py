@@ -24,8 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .devices import to_device
-from .losses import crd_nce_logits, crd_nce_loss, crd_nce_normaliser
+from desupcon.engine.devices import to_device
+from desupcon.losses import crd_nce_logits, crd_nce_loss, crd_nce_normaliser
 
 
 class CRDMemory:

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write_bytes, atomic_write_json
-from .devices import to_device
-from .errors import DesupconError
-from .settings import SUBSET_SAMPLINGS
+from desupcon.store.checkpoint import atomic_write_bytes, atomic_write_json
+from desupcon.engine.devices import to_device
+from desupcon.errors import DesupconError
+from desupcon.config.settings import SUBSET_SAMPLINGS
 
 DATASETS = ("cifar100", "cifar10", "digits", "npz:<dir>")
 

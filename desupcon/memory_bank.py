@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .devices import to_device
+from desupcon.engine.devices import to_device
 
 
 class MomentumMemoryBank:

@@ -24,17 +24,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data as data_mod
-from . import distributed as dist
-from . import losses
-from .checkpoint import change_json_record, update_checkpoint
-from .config import MethodConfig, OptimConfig, RunConfig, protocol_of
-from .devices import as_policy, make_scheduler
-from .methods import CrossEntropyMethod, Method, StepOutputs
-from .runs import EVAL_BATCH, OutputPaths, remove_partial
-from .teacher_weights import fingerprint
-from .train import Run, load_student, train_group
-from .validation import ConfigError
+from desupcon import data as data_mod
+from desupcon.engine import distributed as dist
+from desupcon import losses
+from desupcon.store.checkpoint import change_json_record, update_checkpoint
+from desupcon.config import MethodConfig, OptimConfig, RunConfig, protocol_of
+from desupcon.engine.devices import as_policy, make_scheduler
+from desupcon.methods import CrossEntropyMethod, Method, StepOutputs
+from desupcon.engine.runs import EVAL_BATCH, OutputPaths, remove_partial
+from desupcon.store.weights import fingerprint
+from desupcon.engine.loop import Run, load_student, train_group
+from desupcon.config.validation import ConfigError
 
 __all__ = ["knn_predict", "knn_accuracy", "topk_accuracy", "ProbeConfig", "FrozenEncoderProbe",
            "KDProbeMethod", "last_stage_name", "fit_probe", "linear_probe", "kd_probe", "knn_probe",
@@ -341,7 +341,7 @@ def knn_probe(student: nn.Module, dataset: data_mod.ImageDataset, policy, k: int
     """k-NN accuracy (SPEC 12): normalised backbone features of the clean train and test images,
     computed once with the encoder frozen in eval mode, and `knn_accuracy` (cosine, k = 20; k is
     capped at the number of training images). Returns {"top1", "top5", "k"}."""
-    from .evaluation import embed  # late: evaluation loads the plotting stack
+    from desupcon.analysis.evaluate import embed  # late: evaluation loads the plotting stack
     encoder = _encoder_of(student)
     was_training = encoder.training
     encoder.eval()
@@ -413,7 +413,7 @@ def probe_checkpoint(path: str | Path, kind: str, dataset: data_mod.ImageDataset
     checkpoints under the output folder (`pth_models/in_progress/<run>__probe_<kind>.pth`) and
     resume from them. The KD probe needs the run's `teacher`. Returns the result dict.
     """
-    from .evaluation import comprehensive_results_path  # late: evaluation loads the plotting stack
+    from desupcon.analysis.evaluate import comprehensive_results_path  # late: evaluation loads the plotting stack
     if kind not in PROBE_KINDS:
         raise ValueError(f"unknown probe {kind!r}; known: {', '.join(PROBE_KINDS)}")
     if kind == "kd" and teacher is None:

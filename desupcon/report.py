@@ -16,11 +16,11 @@ from pathlib import Path
 
 import logging
 
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, read_json
-from .config import HUB_TEACHER, RunConfig, protocol_of
-from .methods import method_label
-from .pairs import published_figures
-from .published import PUBLISHED_SOURCE
+from desupcon.store.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, read_json
+from desupcon.config import HUB_TEACHER, RunConfig, protocol_of
+from desupcon.methods import method_label
+from desupcon.config.pairs import published_figures
+from desupcon.store.published import PUBLISHED_SOURCE
 
 log = logging.getLogger("desupcon")
 
@@ -335,7 +335,7 @@ def teacher_agreement(c: Configuration, setting: list[Configuration]) -> dict[in
 def mcnemar_against(c: Configuration, other: Configuration) -> dict[int, float]:
     """Per shared seed, the exact McNemar p-value of `c` against `other` on the same test images
     (both records' labels must be the same list)."""
-    from .compare import error_overlap, mcnemar_exact
+    from desupcon.analysis.compare import error_overlap, mcnemar_exact
     out = {}
     for seed in sorted(set(c.records) & set(other.records)):
         mine, theirs = c.records[seed], other.records[seed]

@@ -16,20 +16,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data as data_mod
-from . import distributed as dist
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
-from .config import HUB_TEACHER, RunConfig, teacher_run_name
-from .config import MethodConfig, OptimConfig
-from .devices import as_policy, make_scheduler
-from .methods import build_method
-from .models import Student, Teacher, build_encoder, load_matching_state_dict
-from .published import PUBLISHED_SOURCE, file_sha256, imported_path
-from .teacher_weights import (fingerprint, is_plain_state_dict_file, load_encoder_weights,
+from desupcon import data as data_mod
+from desupcon.engine import distributed as dist
+from desupcon.store.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
+from desupcon.config import HUB_TEACHER, RunConfig, teacher_run_name
+from desupcon.config import MethodConfig, OptimConfig
+from desupcon.engine.devices import as_policy, make_scheduler
+from desupcon.methods import build_method
+from desupcon.models import Student, Teacher, build_encoder, load_matching_state_dict
+from desupcon.store.published import PUBLISHED_SOURCE, file_sha256, imported_path
+from desupcon.store.weights import (fingerprint, is_plain_state_dict_file, load_encoder_weights,
                               read_state_dict, resolve_source, split_projection)
-from .train import Run, make_optimizer, train_group
-from .runs import OutputPaths, check_output_dirs, evaluate_accuracy, remove_partial
-from .validation import validate_config
+from desupcon.engine.loop import Run, make_optimizer, train_group
+from desupcon.engine.runs import OutputPaths, check_output_dirs, evaluate_accuracy, remove_partial
+from desupcon.config.validation import validate_config
 
 log = logging.getLogger("desupcon")
 

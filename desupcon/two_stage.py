@@ -30,20 +30,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data as data_mod
-from . import distributed as dist
-from . import losses
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
-from .config import RunConfig, run_name
-from .devices import as_policy
-from .methods import Method, StepOutputs, build_method
-from .models import Student, load_matching_state_dict
-from .probes import FrozenEncoderProbe, ProbeConfig, fit_probe, knn_probe
-from .runs import OutputPaths, check_output_dirs, remove_partial, save_log
-from .teacher_weights import fingerprint
-from .train import (Run, RunResult, assemble_run, build_student, final_metrics, load_cached_student,
+from desupcon import data as data_mod
+from desupcon.engine import distributed as dist
+from desupcon import losses
+from desupcon.store.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
+from desupcon.config import RunConfig, run_name
+from desupcon.engine.devices import as_policy
+from desupcon.methods import Method, StepOutputs, build_method
+from desupcon.models import Student, load_matching_state_dict
+from desupcon.probes import FrozenEncoderProbe, ProbeConfig, fit_probe, knn_probe
+from desupcon.engine.runs import OutputPaths, check_output_dirs, remove_partial, save_log
+from desupcon.store.weights import fingerprint
+from desupcon.engine.loop import (Run, RunResult, assemble_run, build_student, final_metrics, load_cached_student,
                     train_group)
-from .validation import ConfigError, validate_config
+from desupcon.config.validation import ConfigError, validate_config
 
 log = logging.getLogger("desupcon")
 

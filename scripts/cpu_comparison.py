@@ -37,13 +37,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from desupcon import experiments  # noqa: E402
-from desupcon.checkpoint import atomic_write_text, load_checkpoint  # noqa: E402
-from desupcon.compare import prediction_statistics  # noqa: E402
-from desupcon.compare_models import load_saved_model, run_test_pass  # noqa: E402
+from desupcon import plan as experiments  # noqa: E402
+from desupcon.store.checkpoint import atomic_write_text, load_checkpoint  # noqa: E402
+from desupcon.analysis.compare import prediction_statistics  # noqa: E402
+from desupcon.analysis.compare_models import load_saved_model, run_test_pass  # noqa: E402
 from desupcon.config import preset, teacher_run_name  # noqa: E402
-from desupcon.pipeline import Session  # noqa: E402
-from desupcon.runs import OutputPaths  # noqa: E402
+from desupcon.session import Session  # noqa: E402
+from desupcon.engine.runs import OutputPaths  # noqa: E402
 from desupcon.probes import ProbeConfig, probe_checkpoint  # noqa: E402
 from desupcon.report import mean_sd, paired_difference  # noqa: E402
 from desupcon.two_stage import TwoStageConfig, train_two_stage  # noqa: E402

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from desupcon.config import preset  # noqa: E402
-from desupcon.pipeline import Session  # noqa: E402
+from desupcon.session import Session  # noqa: E402
 
 
 def synthetic_cifar100(folder: Path, n_train: int, n_test: int) -> str:

@@ -19,8 +19,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from desupcon.config import PAPER_BANK_SIZE, preset  # noqa: E402
-from desupcon.pairs import STANDARD_PAIRS  # noqa: E402
-from desupcon.teacher_weights import RELEASED  # noqa: E402
+from desupcon.config.pairs import STANDARD_PAIRS  # noqa: E402
+from desupcon.store.weights import RELEASED  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

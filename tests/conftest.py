@@ -29,7 +29,7 @@ def tiny_config():
 def trained_students(monkeypatch):
     """The names of the student runs the training loop trains from now on, in order (cached runs
     and teachers are not counted)."""
-    from desupcon import train
+    from desupcon.engine import loop as train
     names: list[str] = []
     real = train._train_lockstep
 

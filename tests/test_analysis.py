@@ -1,4 +1,4 @@
-"""Tests of desupcon.analysis (SPEC section 7).
+"""Tests of desupcon.analysis.metrics (SPEC section 7).
 
 Each metric is compared with a naive float64 evaluation of its formula written as explicit Python
 loops over points and pairs (math only, never the torch path), on small random inputs that include
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from desupcon import analysis as A
+from desupcon.analysis import metrics as A
 
 RTOL = 1e-9  # the implementation computes in float64 too; only the summation order differs
 

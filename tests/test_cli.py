@@ -7,8 +7,10 @@ import json
 
 import pytest
 
-from desupcon import cli, experiments, pipeline
-from desupcon.checkpoint import load_checkpoint
+from desupcon import cli
+from desupcon import plan as experiments
+from desupcon import session as pipeline
+from desupcon.store.checkpoint import load_checkpoint
 from desupcon.cli import main
 from desupcon.config import preset
 

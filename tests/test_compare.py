@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from desupcon import compare as C
+from desupcon.analysis import compare as C
 
 
 def _data(n=200, p=12, q=7, seed=0):
@@ -219,7 +219,7 @@ def test_pca_scores_carry_the_top_variances_in_both_forms():
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_config):
-    from desupcon.pipeline import Session
+    from desupcon.session import Session
     root = tmp_path_factory.mktemp("compare")
     cfg = tiny_config(root, epochs=1)
     session = Session(cfg, analyze=False)
@@ -228,11 +228,11 @@ def two_runs(tmp_path_factory, tiny_config):
 
 
 def test_compare_command_writes_the_named_fields(two_runs, tmp_path, capsys):
-    from desupcon.checkpoint import read_json
+    from desupcon.store.checkpoint import read_json
     from desupcon.cli import main
-    from desupcon.compare_models import load_saved_model, run_test_pass
-    from desupcon.devices import DevicePolicy
-    from desupcon.runs import prepare_dataset
+    from desupcon.analysis.compare_models import load_saved_model, run_test_pass
+    from desupcon.engine.devices import DevicePolicy
+    from desupcon.engine.runs import prepare_dataset
     root, (lw, ce) = two_runs
     out_json = tmp_path / "cmp.json"
     assert main(["compare", lw.name, str(ce.checkpoint), "--output-dir", str(root), "--device", "cpu",
@@ -259,7 +259,7 @@ def test_compare_command_writes_the_named_fields(two_runs, tmp_path, capsys):
 
 
 def test_similarity_command_against_the_teacher(two_runs, capsys):
-    from desupcon.checkpoint import read_json
+    from desupcon.store.checkpoint import read_json
     from desupcon.cli import main
     root, (lw, _) = two_runs
     assert main(["similarity", lw.name, "teacher", "--output-dir", str(root), "--device", "cpu"]) == 0
@@ -276,7 +276,7 @@ def test_similarity_command_against_the_teacher(two_runs, capsys):
 
 def test_compare_bad_inputs_are_one_line(two_runs, tmp_path, capsys, tiny_config):
     from desupcon.cli import main
-    from desupcon.pipeline import Session
+    from desupcon.session import Session
     root, (lw, ce) = two_runs
     assert main(["compare", lw.name, "no_such_run", "--output-dir", str(root), "--device", "cpu"]) == 2
     assert "no_such_run: neither a checkpoint file nor a run name" in capsys.readouterr().err
@@ -290,7 +290,7 @@ def test_compare_bad_inputs_are_one_line(two_runs, tmp_path, capsys, tiny_config
 
 def test_report_shows_agreement_with_the_teacher_and_mcnemar_against_ce(tmp_path, tiny_config):
     from desupcon import report
-    from desupcon.pipeline import Session
+    from desupcon.session import Session
     cfg = tiny_config(tmp_path, epochs=1)
     session = Session(cfg, pictures=False)
     session.analyze_teacher()

@@ -61,7 +61,7 @@ def test_yaml_and_json_read_the_same(tmp_path, capsys):
 
 
 def test_config_from_every_checkpoint_kind(tmp_path, capsys):
-    from desupcon.checkpoint import load_checkpoint
+    from desupcon.store.checkpoint import load_checkpoint
     flags = ["--preset", "quick", "--train-subset", "96", "--test-subset", "32", "--teacher-arch", "resnet8",
              "--epochs", "1", "--teacher-epochs", "1", "--probe-epochs", "1", "--phase2-epochs", "1",
              "--device", "cpu", "--output-dir", str(tmp_path)]
@@ -86,9 +86,9 @@ def test_config_from_every_checkpoint_kind(tmp_path, capsys):
 
 def test_config_from_an_epoch_checkpoint(tmp_path, capsys, tiny_config):
     import torch
-    from desupcon import train
-    from desupcon.checkpoint import atomic_torch_save
-    from desupcon.pipeline import Session
+    from desupcon.engine import loop as train
+    from desupcon.store.checkpoint import atomic_torch_save
+    from desupcon.session import Session
     cfg = tiny_config(tmp_path).replace(method={"method": "ce"}, optim={"epochs": 7})
     session = Session(cfg, analyze=False)
     run = train.make_student_run(cfg, session.dataset, None, session.policy)

@@ -4,7 +4,7 @@ step under it, the float32 teacher classifier and --compile."""
 import pytest
 import torch
 
-from desupcon.devices import DevicePolicy, native_bf16
+from desupcon.engine.devices import DevicePolicy, native_bf16
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -17,7 +17,7 @@ def test_automatic_policy_on_this_gpu():
 
 
 def test_training_on_the_gpu_matches_the_policy(tmp_path, tiny_config):
-    from desupcon.pipeline import Session
+    from desupcon.session import Session
     cfg = tiny_config(tmp_path, epochs=2).replace(device="cuda", method={"method": "lw-supcrd"})
     session = Session(cfg, analyze=False)
     result = session.run(cfg)
@@ -28,6 +28,6 @@ def test_training_on_the_gpu_matches_the_policy(tmp_path, tiny_config):
 
 
 def test_compile_trains(tmp_path, tiny_config):
-    from desupcon.pipeline import Session
+    from desupcon.session import Session
     cfg = tiny_config(tmp_path, epochs=1).replace(device="cuda", compile=True)
     assert Session(cfg, analyze=False).run(cfg.replace(method={"method": "crd"})).metrics["test_acc"] >= 0

@@ -6,10 +6,11 @@ import shutil
 import pytest
 import torch
 
-from desupcon import runs, train
-from desupcon.checkpoint import load_checkpoint
-from desupcon.devices import DevicePolicy
-from desupcon.pipeline import Session
+from desupcon.engine import runs
+from desupcon.engine import loop as train
+from desupcon.store.checkpoint import load_checkpoint
+from desupcon.engine.devices import DevicePolicy
+from desupcon.session import Session
 
 CPU = torch.device("cpu")
 POLICIES = {

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from desupcon import data, distributed
+from desupcon import data
+from desupcon.engine import distributed
 from desupcon.config import MethodConfig
 from desupcon.methods import StepOutputs, build_method
 
@@ -191,7 +192,8 @@ def test_torchrun_two_processes_write_once_and_resume(tmp_path):
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-from desupcon import cli, train
+from desupcon import cli
+from desupcon.engine import loop as train
 real_save = train.atomic_torch_save
 
 
@@ -228,7 +230,7 @@ def test_torchrun_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights
     resumed = launch(REPO / "desupcon.py", tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
-    from desupcon.checkpoint import load_checkpoint
+    from desupcon.store.checkpoint import load_checkpoint
     a = load_checkpoint(next((tmp_path / "whole" / "pth_models").glob("student_*.pth")))["student"]
     b = load_checkpoint(next((tmp_path / "resumed" / "pth_models").glob("student_*.pth")))["student"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -247,7 +249,7 @@ def test_torchrun_trains_a_zoo_pair_with_sdd_regions(tmp_path):
          "--teacher-arch", "WRN_16_1", "--student-arch", "mobilenetv2", "--teacher-epochs", "1",
          "--probe-epochs", "1", "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    from desupcon.checkpoint import load_checkpoint
+    from desupcon.store.checkpoint import load_checkpoint
     [path] = (out / "pth_models").glob("student_sddlskd_*.pth")
     ckpt = load_checkpoint(path)
     assert ckpt["student_arch"] == "MobileNetV2" and ckpt["config"]["model"]["teacher_arch"] == "wrn_16_1"
@@ -257,7 +259,8 @@ def test_torchrun_trains_a_zoo_pair_with_sdd_regions(tmp_path):
 NODE_LOCAL = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
-from desupcon import cli, train
+from desupcon import cli
+from desupcon.engine import loop as train
 # every rank its own output folder: node-local disks (only rank 0 writes, so rank 1's stays empty)
 argv = sys.argv[1:]
 argv[argv.index("--output-dir") + 1] += "/rank" + os.environ["RANK"]
@@ -299,7 +302,7 @@ def test_node_local_disks_resume_from_rank_0s_checkpoint(tmp_path):
     resumed = launch(scripts[False], tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming after epoch 1" in resumed.stdout + resumed.stderr
-    from desupcon.checkpoint import load_checkpoint
+    from desupcon.store.checkpoint import load_checkpoint
     a = load_checkpoint(next((tmp_path / "whole" / "rank0" / "pth_models").glob("student_*.pth")))["student"]
     b = load_checkpoint(next((tmp_path / "resumed" / "rank0" / "pth_models").glob("student_*.pth")))["student"]
     assert all(torch.equal(a[k], b[k]) for k in a)

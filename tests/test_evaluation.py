@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from desupcon import report
-from desupcon.checkpoint import load_checkpoint
+from desupcon.store.checkpoint import load_checkpoint
 from desupcon.cli import main
 from desupcon.config import HUB_TEACHER, preset, teacher_run_name
-from desupcon.evaluation import comprehensive_results_path
-from desupcon.pipeline import Session
+from desupcon.analysis.evaluate import comprehensive_results_path
+from desupcon.session import Session
 
 PICTURES = ("tsne.png", "alignment_uniformity.png", "training_curves.png", "hypersphere.html")
 

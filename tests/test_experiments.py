@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from desupcon import experiments, report, train
+from desupcon import report
+from desupcon import plan as experiments
+from desupcon.engine import loop as train
 from desupcon.config import preset, run_name
 from desupcon.report import mean_sd, paired_difference
 

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from desupcon import data, experiments, losses, memory_bank, methods, train
-from desupcon import teacher_weights as tw
-from desupcon.checkpoint import load_checkpoint
+from desupcon import data, losses, memory_bank, methods
+from desupcon import plan as experiments
+from desupcon.engine import loop as train
+from desupcon.store import weights as tw
+from desupcon.store.checkpoint import load_checkpoint
 from desupcon.cli import main
 from desupcon.config import HUB_TEACHER, MethodConfig, preset, run_name, teacher_run_name
 from desupcon.models import Student, Teacher, build_encoder
-from desupcon.pipeline import Session
-from desupcon.published import published_config
+from desupcon.session import Session
+from desupcon.store.published import published_config
 
 
 # -- protocols ----------------------------------------------------------------------------------

@@ -58,11 +58,12 @@ def _constant_student():
 
 
 def current() -> dict:
-    from desupcon import experiments, pairs
+    from desupcon import plan as experiments
+    from desupcon.config import pairs
     from desupcon.config import preset
-    from desupcon.pipeline import quickstart_configs
+    from desupcon.session import quickstart_configs
     from desupcon.probes import ProbeConfig, probe_identity
-    from desupcon.settings import SETTINGS
+    from desupcon.config.settings import SETTINGS
     from desupcon.two_stage import TwoStageConfig, two_stage_identity, two_stage_name
 
     out: dict = {}
@@ -133,7 +134,7 @@ def test_names_and_identities_are_byte_identical(golden, now, prefix):
 
 def test_the_settings_variants_name_distinct_runs(golden):
     """The golden file itself is meaningful: changing any tagged setting renames the run."""
-    from desupcon.settings import SETTINGS
+    from desupcon.config.settings import SETTINGS
     base_names = {golden["plan/paper/baselines/3"]["name"]}
     for s in SETTINGS:
         entry = golden.get(f"setting/paper/{s.section}.{s.field}")

@@ -231,7 +231,7 @@ def test_missing_data_and_missing_teacher_are_named_together(tmp_path, capsys, m
 
 
 def test_refused_pickle_is_not_called_corrupted(tmp_path):
-    from desupcon.checkpoint import CheckpointError, load_checkpoint
+    from desupcon.store.checkpoint import CheckpointError, load_checkpoint
     import torch
     marker = tmp_path / "pwned"
     torch.save({"x": RunsAShellCommand(marker)}, tmp_path / "evil.pth")
@@ -253,7 +253,7 @@ def test_report_on_a_mistyped_folder_creates_nothing(tmp_path, capsys):
 def test_degenerate_embeddings_give_nan_with_a_reason():
     import math
     import torch
-    from desupcon import analysis
+    from desupcon.analysis import metrics as analysis
     zeros = torch.zeros(6, 4)
     assert math.isnan(analysis.uniformity(zeros)) and math.isnan(analysis.alignment_class(zeros, [0, 0, 1, 1, 2, 2]))
     assert math.isnan(analysis.alignment_instance(zeros, zeros))
@@ -268,7 +268,7 @@ def test_degenerate_embeddings_give_nan_with_a_reason():
 
 
 def test_collapse_reasons_thresholds():
-    from desupcon.evaluation import collapse_reasons
+    from desupcon.analysis.evaluate import collapse_reasons
     healthy = {"uniformity": -2.1, "zero_vectors": 0.0, "backbone": {"uniformity": -1.4, "zero_vectors": 0.0}}
     assert collapse_reasons({"test_acc": 61.0, "best_test_acc": 62.0}, 10, 450, healthy) == []
     # 10 classes, 450 test images: chance 10 %, sd 1.41 %: 14.2 % is the ceiling
@@ -283,8 +283,8 @@ def test_collapse_reasons_thresholds():
 def test_a_run_at_lr_1e3_is_flagged_collapsed(tmp_path, tiny_config, caplog):
     import logging
     from desupcon import report
-    from desupcon.checkpoint import read_json
-    from desupcon.pipeline import Session
+    from desupcon.store.checkpoint import read_json
+    from desupcon.session import Session
     cfg = tiny_config(tmp_path, train_images=320, test_images=200, epochs=2).replace(
         method={"method": "ce"}, optim={"lr": 1e3, "schedule": "constant"})
     with caplog.at_level(logging.WARNING, logger="desupcon"):
@@ -313,11 +313,11 @@ def test_nan_teacher_weights_are_refused(tmp_path, capsys):
 
 
 def test_teacher_probe_leaves_no_epoch_checkpoint_and_force_reprobes_every_epoch(tmp_path, tiny_config):
-    from desupcon.pipeline import Session
+    from desupcon.session import Session
     cfg = tiny_config(tmp_path).replace(teacher={"probe_epochs": 3})
     _, metrics = Session(cfg).teacher()
     assert not (tmp_path / "pth_models" / "in_progress").exists()
-    from desupcon.checkpoint import load_checkpoint
+    from desupcon.store.checkpoint import load_checkpoint
     from desupcon.teacher import teacher_checkpoint_path
     first = load_checkpoint(teacher_checkpoint_path(cfg))["log"]
     Session(cfg, force_teacher=True).teacher()

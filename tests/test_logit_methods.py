@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from desupcon import data, experiments, report, train
-from desupcon import teacher_weights as tw
-from desupcon.checkpoint import load_checkpoint
+from desupcon import data, report
+from desupcon import plan as experiments
+from desupcon.engine import loop as train
+from desupcon.store import weights as tw
+from desupcon.store.checkpoint import load_checkpoint
 from desupcon.config import preset, run_name
 from desupcon.methods import LOGIT_METHODS
 from desupcon.models import build_encoder
-from desupcon.pipeline import Session
+from desupcon.session import Session
 
 NEW_METHODS = [*LOGIT_METHODS, "crd-nce"]
 

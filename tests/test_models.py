@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from desupcon import teacher_weights
-from desupcon.zoo import ZOO
+from desupcon.store import weights as teacher_weights
+from desupcon.models.zoo import ZOO
 
 from desupcon.models import (
     load_matching_state_dict,

@@ -8,7 +8,7 @@ import pytest
 
 from desupcon import cli, report
 from desupcon.config import preset, protocol_of, run_name
-from desupcon.pairs import STANDARD_PAIRS, published_figures
+from desupcon.config.pairs import STANDARD_PAIRS, published_figures
 
 
 def _cfg(*argv):

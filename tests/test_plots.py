@@ -1,4 +1,4 @@
-"""Tests of desupcon.plots (SPEC section 7 pictures).
+"""Tests of desupcon.analysis.plots (SPEC section 7 pictures).
 
 Every PNG must decode and not be blank; the hypersphere page must load plotly.min.js from its own
 folder (written once) and hold two 3-D scenes. When Chromium is installed, the page is also opened
@@ -16,7 +16,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from desupcon import plots
+from desupcon.analysis import plots
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from desupcon import checkpoint
+from desupcon.store import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,10 +27,10 @@ import importlib, json, pkgutil, sys, warnings
 sys.modules["fcntl"] = None  # what `import fcntl` finds on Windows: ImportError
 warnings.simplefilter("ignore")  # third-party libraries may warn that they lock less
 import desupcon
-for module in pkgutil.iter_modules(desupcon.__path__):
-    if module.name != "__main__":  # that one runs the command line
-        importlib.import_module(f"desupcon.{module.name}")
-from desupcon import checkpoint
+for module in pkgutil.walk_packages(desupcon.__path__, "desupcon."):
+    if module.name != "desupcon.__main__":  # that one runs the command line
+        importlib.import_module(module.name)
+from desupcon.store import checkpoint
 assert checkpoint.fcntl is None
 checkpoint.update_json_records(sys.argv[1], "run", {"acc": 1.0})
 print(json.dumps(json.load(open(sys.argv[1]))))

@@ -10,12 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from desupcon import data, losses, probes, train
-from desupcon.checkpoint import load_checkpoint, read_json
+from desupcon import data, losses, probes
+from desupcon.engine import loop as train
+from desupcon.store.checkpoint import load_checkpoint, read_json
 from desupcon.config import RunConfig
-from desupcon.evaluation import analyze_student_checkpoint, comprehensive_results_path
+from desupcon.analysis.evaluate import analyze_student_checkpoint, comprehensive_results_path
 from desupcon.methods import StepOutputs
-from desupcon.pipeline import Session
+from desupcon.session import Session
 from desupcon.probes import FrozenEncoderProbe, KDProbeMethod, ProbeConfig
 
 

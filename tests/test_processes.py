@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from desupcon.checkpoint import read_json
-from desupcon.pipeline import Session
+from desupcon.store.checkpoint import read_json
+from desupcon.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_analyze_and_probe_a_read_only_checkpoint(tmp_path, tiny_config, monkeyp
     """A checkpoint that cannot be rewritten (a read-only share; simulated: root ignores chmod)
     is analysed and probed all the same: the results go to the records, the file stays as it is."""
     import errno
-    from desupcon import checkpoint
+    from desupcon.store import checkpoint
     from desupcon.cli import main
     cfg = tiny_config(tmp_path, epochs=1).replace(method={"method": "ce"})
     result = Session(cfg, analyze=False).run(cfg)

@@ -7,9 +7,10 @@ import tarfile
 import pytest
 import torch
 
-from desupcon import cli, teacher_weights
+from desupcon import cli
+from desupcon.store import weights as teacher_weights
 from desupcon.models import build_encoder
-from desupcon.released import ReleaseArchiveError, fetch_released_teachers, sha256_of
+from desupcon.store.released import ReleaseArchiveError, fetch_released_teachers, sha256_of
 
 
 def _checkpoint_bytes(arch, classes=100, seed=0):

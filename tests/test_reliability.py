@@ -22,13 +22,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from desupcon import checkpoint, runs, train
+from desupcon.store import checkpoint
+from desupcon.engine import runs
+from desupcon.engine import loop as train
 from desupcon import teacher as teacher_mod
-from desupcon.checkpoint import (CheckpointError, OutputWriteError, atomic_torch_save,
+from desupcon.store.checkpoint import (CheckpointError, OutputWriteError, atomic_torch_save,
                                  atomic_write_json, load_checkpoint, read_json, update_json_records)
 from desupcon.cli import build_parser, config_from_args, main
 from desupcon.config import run_name, teacher_run_name
-from desupcon.evaluation import comprehensive_results_path
+from desupcon.analysis.evaluate import comprehensive_results_path
 from desupcon.models import build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +154,7 @@ def assert_equals_reference(root: Path, ref: dict) -> None:
 
 KILLER = r"""
 import os, signal, sys
-from desupcon import train
+from desupcon.engine import loop as train
 epoch, step = int(sys.argv[1]), int(sys.argv[2])
 real_step = train.Run.step
 
@@ -666,7 +668,7 @@ def test_stale_temporary_files_are_cleaned_only_when_their_writer_is_gone(tmp_pa
 
 def test_plots_go_through_the_atomic_writer(tmp_path, monkeypatch):
     """A failing write of a picture leaves the previous picture and no temporary file."""
-    from desupcon import plots
+    from desupcon.analysis import plots
     target = tmp_path / "curves.png"
     entries = [{"epoch": e, "loss": 1.0 / e, "train_acc": 10.0 * e, "test_acc": 9.0 * e, "lr": 1e-3}
                for e in (1, 2, 3)]

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from desupcon import experiments, train
-from desupcon.checkpoint import load_checkpoint
+from desupcon import plan as experiments
+from desupcon.engine import loop as train
+from desupcon.store.checkpoint import load_checkpoint
 from desupcon.cli import main
 from desupcon.config import preset, run_name
 
@@ -106,7 +107,7 @@ def test_wandb_offline_one_run_per_training_run(tmp_path, monkeypatch):
     runs = [p for p in (tmp_path / "wandb").glob("offline-run-*") if p.is_dir()]
     ids = [next(p.glob("run-*.wandb")).stem[len("run-"):] for p in runs]  # a reopened run: a new folder
     students = list((tmp_path / "pth_models").glob("student_*.pth"))
-    from desupcon.tracking import wandb_run_id
+    from desupcon.engine.tracking import wandb_run_id
     student_ids = {wandb_run_id(p.stem, tmp_path) for p in students}
     assert len(students) == 4 and student_ids <= set(ids)
     # the 4 students, the teacher's training and its probe: 6 runs; a student's analysis reopens its run

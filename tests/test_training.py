@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from desupcon import data, runs, train
-from desupcon.checkpoint import CheckpointError, load_checkpoint
+from desupcon import data
+from desupcon.engine import runs
+from desupcon.engine import loop as train
+from desupcon.store.checkpoint import CheckpointError, load_checkpoint
 from desupcon.cli import RUN_FLAGS, build_parser, config_from_args
 from desupcon.config import RunConfig, method_fields, preset, run_name, teacher_run_name
 from desupcon.methods import StepOutputs
-from desupcon.pipeline import Session
+from desupcon.session import Session
 
 METHOD_VARIANTS = [("ce", 0), ("supcon", 0), ("crd", 0), ("crd", 64), ("lw-supcrd", 0),
                    ("lw-supcrd", 64), ("hybrid", 0), ("hybrid", 64)]

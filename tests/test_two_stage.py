@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from desupcon import train, two_stage
-from desupcon.checkpoint import load_checkpoint
+from desupcon import two_stage
+from desupcon.engine import loop as train
+from desupcon.store.checkpoint import load_checkpoint
 from desupcon.config import MethodConfig
 from desupcon.losses import crd_loss
 from desupcon.methods import StepOutputs, build_method
-from desupcon.pipeline import Session
+from desupcon.session import Session
 from desupcon.probes import ProbeConfig
 from desupcon.two_stage import PHASE1_KIND, PHASE2_KIND, TwoStageConfig, train_two_stage
 

@@ -6,11 +6,13 @@ and as student under every family of method."""
 import pytest
 import torch
 
-from desupcon import data, teacher_weights, train
+from desupcon import data
+from desupcon.store import weights as teacher_weights
+from desupcon.engine import loop as train
 from desupcon.config import preset
-from desupcon.devices import DevicePolicy
+from desupcon.engine.devices import DevicePolicy
 from desupcon.models import ARCHITECTURES, CheckpointMismatchError, Teacher, build_encoder, canonical_arch
-from desupcon.zoo import ZOO, channel_shuffle
+from desupcon.models.zoo import ZOO, channel_shuffle
 
 # SPEC 2's counts at 100 classes (and the CIFAR ResNets of the same tables)
 SPEC_PARAMETERS = {
@@ -26,7 +28,7 @@ FEATURE_MAPS = {
     "ResNet18": (512, 4), "ResNet34": (512, 4), "ResNet50": (2048, 4),
 }
 # The originals' classifier names (mdistiller's / RepDistiller's models/cifar), written here
-# independently of desupcon.zoo, and a few of each original's own parameter names.
+# independently of desupcon.models.zoo, and a few of each original's own parameter names.
 ORIGINAL_CLASSIFIER = {"vgg8": "classifier", "vgg13": "classifier", "MobileNetV2": "classifier.0",
                        "ShuffleV1": "linear", "ShuffleV2": "linear", "ResNet18": "linear",
                        "ResNet50": "linear", "wrn_40_2": "fc", "wrn_16_1": "fc"}
@@ -221,8 +223,8 @@ def test_registry_keeps_torchvision_resnets_and_adds_the_zoo():
 def test_zoo_students_in_lockstep_equal_their_solo_runs(tmp_path, tiny_config):
     """Different zoo students (a wide ResNet, ShuffleV2, VGG) sharing one zoo teacher's forwards
     give bit for bit the runs trained alone."""
-    from desupcon.checkpoint import load_checkpoint
-    from desupcon.pipeline import Session
+    from desupcon.store.checkpoint import load_checkpoint
+    from desupcon.session import Session
     base = tiny_config(tmp_path / "solo", train_images=64, test_images=32, epochs=1).replace(
         model={"teacher_arch": "wrn_16_1"})
     variants = [({"student_arch": "wrn_16_1"}, "kd"), ({"student_arch": "ShuffleV2"}, "sd-dkd"),

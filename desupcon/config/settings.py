@@ -59,7 +59,7 @@ class Setting:
 
 
 def _methods():
-    from .config import method_names  # the methods are declared by their classes (methods.py)
+    from desupcon.config import method_names  # the methods are declared by their classes (methods.py)
     return method_names()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import DesupconError
+from desupcon.errors import DesupconError
 
 
 class TrackingUnavailableError(DesupconError, ImportError):

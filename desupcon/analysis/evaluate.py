@@ -15,15 +15,16 @@ from pathlib import Path
 
 import torch
 
-from . import analysis, plots
-from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, update_checkpoint,
+from desupcon.analysis import metrics as analysis
+from desupcon.analysis import plots
+from desupcon.store.checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, update_checkpoint,
                          update_json_records)
-from .config import RunConfig, dataset_tag, protocol_of
-from .data import ImageDataset, TwoViewAugment, eval_batches
-from .models import Teacher
-from .devices import as_policy, to_device
-from .runs import EVAL_BATCH, OutputPaths
-from .train import load_student
+from desupcon.config import RunConfig, dataset_tag, protocol_of
+from desupcon.data import ImageDataset, TwoViewAugment, eval_batches
+from desupcon.models import Teacher
+from desupcon.engine.devices import as_policy, to_device
+from desupcon.engine.runs import EVAL_BATCH, OutputPaths
+from desupcon.engine.loop import load_student
 
 log = logging.getLogger("desupcon")
 ANALYSIS_SEED = 1234  # the augmented views of the test set used for instance alignment
@@ -142,7 +143,7 @@ def comprehensive_results_path(paths: OutputPaths, student_arch: str, dataset: s
 
 def has_record(cfg: RunConfig, name: str) -> bool:
     """Whether the records file of `cfg`'s runs holds the run `name`."""
-    from .checkpoint import read_json
+    from desupcon.store.checkpoint import read_json
     path = comprehensive_results_path(OutputPaths(cfg.output_dir), cfg.model.student_arch, cfg.data.dataset)
     try:
         return path.is_file() and name in read_json(path)
@@ -235,7 +236,7 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
     update_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset),
                         ckpt["name"], record)
     if cfg.tensorboard or cfg.wandb:
-        from .tracking import RunTracker
+        from desupcon.engine.tracking import RunTracker
         tracker = RunTracker(ckpt["name"], paths.root, cfg.tensorboard, cfg.wandb, cfg.to_dict())
         tracker.final({"test_acc": ckpt["metrics"].get("test_acc"), **metrics})
         tracker.close()
@@ -248,8 +249,8 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
 def analyze_teacher(teacher: Teacher, cfg: RunConfig, teacher_metrics: dict, dataset: ImageDataset,
                     device: torch.device, pictures: bool = True) -> dict:
     """Analyse the teacher (probe-trained head) and record it beside the students."""
-    from .config import teacher_run_name
-    from .teacher import teacher_checkpoint_path
+    from desupcon.config import teacher_run_name
+    from desupcon.teacher import teacher_checkpoint_path
     paths = OutputPaths(cfg.output_dir)
     name = teacher_run_name(cfg, with_projection=True)
     ckpt_path = teacher_checkpoint_path(cfg)

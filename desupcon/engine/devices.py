@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DesupconError
+from desupcon.errors import DesupconError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

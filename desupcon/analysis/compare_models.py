@@ -19,16 +19,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import compare, plots
-from .checkpoint import CheckpointError, atomic_write_json, load_checkpoint
-from .config import RunConfig
-from .data import ImageDataset, eval_batches
-from .devices import DevicePolicy, select_device
-from .errors import InputFileError
-from .models import Teacher, build_encoder, load_matching_state_dict
-from .runs import EVAL_BATCH, OutputPaths, prepare_dataset, saved_run_path
-from .teacher import teacher_checkpoint_path
-from .train import load_student
+from desupcon.analysis import compare
+from desupcon.analysis import plots
+from desupcon.store.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
+from desupcon.config import RunConfig
+from desupcon.data import ImageDataset, eval_batches
+from desupcon.engine.devices import DevicePolicy, select_device
+from desupcon.errors import InputFileError
+from desupcon.models import Teacher, build_encoder, load_matching_state_dict
+from desupcon.engine.runs import EVAL_BATCH, OutputPaths, prepare_dataset, saved_run_path
+from desupcon.teacher import teacher_checkpoint_path
+from desupcon.engine.loop import load_student
 
 log = logging.getLogger("desupcon")
 

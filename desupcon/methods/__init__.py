@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import distributed, losses
-from .config import MethodConfig
+from desupcon import losses
+from desupcon.engine import distributed
+from desupcon.config import MethodConfig
 
 
 @dataclass
@@ -368,7 +369,7 @@ class CRDNCEMethod(Method):
     uses_every_parameter = False
 
     def setup(self, dataset, student, teacher, policy) -> None:
-        from .crd_memory import CRDMemory
+        from desupcon.crd_memory import CRDMemory
         c = self.cfg
         self.embed_student = torch.nn.Linear(student.encoder.feature_dim, c.nce_dim).to(policy.device)
         self.embed_teacher = torch.nn.Linear(teacher.encoder.feature_dim, c.nce_dim).to(policy.device)

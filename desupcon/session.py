@@ -10,19 +10,21 @@ import logging
 import time
 from pathlib import Path
 
-from . import distributed, evaluation, train
-from .checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
-from .config import RunConfig, default_bank_size, preset, run_name, teacher_run_name
-from .data import ImageDataset
-from .devices import DevicePolicy, select_device
-from .methods import build_method
-from .models import Teacher
-from .published import published_config
-from .report import write_report
-from .run_locks import RunLock
-from .runs import OutputPaths, prepare_dataset
-from .teacher import load_or_train_teacher, teacher_from_state, teacher_ready, teacher_state
-from .validation import validate_config
+from desupcon.engine import distributed
+from desupcon.analysis import evaluate as evaluation
+from desupcon.engine import loop as train
+from desupcon.store.checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
+from desupcon.config import RunConfig, default_bank_size, preset, run_name, teacher_run_name
+from desupcon.data import ImageDataset
+from desupcon.engine.devices import DevicePolicy, select_device
+from desupcon.methods import build_method
+from desupcon.models import Teacher
+from desupcon.store.published import published_config
+from desupcon.report import write_report
+from desupcon.store.locks import RunLock
+from desupcon.engine.runs import OutputPaths, prepare_dataset
+from desupcon.teacher import load_or_train_teacher, teacher_from_state, teacher_ready, teacher_state
+from desupcon.config.validation import validate_config
 
 log = logging.getLogger("desupcon")
 
@@ -158,7 +160,7 @@ def analyze_checkpoint(path: str | Path, device: str = "auto", output_dir: str |
         ckpt = load_checkpoint(path, expected_kind="student")
         published = False
     except CheckpointError:
-        from .teacher_weights import is_plain_state_dict_file
+        from desupcon.store.weights import is_plain_state_dict_file
         if _is_desupcon_checkpoint(path) or not is_plain_state_dict_file(path):
             raise
         published = True

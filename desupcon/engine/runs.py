@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data as data_mod
-from .checkpoint import CheckpointError, atomic_write_json, check_writable, load_checkpoint
-from .config import RunConfig
-from .devices import as_policy
-from .errors import DesupconError, InputFileError
+from desupcon import data as data_mod
+from desupcon.store.checkpoint import CheckpointError, atomic_write_json, check_writable, load_checkpoint
+from desupcon.config import RunConfig
+from desupcon.engine.devices import as_policy
+from desupcon.errors import DesupconError, InputFileError
 
 log = logging.getLogger("desupcon")
 

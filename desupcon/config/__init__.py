@@ -16,8 +16,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from . import pairs
-from .settings import SETTINGS
+from desupcon.config import pairs
+from desupcon.config.settings import SETTINGS
 
 # The published CIFAR-100 ResNet-50 teacher (SPEC 6), a timm-format state dict on the model hub.
 HUB_TEACHER = "hf-hub:edadaltocg/resnet50_cifar100"
@@ -26,12 +26,12 @@ HUB_TEACHER = "hf-hub:edadaltocg/resnet50_cifar100"
 # defaults, its label, what it needs, its losses); these look them up.
 def method_class(name: str):
     """The class declaring method `name` (None for an unknown name)."""
-    from .methods import METHODS as declared  # methods.py imports this module: looked up when needed
+    from desupcon.methods import METHODS as declared  # methods.py imports this module: looked up when needed
     return declared.get(name)
 
 
 def method_names() -> tuple[str, ...]:
-    from .methods import METHODS as declared
+    from desupcon.methods import METHODS as declared
     return tuple(declared)
 
 

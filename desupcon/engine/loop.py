@@ -26,23 +26,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import data as data_mod
-from . import distributed as dist
-from .checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint,
+from desupcon import data as data_mod
+from desupcon.engine import distributed as dist
+from desupcon.store.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint,
                          remove_stale_temporaries_in)
-from .config import OptimConfig, RunConfig, run_name
-from .devices import DevicePolicy, as_policy, make_scheduler
-from .memory_bank import MomentumMemoryBank
-from .methods import Method, StepOutputs, build_method
-from .models import Student, Teacher, build_encoder, load_matching_state_dict
-from .published import (PUBLISHED_SOURCE, file_sha256, imported_path, load_plain_state,
+from desupcon.config import OptimConfig, RunConfig, run_name
+from desupcon.engine.devices import DevicePolicy, as_policy, make_scheduler
+from desupcon.memory_bank import MomentumMemoryBank
+from desupcon.methods import Method, StepOutputs, build_method
+from desupcon.models import Student, Teacher, build_encoder, load_matching_state_dict
+from desupcon.store.published import (PUBLISHED_SOURCE, file_sha256, imported_path, load_plain_state,
                         published_config, published_names, student_state_from_published)
-from .run_locks import RunLock
-from .runs import (NonFiniteLossError, OutputPaths, check_finite, check_output_dirs, evaluate_accuracy,
+from desupcon.store.locks import RunLock
+from desupcon.engine.runs import (NonFiniteLossError, OutputPaths, check_finite, check_output_dirs, evaluate_accuracy,
                    global_rng_state, grads_finite, identity_diff, load_partial, non_finite_error,
                    params_finite, save_log, remove_partial, set_global_rng_state, summary_line,
                    with_kept_state)
-from .validation import validate_config
+from desupcon.config.validation import validate_config
 
 log = logging.getLogger("desupcon")
 
@@ -78,7 +78,7 @@ class Run:
         self.scaler = self.policy.grad_scaler()
         self.tracker = None
         if (self.cfg.tensorboard or self.cfg.wandb) and dist.is_main():
-            from .tracking import RunTracker
+            from desupcon.engine.tracking import RunTracker
             self.tracker = RunTracker(self.name, self.cfg.output_dir, self.cfg.tensorboard, self.cfg.wandb,
                                       self.cfg.to_dict())
         self.forward_model = dist.wrap_model(self.model, self.policy, self.method, self.cfg.sync_batchnorm)
@@ -701,7 +701,7 @@ def import_published_student(original: Path, cfg: RunConfig | None, identity: di
 
 def _unnamed_student_config(dataset: data_mod.ImageDataset) -> RunConfig:
     """A published-layout student whose name describes no run: ResNet-18 on the given dataset."""
-    from .config import preset
+    from desupcon.config import preset
     return preset("paper").replace(data={"dataset": dataset.name}, method={"method": "unknown"})
 
 

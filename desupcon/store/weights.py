@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import CHECKPOINT_FORMAT, CheckpointError, describe_load_failure
-from .config import HUB_TEACHER
-from .errors import DesupconError
-from .models import (CheckpointMismatchError, identify_architecture, load_matching_state_dict,
+from desupcon.store.checkpoint import CHECKPOINT_FORMAT, CheckpointError, describe_load_failure
+from desupcon.config import HUB_TEACHER
+from desupcon.errors import DesupconError
+from desupcon.models import (CheckpointMismatchError, identify_architecture, load_matching_state_dict,
                      normalise_state_dict_layout)
-from .zoo import RELEASED_CHECKPOINT, RELEASED_TEACHERS
+from desupcon.models.zoo import RELEASED_CHECKPOINT, RELEASED_TEACHERS
 
 log = logging.getLogger("desupcon")
 

@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from .errors import DesupconError
-from .zoo import ORIGINAL_CLASSIFIER, ZOO, ZooEncoder
+from desupcon.errors import DesupconError
+from desupcon.models.zoo import ORIGINAL_CLASSIFIER, ZOO, ZooEncoder
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,12 +7,12 @@ import math
 
 import torch
 
-from .config import RunConfig
-from .devices import PRECISIONS
-from .data import DATASETS
-from .errors import DesupconError
-from .models import ARCHITECTURES
-from .settings import SETTINGS
+from desupcon.config import RunConfig
+from desupcon.engine.devices import PRECISIONS
+from desupcon.data import DATASETS
+from desupcon.errors import DesupconError
+from desupcon.models import ARCHITECTURES
+from desupcon.config.settings import SETTINGS
 
 
 class ConfigError(DesupconError, ValueError):
@@ -93,7 +93,7 @@ def _check_sdd_scales(scales: list) -> None:
                                   for k in scales),
              f"--sdd-scales must be grid sizes between 1 and {MAX_SDD_SCALE} (SDD's: 1 2 4), got {scales}")
     try:
-        from .losses import _check_scales
+        from desupcon.losses import _check_scales
         _check_scales(scales)
     except ValueError as exc:
         raise ConfigError(f"--sdd-scales {' '.join(map(str, scales))}: {str(exc).split(': ', 1)[1]}") from None

@@ -11,12 +11,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import distributed, plots
-from .config import RunConfig, bank_protocol, dataset_tag, default_bank_size, run_name
-from .pipeline import Session
-from .methods import method_label
-from .report import LOGIT_TABLE_METHODS, write_report
-from .train import RunResult, lockstep_key
+from desupcon.engine import distributed
+from desupcon.analysis import plots
+from desupcon.config import RunConfig, bank_protocol, dataset_tag, default_bank_size, run_name
+from desupcon.session import Session
+from desupcon.methods import method_label
+from desupcon.report import LOGIT_TABLE_METHODS, write_report
+from desupcon.engine.loop import RunResult, lockstep_key
 
 log = logging.getLogger("desupcon")
 

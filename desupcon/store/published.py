@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import HUB_TEACHER, RunConfig, preset, protocol_of, run_name
+from desupcon.config import HUB_TEACHER, RunConfig, preset, protocol_of, run_name
 
 PUBLISHED_SOURCE = "published checkpoint"
 _SUFFIX = "_resnet18_cifar100"

@@ -22,8 +22,8 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
-from desupcon.analysis import normalized
-from desupcon.checkpoint import atomic_write_bytes, atomic_write_text
+from desupcon.analysis.metrics import normalized
+from desupcon.store.checkpoint import atomic_write_bytes, atomic_write_text
 
 PLOTLY_BUNDLE = "plotly.min.js"
 HYPERSPHERE_DIV_ID = "hypersphere"

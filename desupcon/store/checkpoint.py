@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DesupconError
+from desupcon.errors import DesupconError
 
 try:
     import fcntl

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import DesupconError
-from .models import identify_architecture
-from .teacher_weights import RELEASED_FOLDER, read_state_dict
-from .zoo import RELEASED_CHECKPOINT, RELEASED_TEACHERS
+from desupcon.errors import DesupconError
+from desupcon.models import identify_architecture
+from desupcon.store.weights import RELEASED_FOLDER, read_state_dict
+from desupcon.models.zoo import RELEASED_CHECKPOINT, RELEASED_TEACHERS
 
 log = logging.getLogger("desupcon")
 

@@ -1,0 +1,1 @@
+"""What is measured on trained models: representation metrics, evaluation, plots, comparisons."""

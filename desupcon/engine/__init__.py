@@ -1,0 +1,1 @@
+"""How runs train: the device policy, building a run, the training step and the loop."""

@@ -1,0 +1,1 @@
+"""What runs leave behind: atomic files and locks, checkpoints, records, teacher weights."""
