@@ -2,7 +2,7 @@
 step, host (CPU) and device (GPU) time per step, images/s, peak memory and the FLOP rate achieved
 against the step's FLOP count.
 
-The step is the training loop's own (`train.train_step`: inputs moved by the device policy, the
+The step is the training loop's own (`train_step`: inputs moved by the device policy, the
 teacher's forward, the student's forward, losses, backward, optimiser). Images are random 32x32
 uint8 tensors (100 classes): the timing does not depend on their content. On a GPU:
   - device time per step from CUDA events around each step, host time from the wall clock until
@@ -31,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import PeakRSS, banner, make_teacher, sync, table
 from desupcon import data as data_mod
-from desupcon.engine import loop as train
+from desupcon.engine.build import make_student_run
+from desupcon.engine.step import train_step
 from desupcon.config import preset
 from desupcon.engine.devices import DevicePolicy, select_device
 
@@ -74,14 +75,14 @@ def main() -> None:
     banner(f"one {args.preset} step: {cfg.model.teacher_arch} -> {cfg.model.student_arch}, {args.method}, "
            f"batch {args.batch_size}", policy)
     teacher = make_teacher(cfg.model.teacher_arch, args.classes, policy)
-    run = train.make_student_run(cfg, dataset, teacher, policy)
+    run = make_student_run(cfg, dataset, teacher, policy)
     run.start_epoch()
     augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
     batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels, args.batch_size, augment,
                                      torch.Generator().manual_seed(0), views=run.data_views)
 
     def step():
-        train.train_step([run], next(batches), teacher, policy)
+        train_step([run], next(batches), teacher, policy)
 
     for _ in range(args.warmup):
         step()

@@ -2,7 +2,7 @@
 trained one after another.
 
 Prints the cost of one teacher forward against one student step, then the seconds of 4 runs
-(LW-SupCRD alpha 1, 2, 5 and CRD) trained through `train.train_students` one after another and
+(LW-SupCRD alpha 1, 2, 5 and CRD) trained through `train_students` one after another and
 together in lockstep (checkpoints written, a test evaluation at the end), their ratio, the ideal
 ratio implied by the per-step costs, and whether the final weights of both ways are identical
 (torch.equal on every tensor of the student and teacher head).
@@ -22,7 +22,8 @@ import torch
 
 from common import banner, footer, header, load_data, make_teacher, setup, sync, table
 from desupcon import data as data_mod
-from desupcon.engine import loop as train
+from desupcon.engine.build import make_student_run
+from desupcon.engine.students import train_students
 from desupcon.config import preset
 
 VARIANTS = [{"method": "lw-supcrd", "alpha": 1.0}, {"method": "lw-supcrd", "alpha": 2.0},
@@ -55,7 +56,7 @@ def main() -> None:
     teacher = make_teacher(args.teacher_arch, ds.num_classes, policy)
 
     # cost of one teacher forward vs one student step, on a throwaway run (after a warm-up)
-    run = train.make_student_run(cfgs[0], ds, teacher, policy)
+    run = make_student_run(cfgs[0], ds, teacher, policy)
     run.start_epoch()
     augment = data_mod.TwoViewAugment.for_size(ds.mean, ds.std, ds.image_size)
     idx, v1, v2, y = next(data_mod.epoch_batches(ds.train_images, ds.train_labels, bs, augment,
@@ -81,7 +82,7 @@ def main() -> None:
             sub = [c.replace(output_dir=str(Path(tmp) / out)) for c in group]
             sync(device)
             start = time.perf_counter()
-            results = train.train_students(sub, ds, teacher, policy, force=True, resume=False)
+            results = train_students(sub, ds, teacher, policy, force=True, resume=False)
             sync(device)
             return time.perf_counter() - start, results
 
@@ -104,7 +105,7 @@ def main() -> None:
     ratio = lockstep / sequential
     print(f"setting: {args.teacher_arch} teacher -> {len(cfgs)} x {args.student_arch} students (lw-supcrd "
           f"alpha 1, 2, 5; crd), {ds.image_size}x{ds.image_size}, batch {bs} ({2 * bs} views), {k} steps + a "
-          f"{len(ds.test_labels)}-image test evaluation, through train.train_students, one process")
+          f"{len(ds.test_labels)}-image test evaluation, through train_students, one process")
     print(f"teacher forward {t_cost:.3f} s vs one student step {s_cost:.3f} s "
           f"(teacher / student = {t_cost / s_cost:.2f})")
     print(table(["", "seconds", "ratio"],

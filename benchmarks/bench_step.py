@@ -30,14 +30,15 @@ import torch
 import baseline_pipeline as base
 from common import PeakRSS, banner, footer, header, load_data, make_cfg, make_teacher, setup, sync, table
 from desupcon import data as data_mod
-from desupcon.engine import loop as train
+from desupcon.engine.build import make_student_run
+from desupcon.engine.step import train_step
 from desupcon.models import Student, build_encoder
 
 
 def ours_stepper(cfg, dataset, teacher, policy):
     """One step of the training loop's body for one student; returns (data s, step s)."""
     device = policy.device
-    run = train.make_student_run(cfg, dataset, teacher, policy)
+    run = make_student_run(cfg, dataset, teacher, policy)
     run.start_epoch()
     augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
     gen = torch.Generator().manual_seed(cfg.optim.seed)
@@ -55,7 +56,7 @@ def ours_stepper(cfg, dataset, teacher, policy):
         batch = next(it)
         sync(device)
         t1 = time.perf_counter()
-        train.train_step([run], batch, teacher, policy)  # the loop's own step (inputs moved there)
+        train_step([run], batch, teacher, policy)  # the loop's own step (inputs moved there)
         sync(device)
         return t1 - t0, time.perf_counter() - t1
 

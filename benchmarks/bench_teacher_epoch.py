@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from desupcon import data as data_mod
 from desupcon.config import preset
 from desupcon.models import build_encoder
-from desupcon.engine.runs import OutputPaths
+from desupcon.store.paths import OutputPaths
 from desupcon.teacher import train_teacher_encoder
 
 

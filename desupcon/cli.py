@@ -18,7 +18,7 @@ from desupcon.engine.devices import PRECISIONS
 from desupcon.config import HUB_TEACHER, PRESET_HELP, PRESETS, RunConfig, config_json, method_names, preset, run_name
 from desupcon.errors import DesupconError, InputFileError, MissingInputsError
 from desupcon.models import canonical_arch
-from desupcon.engine.runs import OutputPaths
+from desupcon.store.paths import OutputPaths
 from desupcon.config.settings import FLAGGED, SWITCHES
 from desupcon.config.validation import ConfigError, checked_config_dict, validate_config
 
@@ -341,7 +341,7 @@ def cmd_train(args) -> None:
 
 
 def _saved_run_path(run: str, output_dir) -> Path:
-    from desupcon.engine.runs import saved_run_path
+    from desupcon.store.paths import saved_run_path
     return saved_run_path(run, output_dir)
 
 
@@ -361,7 +361,7 @@ def cmd_probe(args) -> None:
     from desupcon.store.checkpoint import load_checkpoint
     from desupcon.engine.devices import DevicePolicy, select_device
     from desupcon.probes import ProbeConfig, probe_checkpoint
-    from desupcon.engine.runs import prepare_dataset
+    from desupcon.engine.dataset import prepare_dataset
     path = _saved_run_path(args.run, args.output_dir)
     ckpt = load_checkpoint(path, expected_kind="student")
     cfg = RunConfig.from_dict(ckpt["config"]).replace(device=args.device, output_dir=str(args.output_dir),

@@ -17,7 +17,8 @@ from desupcon.config import RunConfig, bank_protocol, dataset_tag, default_bank_
 from desupcon.session import Session
 from desupcon.methods import method_label
 from desupcon.report import LOGIT_TABLE_METHODS, write_report
-from desupcon.engine.loop import RunResult, lockstep_key
+from desupcon.engine.run import RunResult
+from desupcon.engine.build import lockstep_key
 
 log = logging.getLogger("desupcon")
 

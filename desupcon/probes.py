@@ -31,9 +31,13 @@ from desupcon.store.checkpoint import change_json_record, update_checkpoint
 from desupcon.config import MethodConfig, OptimConfig, RunConfig, protocol_of
 from desupcon.engine.devices import as_policy, make_scheduler
 from desupcon.methods import CrossEntropyMethod, Method, StepOutputs
-from desupcon.engine.runs import EVAL_BATCH, OutputPaths, remove_partial
+from desupcon.engine.dataset import EVAL_BATCH
+from desupcon.store.paths import OutputPaths
+from desupcon.store.checkpoint import remove_partial
 from desupcon.store.weights import fingerprint
-from desupcon.engine.loop import Run, load_student, train_group
+from desupcon.engine.run import Run
+from desupcon.store.cache import load_student
+from desupcon.engine.loop import train_group
 from desupcon.config.validation import ConfigError
 
 __all__ = ["knn_predict", "knn_accuracy", "topk_accuracy", "ProbeConfig", "FrozenEncoderProbe",

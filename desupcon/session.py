@@ -12,7 +12,10 @@ from pathlib import Path
 
 from desupcon.engine import distributed
 from desupcon.analysis import evaluate as evaluation
-from desupcon.engine import loop as train
+from desupcon.engine.run import RunResult
+from desupcon.store.cache import import_published_student
+from desupcon.engine.build import lockstep_key
+from desupcon.engine.students import train_students
 from desupcon.store.checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
 from desupcon.config import RunConfig, default_bank_size, preset, run_name, teacher_run_name
 from desupcon.data import ImageDataset
@@ -22,7 +25,8 @@ from desupcon.models import Teacher
 from desupcon.store.published import published_config
 from desupcon.report import write_report
 from desupcon.store.locks import RunLock
-from desupcon.engine.runs import OutputPaths, prepare_dataset
+from desupcon.store.paths import OutputPaths
+from desupcon.engine.dataset import prepare_dataset
 from desupcon.teacher import load_or_train_teacher, teacher_from_state, teacher_ready, teacher_state
 from desupcon.config.validation import validate_config
 
@@ -95,7 +99,7 @@ class Session:
                              "Session for that configuration")
 
     def run_many(self, cfgs: list[RunConfig], force: bool = False, resume: bool = True,
-                 lockstep: bool = True) -> list[train.RunResult]:
+                 lockstep: bool = True) -> list[RunResult]:
         """Train (or load) several runs; with `lockstep` compatible runs share teacher forwards.
 
         `force` retrains the runs not already retrained by force in this session (never the
@@ -108,13 +112,13 @@ class Session:
         needs_teacher = self.analyze_requested or any(build_method(c.method).uses_teacher for c in cfgs)
         teacher = self.teacher(resume=resume)[0] if needs_teacher else None
         forced = [force and run_name(c) not in self.retrained for c in cfgs]
-        results: dict[int, train.RunResult] = {}
+        results: dict[int, RunResult] = {}
         groups: dict[tuple, list[int]] = {}
         for i, cfg in enumerate(cfgs):
-            key = (train.lockstep_key(cfg), forced[i]) if lockstep else (i,)
+            key = (lockstep_key(cfg), forced[i]) if lockstep else (i,)
             groups.setdefault(key, []).append(i)
         for members in groups.values():
-            group = train.train_students([cfgs[i] for i in members], self.dataset, teacher,
+            group = train_students([cfgs[i] for i in members], self.dataset, teacher,
                                          self.policy, force=forced[members[0]], resume=resume)
             results.update(zip(members, group))
             self.trained_count += len({r.name for r in group if not r.cached})
@@ -126,7 +130,7 @@ class Session:
                 self.analyze(result)
         return ordered
 
-    def analyze(self, result: train.RunResult, force: bool = False) -> dict:
+    def analyze(self, result: RunResult, force: bool = False) -> dict:
         """Section 7 metrics (and pictures) of a finished run, computed once and stored."""
         if not self.analyze_runs:  # several processes: only the first analyses (and writes)
             return result.analysis or {}
@@ -143,7 +147,7 @@ class Session:
         return evaluation.analyze_teacher(teacher, self.cfg, metrics, self.dataset, self.policy,
                                           self.pictures)
 
-    def run(self, cfg: RunConfig, force: bool = False, resume: bool = True) -> train.RunResult:
+    def run(self, cfg: RunConfig, force: bool = False, resume: bool = True) -> RunResult:
         return self.run_many([cfg], force, resume)[0]
 
 
@@ -174,7 +178,7 @@ def analyze_checkpoint(path: str | Path, device: str = "auto", output_dir: str |
     dataset = prepare_dataset(cfg, dev)
     if published:
         models = path.parent if path.parent.name == "pth_models" else Path(output_dir) / "pth_models"
-        path, _ = train.import_published_student(path, described, None, dataset, dev, models)
+        path, _ = import_published_student(path, described, None, dataset, dev, models)
     return evaluation.analyze_student_checkpoint(path, dataset, dev, teacher=None,
                                                  pictures=pictures, output_root=Path(output_dir))
 

@@ -27,8 +27,12 @@ from desupcon.models import Student, Teacher, build_encoder, load_matching_state
 from desupcon.store.published import PUBLISHED_SOURCE, file_sha256, imported_path
 from desupcon.store.weights import (fingerprint, is_plain_state_dict_file, load_encoder_weights,
                               read_state_dict, resolve_source, split_projection)
-from desupcon.engine.loop import Run, make_optimizer, train_group
-from desupcon.engine.runs import OutputPaths, check_output_dirs, evaluate_accuracy, remove_partial
+from desupcon.engine.run import Run
+from desupcon.engine.build import make_optimizer
+from desupcon.engine.loop import train_group
+from desupcon.store.paths import OutputPaths, check_output_dirs
+from desupcon.engine.dataset import evaluate_accuracy
+from desupcon.store.checkpoint import remove_partial
 from desupcon.config.validation import validate_config
 
 log = logging.getLogger("desupcon")

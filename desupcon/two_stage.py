@@ -39,10 +39,14 @@ from desupcon.engine.devices import as_policy
 from desupcon.methods import Method, StepOutputs, build_method
 from desupcon.models import Student, load_matching_state_dict
 from desupcon.probes import FrozenEncoderProbe, ProbeConfig, fit_probe, knn_probe
-from desupcon.engine.runs import OutputPaths, check_output_dirs, remove_partial, save_log
+from desupcon.store.paths import OutputPaths, check_output_dirs
+from desupcon.store.checkpoint import remove_partial
+from desupcon.store.records import save_log
 from desupcon.store.weights import fingerprint
-from desupcon.engine.loop import (Run, RunResult, assemble_run, build_student, final_metrics, load_cached_student,
-                    train_group)
+from desupcon.engine.run import Run, RunResult, final_metrics
+from desupcon.engine.build import assemble_run, build_student
+from desupcon.store.cache import load_cached_student
+from desupcon.engine.loop import train_group
 from desupcon.config.validation import ConfigError, validate_config
 
 log = logging.getLogger("desupcon")

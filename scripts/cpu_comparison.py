@@ -43,7 +43,7 @@ from desupcon.analysis.compare import prediction_statistics  # noqa: E402
 from desupcon.analysis.compare_models import load_saved_model, run_test_pass  # noqa: E402
 from desupcon.config import preset, teacher_run_name  # noqa: E402
 from desupcon.session import Session  # noqa: E402
-from desupcon.engine.runs import OutputPaths  # noqa: E402
+from desupcon.store.paths import OutputPaths  # noqa: E402
 from desupcon.probes import ProbeConfig, probe_checkpoint  # noqa: E402
 from desupcon.report import mean_sd, paired_difference  # noqa: E402
 from desupcon.two_stage import TwoStageConfig, train_two_stage  # noqa: E402

@@ -29,14 +29,14 @@ def tiny_config():
 def trained_students(monkeypatch):
     """The names of the student runs the training loop trains from now on, in order (cached runs
     and teachers are not counted)."""
-    from desupcon.engine import loop as train
+    from desupcon.engine import loop
     names: list[str] = []
-    real = train._train_lockstep
+    real = loop._train_lockstep
 
     def counting(runs, *args, **kwargs):
         names.extend(r.name for r in runs if r.kind == "student")
         return real(runs, *args, **kwargs)
-    monkeypatch.setattr(train, "_train_lockstep", counting)
+    monkeypatch.setattr(loop, "_train_lockstep", counting)
     return names
 
 

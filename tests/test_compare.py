@@ -232,7 +232,7 @@ def test_compare_command_writes_the_named_fields(two_runs, tmp_path, capsys):
     from desupcon.cli import main
     from desupcon.analysis.compare_models import load_saved_model, run_test_pass
     from desupcon.engine.devices import DevicePolicy
-    from desupcon.engine.runs import prepare_dataset
+    from desupcon.engine.dataset import prepare_dataset
     root, (lw, ce) = two_runs
     out_json = tmp_path / "cmp.json"
     assert main(["compare", lw.name, str(ce.checkpoint), "--output-dir", str(root), "--device", "cpu",

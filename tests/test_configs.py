@@ -86,12 +86,12 @@ def test_config_from_every_checkpoint_kind(tmp_path, capsys):
 
 def test_config_from_an_epoch_checkpoint(tmp_path, capsys, tiny_config):
     import torch
-    from desupcon.engine import loop as train
+    from desupcon.engine.build import make_student_run
     from desupcon.store.checkpoint import atomic_torch_save
     from desupcon.session import Session
     cfg = tiny_config(tmp_path).replace(method={"method": "ce"}, optim={"epochs": 7})
     session = Session(cfg, analyze=False)
-    run = train.make_student_run(cfg, session.dataset, None, session.policy)
+    run = make_student_run(cfg, session.dataset, None, session.policy)
     path = tmp_path / "in_progress.pth"
     atomic_torch_save(path, run.training_state(torch.Generator()))
     assert _printed(capsys, "--config", str(path))["optim"]["epochs"] == 7

@@ -6,8 +6,10 @@ import shutil
 import pytest
 import torch
 
-from desupcon.engine import runs
-from desupcon.engine import loop as train
+from desupcon.config import run_name
+from desupcon.engine.finite import NonFiniteLossError
+from desupcon.engine.run import Run
+from desupcon.engine.build import make_student_run
 from desupcon.store.checkpoint import load_checkpoint
 from desupcon.engine.devices import DevicePolicy
 from desupcon.session import Session
@@ -61,7 +63,7 @@ def test_each_policy_trains_and_lockstep_equals_solo(tmp_path, teacher_root, tin
     a, b = load_checkpoint(together[0].checkpoint)["student"], load_checkpoint(alone.checkpoint)["student"]
     assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: lockstep differs from solo"
     if policy.channels_last:
-        run = train.make_student_run(cfgs[0], session.dataset, session.teacher()[0], policy)
+        run = make_student_run(cfgs[0], session.dataset, session.teacher()[0], policy)
         assert run.model.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
         assert run.optimizer.defaults.get("fused") is True
 
@@ -72,7 +74,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, teacher_r
     policy = POLICIES[name]
     session = _session(tmp_path, teacher_root, tiny_config, policy, epochs=3)
     cfg = session.cfg.replace(method={"method": "lw-supcrd"})
-    real_losses = train.Run.step
+    real_losses = Run.step
     calls = {"n": 0}
 
     def poisoned_step(self, indices, view1, views, labels, teacher_out):
@@ -80,15 +82,15 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, teacher_r
         if calls["n"] == 5:  # epoch 2 (3 steps per epoch), step 2
             view1, views = view1 * float("nan"), views * float("nan")
         return real_losses(self, indices, view1, views, labels, teacher_out)
-    monkeypatch.setattr(train.Run, "step", poisoned_step)
-    with pytest.raises(runs.NonFiniteLossError) as info:
+    monkeypatch.setattr(Run, "step", poisoned_step)
+    with pytest.raises(NonFiniteLossError) as info:
         session.run(cfg)
     assert "at epoch 2, step 2" in str(info.value)
-    partial = session.paths.partial_checkpoint(train.run_name(cfg))
+    partial = session.paths.partial_checkpoint(run_name(cfg))
     state = load_checkpoint(partial, "in_progress")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert not session.paths.checkpoint(train.run_name(cfg)).exists()
+    assert not session.paths.checkpoint(run_name(cfg)).exists()
 
 
 def test_teacher_logits_are_float32_under_bf16(teacher_root, tiny_config, tmp_path):

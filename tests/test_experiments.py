@@ -6,7 +6,7 @@ import pytest
 
 from desupcon import report
 from desupcon import plan as experiments
-from desupcon.engine import loop as train
+from desupcon.engine.run import Run
 from desupcon.config import preset, run_name
 from desupcon.report import mean_sd, paired_difference
 
@@ -72,7 +72,8 @@ def test_alpha_sweep_with_two_seeds_then_nothing_retrains(tmp_path, monkeypatch,
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached run was retrained")
-    monkeypatch.setattr(train, "_train_lockstep", no_training)
+    from desupcon.engine import loop
+    monkeypatch.setattr(loop, "_train_lockstep", no_training)
     again, _ = experiments.sweep(base, "alpha", seeds=[0, 1], pictures=False)
     assert all(r.cached for _, r in again)
 
@@ -80,7 +81,7 @@ def test_alpha_sweep_with_two_seeds_then_nothing_retrains(tmp_path, monkeypatch,
 def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch, tiny_config, request):
     base = tiny_config(tmp_path, train_images=128, test_images=48, epochs=1)
     finished = []
-    original = train.Run.finish_epoch
+    original = Run.finish_epoch
 
     def stop_on_third_run(self, *args, **kwargs):
         if self.kind == "student" and len(finished) == 2:
@@ -89,12 +90,12 @@ def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch, tiny_co
         if self.kind == "student":
             finished.append(self.name)
         return entry
-    monkeypatch.setattr(train.Run, "finish_epoch", stop_on_third_run)
+    monkeypatch.setattr(Run, "finish_epoch", stop_on_third_run)
     with pytest.raises(KeyboardInterrupt):
         experiments.sweep(base, "beta", pictures=False)
     assert len(list((tmp_path / "pth_models").glob("student_*.pth"))) == 2
 
-    monkeypatch.setattr(train.Run, "finish_epoch", original)
+    monkeypatch.setattr(Run, "finish_epoch", original)
     trained = request.getfixturevalue("trained_students")  # counted from here on
     results, _ = experiments.sweep(base, "beta", pictures=False)
     assert len(trained) == 2 and not set(trained) & set(finished)

@@ -11,7 +11,8 @@ import torch
 
 from desupcon import data, losses, memory_bank, methods
 from desupcon import plan as experiments
-from desupcon.engine import loop as train
+from desupcon.engine.run import Run
+from desupcon.engine.build import make_student_run
 from desupcon.store import weights as tw
 from desupcon.store.checkpoint import load_checkpoint
 from desupcon.cli import main
@@ -28,7 +29,7 @@ def _student_run(cfg, num_classes=10, n_train=70):
                                 torch.arange(n_train) % num_classes, torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
                                 torch.arange(4) % num_classes, [str(i) for i in range(num_classes)])
     teacher = Teacher(build_encoder("resnet8", num_classes))
-    return train.make_student_run(cfg.replace(model={"student_arch": "resnet8"}), dataset, teacher,
+    return make_student_run(cfg.replace(model={"student_arch": "resnet8"}), dataset, teacher,
                                   torch.device("cpu"))
 
 
@@ -283,7 +284,7 @@ def test_hybrid_resume_is_bit_identical(tmp_path, tiny_config, monkeypatch):
     whole = Session(cfg, analyze=False).run(cfg)
     resumed_cfg = cfg.replace(output_dir=str(tmp_path / "b"))
     calls = {"epochs": 0}
-    real = train.Run.finish_epoch
+    real = Run.finish_epoch
 
     def stop_after_two(self, *args, **kwargs):
         if self.kind != "student":
@@ -293,7 +294,7 @@ def test_hybrid_resume_is_bit_identical(tmp_path, tiny_config, monkeypatch):
         calls["epochs"] += 1
         return real(self, *args, **kwargs)
     with monkeypatch.context() as m:
-        m.setattr(train.Run, "finish_epoch", stop_after_two)
+        m.setattr(Run, "finish_epoch", stop_after_two)
         with pytest.raises(KeyboardInterrupt):
             Session(resumed_cfg, analyze=False).run(resumed_cfg)
     partial = load_checkpoint(tmp_path / "b" / "pth_models" / "in_progress" / f"{whole.name}.pth")
@@ -396,7 +397,8 @@ def test_published_student_and_teacher_are_loaded_not_trained(tmp_path, monkeypa
 
     def no_training(*args, **kwargs):
         raise AssertionError("something was trained")
-    monkeypatch.setattr(train, "train_group", no_training)
+    from desupcon.engine import students
+    monkeypatch.setattr(students, "train_group", no_training)
     import desupcon.teacher as teacher_mod
     monkeypatch.setattr(teacher_mod, "train_teacher_encoder", no_training)
     monkeypatch.setattr(teacher_mod, "train_projection_probe", no_training)

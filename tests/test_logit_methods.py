@@ -9,7 +9,9 @@ import torch
 
 from desupcon import data, report
 from desupcon import plan as experiments
-from desupcon.engine import loop as train
+from desupcon.engine.run import Run
+from desupcon.engine.build import make_student_run
+from desupcon.engine.step import train_step
 from desupcon.store import weights as tw
 from desupcon.store.checkpoint import load_checkpoint
 from desupcon.config import preset, run_name
@@ -40,7 +42,7 @@ def test_loss_falls_over_steps_on_a_fixed_batch(session, method):
     cfg = (session.cfg.replace(method={"method": "lw-supcrd", "logit_term": "kd"}) if method == "lw-supcrd+kd"
            else session.cfg.with_method(method, warmup=0))
     teacher, _ = session.teacher()
-    run = train.make_student_run(cfg, session.dataset, teacher, session.policy)
+    run = make_student_run(cfg, session.dataset, teacher, session.policy)
     ds = session.dataset
     aug = data.TwoViewAugment(ds.mean, ds.std)
     batch = next(data.epoch_batches(ds.train_images, ds.train_labels, 32, aug, torch.Generator().manual_seed(0)))
@@ -52,7 +54,7 @@ def test_loss_falls_over_steps_on_a_fixed_batch(session, method):
     seen = []
     for _ in range(12):
         run.start_epoch()
-        train.train_step([run], batch, teacher, session.policy)
+        train_step([run], batch, teacher, session.policy)
         seen.append(float(run._total) / labels.shape[0])
     assert np.isfinite(seen).all()
     assert np.mean(seen[-3:]) < seen[0], f"{method}: {seen}"
@@ -69,7 +71,7 @@ def test_resume_is_exact_and_the_run_caches(session, tmp_path, method, monkeypat
         shutil.copy2(f, other / "pth_models" / f.name)
     cfg_b = cfg.replace(output_dir=str(other))
     count = {"n": 0}
-    real = train.Run.finish_epoch
+    real = Run.finish_epoch
 
     def stop_after_two(self, *args, **kwargs):
         if self.kind == "student":
@@ -78,7 +80,7 @@ def test_resume_is_exact_and_the_run_caches(session, tmp_path, method, monkeypat
             count["n"] += 1
         return real(self, *args, **kwargs)
     with monkeypatch.context() as m:
-        m.setattr(train.Run, "finish_epoch", stop_after_two)
+        m.setattr(Run, "finish_epoch", stop_after_two)
         with pytest.raises(KeyboardInterrupt):
             Session(cfg_b, analyze=False).run(cfg_b)
     resumed = Session(cfg_b, analyze=False).run(cfg_b)
@@ -115,7 +117,7 @@ def test_mdistiller_preset_is_the_literature_protocol():
     assert cfg.data.color_jitter == 0.0 and (cfg.model.teacher_arch, cfg.model.student_arch) == ("resnet32x4", "resnet8x4")
     dataset = data.ImageDataset("toy", torch.zeros(8, 3, 8, 8, dtype=torch.uint8), torch.arange(8) % 4,
                                 torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4) % 4, list("abcd"))
-    run = train.make_student_run(cfg.replace(model={"student_arch": "resnet8"}), dataset, None, "cpu")
+    run = make_student_run(cfg.replace(model={"student_arch": "resnet8"}), dataset, None, "cpu")
     assert isinstance(run.optimizer, torch.optim.SGD) and run.optimizer.defaults["momentum"] == 0.9
     lrs = []
     for epoch in range(240):

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from desupcon import data, losses, probes
-from desupcon.engine import loop as train
+from desupcon.store.cache import load_student
 from desupcon.store.checkpoint import load_checkpoint, read_json
 from desupcon.config import RunConfig
 from desupcon.analysis.evaluate import analyze_student_checkpoint, comprehensive_results_path
@@ -91,7 +91,7 @@ def test_linear_probe_reaches_100_percent_when_a_feature_is_the_label():
 # -- frozen means frozen ------------------------------------------------------------------------
 
 def test_probe_leaves_every_encoder_parameter_and_batchnorm_buffer_bit_identical(session):
-    student, _ = train.load_student(_student_path(session))
+    student, _ = load_student(_student_path(session))
     encoder = student.encoder
     before = _state(encoder)
     torch.manual_seed(0)
@@ -112,7 +112,7 @@ def test_probe_leaves_every_encoder_parameter_and_batchnorm_buffer_bit_identical
 
 def test_finetune_last_stage_changes_only_the_last_stage(session):
     teacher, _ = session.teacher()
-    student, _ = train.load_student(_student_path(session))
+    student, _ = load_student(_student_path(session))
     encoder = student.encoder
     assert probes.last_stage_name(encoder) == "layer3"  # small CIFAR ResNet
     before = _state(encoder)
@@ -164,7 +164,7 @@ def test_kd_probe_loss_is_kd_loss_weighted_0_7_and_ce_0_3(monkeypatch):
 
 def test_kd_probe_and_knn_probe_on_a_student_leave_it_unchanged(session):
     teacher, _ = session.teacher()
-    student, _ = train.load_student(_student_path(session))
+    student, _ = load_student(_student_path(session))
     before = _state(student)
     result = probes.kd_probe(student, teacher, session.dataset, "cpu", ProbeConfig(epochs=1, batch_size=32))
     assert set(result) >= {"top1", "top5", "train_acc", "epochs", "log"}

@@ -23,8 +23,11 @@ import pytest
 import torch
 
 from desupcon.store import checkpoint
-from desupcon.engine import runs
-from desupcon.engine import loop as train
+from desupcon.engine.finite import NonFiniteLossError
+from desupcon.store.paths import OutputPaths
+from desupcon.engine.dataset import prepare_dataset
+from desupcon.engine.run import Run
+from desupcon.engine.students import train_students
 from desupcon import teacher as teacher_mod
 from desupcon.store.checkpoint import (CheckpointError, OutputWriteError, atomic_torch_save,
                                  atomic_write_json, load_checkpoint, read_json, update_json_records)
@@ -103,7 +106,7 @@ def one_thread():
 
 def _trained_teacher_dir(root: Path, args) -> Path:
     cfg = cli_config(args, root)
-    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
+    dataset = prepare_dataset(cfg, torch.device("cpu"))
     teacher_mod.load_or_train_teacher(cfg, dataset, torch.device("cpu"))
     return root
 
@@ -125,13 +128,13 @@ def reference(tmp_path_factory, teacher_dir) -> dict:
     done = run_cli(root)
     assert done.returncode == 0, done.stderr[-3000:]
     cfg = cli_config(ARGS, root)
-    paths = runs.OutputPaths(root)
+    paths = OutputPaths(root)
     return {"root": root, "cfg": cfg, "name": run_name(cfg), "paths": paths,
             "ckpt": load_checkpoint(paths.checkpoint(run_name(cfg)), "student")}
 
 
 def assert_equals_reference(root: Path, ref: dict) -> None:
-    paths, name = runs.OutputPaths(root), ref["name"]
+    paths, name = OutputPaths(root), ref["name"]
     ckpt = load_checkpoint(paths.checkpoint(name), "student")
     assert_same_tensors(ckpt["student"], ref["ckpt"]["student"], "student")
     assert_same_tensors(ckpt["teacher_head"], ref["ckpt"]["teacher_head"], "teacher head")
@@ -154,16 +157,17 @@ def assert_equals_reference(root: Path, ref: dict) -> None:
 
 KILLER = r"""
 import os, signal, sys
-from desupcon.engine import loop as train
+from desupcon.engine.run import Run
+from desupcon.engine.students import train_students
 epoch, step = int(sys.argv[1]), int(sys.argv[2])
-real_step = train.Run.step
+real_step = Run.step
 
 def step_or_death(self, *args, **kwargs):  # SIGKILL this process just before a student's (epoch, step)
     if self.name.startswith("student") and self.epoch + 1 == epoch and self._steps + 1 == step:
         os.kill(os.getpid(), signal.SIGKILL)
     return real_step(self, *args, **kwargs)
 
-train.Run.step = step_or_death
+Run.step = step_or_death
 from desupcon.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -171,7 +175,7 @@ sys.exit(main(sys.argv[3:]))
 
 def test_sigkill_mid_epoch_then_restart_equals_uninterrupted_run(tmp_path, teacher_dir, reference):
     copy_teacher(teacher_dir, tmp_path)
-    paths, name = runs.OutputPaths(tmp_path), reference["name"]
+    paths, name = OutputPaths(tmp_path), reference["name"]
     partial = paths.partial_checkpoint(name)
     argv = ["train", *ARGS, "--output-dir", str(tmp_path)]
     # Killed at a chosen point: after step 2 of epoch 2 (of 15), before step 3.
@@ -217,7 +221,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, tea
     checkpoint still loads, the run resumes from it and ends identical to the uninterrupted run,
     and the dead writer's temporary file is cleaned by a later write."""
     copy_teacher(teacher_dir, tmp_path)
-    paths, name = runs.OutputPaths(tmp_path), reference["name"]
+    paths, name = OutputPaths(tmp_path), reference["name"]
     partial = paths.partial_checkpoint(name)
     argv = ["train", *ARGS, "--output-dir", str(tmp_path)]
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(partial.resolve()), "2", *argv], cwd=REPO,
@@ -269,18 +273,18 @@ class Crash(KeyboardInterrupt):
 
 def _crash_at(monkeypatch, epoch: int, step: int):
     """Make Run.step raise (like a kill) at 1-based `epoch` and `step`."""
-    real = train.Run.step
+    real = Run.step
 
     def crashing_step(self, *args, **kwargs):
         if self.epoch + 1 == epoch and self._steps + 1 == step:
             raise Crash()
         return real(self, *args, **kwargs)
-    monkeypatch.setattr(train.Run, "step", crashing_step)
+    monkeypatch.setattr(Run, "step", crashing_step)
 
 
 def test_exact_resume_in_process_lockstep_with_bank(tmp_path, small_teacher_dir, monkeypatch):
     cfg = cli_config(SMALL, tmp_path / "a", "--epochs", "3")
-    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
+    dataset = prepare_dataset(cfg, torch.device("cpu"))
     teacher, _ = teacher_mod.load_or_train_teacher(cli_config(SMALL, small_teacher_dir), dataset, torch.device("cpu"))
     variants = [{"method": "lw-supcrd", "bank_size": 64}, {"method": "hybrid", "bank_size": 64, "lam": 0.3}]
 
@@ -288,15 +292,15 @@ def test_exact_resume_in_process_lockstep_with_bank(tmp_path, small_teacher_dir,
         base = cfg.replace(output_dir=str(root))
         return [base.replace(method=v) for v in variants]
 
-    full = train.train_students(configs(tmp_path / "a"), dataset, teacher, torch.device("cpu"))
+    full = train_students(configs(tmp_path / "a"), dataset, teacher, torch.device("cpu"))
     with monkeypatch.context() as m:
         _crash_at(m, epoch=2, step=3)
         with pytest.raises(Crash):
-            train.train_students(configs(tmp_path / "b"), dataset, teacher, torch.device("cpu"))
-    paths = runs.OutputPaths(tmp_path / "b")
+            train_students(configs(tmp_path / "b"), dataset, teacher, torch.device("cpu"))
+    paths = OutputPaths(tmp_path / "b")
     for c in configs(tmp_path / "b"):
         assert load_checkpoint(paths.partial_checkpoint(run_name(c)), "in_progress")["epoch"] == 1
-    resumed = train.train_students(configs(tmp_path / "b"), dataset, teacher, torch.device("cpu"))
+    resumed = train_students(configs(tmp_path / "b"), dataset, teacher, torch.device("cpu"))
     for a, b in zip(full, resumed):
         ca, cb = load_checkpoint(a.checkpoint), load_checkpoint(b.checkpoint)
         assert_same_tensors(ca["student"], cb["student"], a.name)
@@ -308,35 +312,35 @@ def test_exact_resume_in_process_lockstep_with_bank(tmp_path, small_teacher_dir,
 
 def test_no_resume_starts_over(tmp_path, small_teacher_dir, monkeypatch):
     cfg = cli_config(SMALL, tmp_path, "--method", "ce")
-    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
+    dataset = prepare_dataset(cfg, torch.device("cpu"))
     with monkeypatch.context() as m:
         _crash_at(m, epoch=2, step=2)
         with pytest.raises(Crash):
-            train.train_students([cfg], dataset, None, torch.device("cpu"))
+            train_students([cfg], dataset, None, torch.device("cpu"))
     seen = []
-    real = train.Run.load_training_state
-    monkeypatch.setattr(train.Run, "load_training_state",
+    real = Run.load_training_state
+    monkeypatch.setattr(Run, "load_training_state",
                         lambda self, *a: seen.append(self.name) or real(self, *a))
-    result = train.train_students([cfg], dataset, None, torch.device("cpu"), resume=False)
+    result = train_students([cfg], dataset, None, torch.device("cpu"), resume=False)
     assert seen == [] and len(result[0].log) == 2 and not result[0].cached
 
 
 def test_teacher_training_resumes_exactly(tmp_path, monkeypatch):
     cfg = cli_config(SMALL, tmp_path / "a", "--teacher-epochs", "3")
-    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
-    ref, ref_log = teacher_mod.train_teacher_encoder(cfg, dataset, torch.device("cpu"), runs.OutputPaths(tmp_path / "a"))
+    dataset = prepare_dataset(cfg, torch.device("cpu"))
+    ref, ref_log = teacher_mod.train_teacher_encoder(cfg, dataset, torch.device("cpu"), OutputPaths(tmp_path / "a"))
 
     calls = {"n": 0}
-    real_ce = train.F.cross_entropy
+    real_ce = torch.nn.functional.cross_entropy
 
     def crashing_ce(*args, **kwargs):  # the 8th teacher step is in epoch 2 (5 steps per epoch)
         calls["n"] += 1
         if calls["n"] == 8:
             raise Crash()
         return real_ce(*args, **kwargs)
-    paths = runs.OutputPaths(tmp_path / "b")
+    paths = OutputPaths(tmp_path / "b")
     with monkeypatch.context() as m:
-        m.setattr(train.F, "cross_entropy", crashing_ce)
+        m.setattr(torch.nn.functional, "cross_entropy", crashing_ce)
         with pytest.raises(Crash):
             teacher_mod.train_teacher_encoder(cfg, dataset, torch.device("cpu"), paths)
     name = teacher_run_name(cfg)
@@ -366,14 +370,14 @@ def test_absurd_learning_rate_stops_with_a_clear_message(tmp_path, small_teacher
     cfg = cli_config(SMALL, out, "--teacher-weights", str(weights), "--lr", "1e10")
     assert run_name(cfg) in line and "non-finite" in line
     assert "epoch 1, step" in line and "--lr" in line and "--temperature" in line and "--alpha" in line
-    assert not runs.OutputPaths(out).checkpoint(run_name(cfg)).exists()
+    assert not OutputPaths(out).checkpoint(run_name(cfg)).exists()
     for path in out.rglob("*.json"):
         strict_json(path)
 
 
 def _poison_at(monkeypatch, epoch: int, step: int, name_part: str = "", where: str = "input"):
     """Make a real non-finite loss (NaN input) or gradient (NaN grad hook) at one step."""
-    real = train.Run.step
+    real = Run.step
 
     def poisoned_step(self, indices, view1, views, labels, teacher_out):
         if name_part in self.name and self.epoch + 1 == epoch and self._steps + 1 == step:
@@ -387,20 +391,20 @@ def _poison_at(monkeypatch, epoch: int, step: int, name_part: str = "", where: s
                 finally:
                     handle.remove()
         return real(self, indices, view1, views, labels, teacher_out)
-    monkeypatch.setattr(train.Run, "step", poisoned_step)
+    monkeypatch.setattr(Run, "step", poisoned_step)
 
 
 @pytest.mark.parametrize("where,what", [("input", "non-finite loss (nan)"), ("grad", "non-finite gradients")])
 def test_non_finite_keeps_last_good_checkpoint_and_writes_no_nan(tmp_path, small_teacher_dir,
                                                                   monkeypatch, where, what):
     cfg = cli_config(SMALL, tmp_path, "--epochs", "3")
-    dataset = runs.prepare_dataset(cfg, torch.device("cpu"))
+    dataset = prepare_dataset(cfg, torch.device("cpu"))
     teacher, _ = teacher_mod.load_or_train_teacher(cli_config(SMALL, small_teacher_dir), dataset, torch.device("cpu"))
     bad, good = cfg.replace(method={"method": "crd"}), cfg.replace(method={"method": "lw-supcrd"})
     _poison_at(monkeypatch, epoch=2, step=3, name_part="crd", where=where)
-    with pytest.raises(runs.NonFiniteLossError) as info:
-        train.train_students([bad, good], dataset, teacher, torch.device("cpu"))
-    message, paths = str(info.value), runs.OutputPaths(tmp_path)
+    with pytest.raises(NonFiniteLossError) as info:
+        train_students([bad, good], dataset, teacher, torch.device("cpu"))
+    message, paths = str(info.value), OutputPaths(tmp_path)
     assert message.startswith(f"run {run_name(bad)}: {what}") and "at epoch 2, step 3" in message
     partial = paths.partial_checkpoint(run_name(bad))
     assert f"after epoch 1) is kept in {partial}" in message
@@ -591,7 +595,7 @@ def test_corrupted_epoch_checkpoint(tmp_path, capsys, small_teacher_dir):
     out = tmp_path / "out"
     copy_teacher(small_teacher_dir, out)
     cfg = cli_config(SMALL, out)
-    partial = runs.OutputPaths(out).partial_checkpoint(run_name(cfg))
+    partial = OutputPaths(out).partial_checkpoint(run_name(cfg))
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"PK\x03\x04 not really a zip")
     message = cli_error(capsys, tmp_path)
@@ -602,14 +606,14 @@ def test_corrupted_comprehensive_results_fail_before_training(tmp_path, capsys, 
     out = tmp_path / "out"
     copy_teacher(small_teacher_dir, out)
     cfg = cli_config(SMALL, out)
-    results = comprehensive_results_path(runs.OutputPaths(out), "resnet8", "digits")
+    results = comprehensive_results_path(OutputPaths(out), "resnet8", "digits")
     results.parent.mkdir(parents=True)
     results.write_text('{"other_run": {"accuracy": {"test_acc": 51.0}}, "trunc')
     before = results.read_bytes()
     message = cli_error(capsys, tmp_path)
     assert str(results) in message and "not valid JSON" in message
     assert results.read_bytes() == before, "other runs' records must not be overwritten"
-    assert not runs.OutputPaths(out).checkpoint(run_name(cfg)).exists(), "failed before training"
+    assert not OutputPaths(out).checkpoint(run_name(cfg)).exists(), "failed before training"
     with pytest.raises(CheckpointError, match="not valid JSON"):
         update_json_records(results, "new_run", {"accuracy": {}})
     assert results.read_bytes() == before

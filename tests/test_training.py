@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from desupcon import data
-from desupcon.engine import runs
-from desupcon.engine import loop as train
+from desupcon.store.paths import OutputPaths
+from desupcon.engine.dataset import evaluate_accuracy
+from desupcon.engine.loop import _train_lockstep
+from desupcon.store.cache import load_student
+from desupcon.engine.build import make_student_run
 from desupcon.store.checkpoint import CheckpointError, load_checkpoint
 from desupcon.cli import RUN_FLAGS, build_parser, config_from_args
 from desupcon.config import RunConfig, method_fields, preset, run_name, teacher_run_name
@@ -62,7 +65,7 @@ def _batch_loss(run, labels, view1, views, teacher_out) -> float:
 def test_loss_falls_on_a_fixed_batch(session, method, bank):
     cfg = session.cfg.replace(method={"method": method, "bank_size": bank})
     teacher, _ = session.teacher()
-    run = train.make_student_run(cfg, session.dataset, teacher, session.device)
+    run = make_student_run(cfg, session.dataset, teacher, session.device)
     indices, view1, view2, labels = _fixed_batch(session, cfg)
     views = torch.cat([view1, view2])
     teacher_out = teacher(views)
@@ -86,9 +89,9 @@ def test_every_method_trains_reloads_and_caches(session, method, bank):
     assert result.checkpoint.name == run_name(cfg) + ".pth"
     log_file = session.paths.training_log(result.name)
     assert log_file.is_file()
-    student, ckpt = train.load_student(result.checkpoint)
+    student, ckpt = load_student(result.checkpoint)
     ds = session.dataset
-    acc = runs.evaluate_accuracy(lambda x: student(x)[2], ds.test_images, ds.test_labels, ds,
+    acc = evaluate_accuracy(lambda x: student(x)[2], ds.test_images, ds.test_labels, ds,
                                   torch.device("cpu"))
     assert acc == pytest.approx(result.metrics["test_acc"], abs=1e-9)
     assert ckpt["config"] == cfg.to_dict()
@@ -100,7 +103,7 @@ def test_every_method_trains_reloads_and_caches(session, method, bank):
 
 
 def test_teacher_outputs_are_where_spec_says(teacher_root, tiny_config):
-    cfg, paths = tiny_config(teacher_root), runs.OutputPaths(teacher_root)  # where it was trained
+    cfg, paths = tiny_config(teacher_root), OutputPaths(teacher_root)  # where it was trained
     assert paths.checkpoint(teacher_run_name(cfg)).is_file()
     proj = paths.checkpoint(teacher_run_name(cfg, with_projection=True))
     assert proj.name.endswith("_with_projection.pth") and proj.is_file()
@@ -111,10 +114,10 @@ def test_teacher_head_trains_and_backbone_does_not(session):
     cfg = session.cfg.replace(method={"method": "lw-supcrd"})
     teacher, _ = session.teacher()
     encoder_before = {k: v.clone() for k, v in teacher.encoder.state_dict().items()}
-    run = train.make_student_run(cfg, session.dataset, teacher, session.device)
+    run = make_student_run(cfg, session.dataset, teacher, session.device)
     head_before = {k: v.clone() for k, v in run.teacher_head.state_dict().items()}
     gen = torch.Generator().manual_seed(0)
-    train._train_lockstep([run], session.dataset, teacher, gen, runs.OutputPaths(cfg.output_dir + "/scratch"))
+    _train_lockstep([run], session.dataset, teacher, gen, OutputPaths(cfg.output_dir + "/scratch"))
     for k, v in teacher.encoder.state_dict().items():  # BN running stats included
         assert torch.equal(v, encoder_before[k]), f"teacher {k} changed"
     changed = [k for k, v in run.teacher_head.state_dict().items() if not torch.equal(v, head_before[k])]

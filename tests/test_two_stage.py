@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from desupcon import two_stage
-from desupcon.engine import loop as train
+from desupcon.engine.run import Run
+from desupcon.engine.build import build_student
+from desupcon.store.cache import load_student
 from desupcon.store.checkpoint import load_checkpoint
 from desupcon.config import MethodConfig
 from desupcon.losses import crd_loss
@@ -47,7 +49,7 @@ def runs(tmp_path_factory, teacher_root, tiny_config):
     whole = _train(whole_session)
 
     session = _session(tmp_path_factory.mktemp("killed"), teacher_root, tiny_config)
-    real = train.Run.finish_epoch
+    real = Run.finish_epoch
     calls = {PHASE1_KIND: 0, PHASE2_KIND: 0}
     killed = []
 
@@ -60,7 +62,7 @@ def runs(tmp_path_factory, teacher_root, tiny_config):
 
     name = two_stage.two_stage_name(session.cfg, TS)
     mp = pytest.MonkeyPatch()
-    mp.setattr(train.Run, "finish_epoch", stop_in_phase2)
+    mp.setattr(Run, "finish_epoch", stop_in_phase2)
     try:
         with pytest.raises(KeyboardInterrupt):
             _train(session)
@@ -78,7 +80,7 @@ def runs(tmp_path_factory, teacher_root, tiny_config):
 
 def _initial_student(cfg):
     torch.manual_seed(cfg.optim.seed)
-    return train.build_student(cfg.model.student_arch, 10, cfg.model.init)
+    return build_student(cfg.model.student_arch, 10, cfg.model.init)
 
 
 def test_phase1_leaves_the_student_classifier_bit_identical(runs):
@@ -141,7 +143,7 @@ def test_the_finished_run_is_a_cached_student_checkpoint(runs, monkeypatch):
     assert ckpt["two_stage"]["config"] == TS.to_dict() and ckpt["config"]["two_stage"] == TS.to_dict()
     assert len(ckpt["two_stage"]["phase1"]["log"]) == 1 and "knn" in ckpt["two_stage"]["phase1"]["metrics"]
     assert set(ckpt["log"][0]["losses"]) == {"kd", "ce"}
-    student, _ = train.load_student(result.checkpoint)  # loads as any student
+    student, _ = load_student(result.checkpoint)  # loads as any student
     assert student.classifier.out_features == 10
 
     def no_training(*args, **kwargs):

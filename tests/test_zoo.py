@@ -8,7 +8,8 @@ import torch
 
 from desupcon import data
 from desupcon.store import weights as teacher_weights
-from desupcon.engine import loop as train
+from desupcon.engine.build import make_student_run
+from desupcon.engine.step import train_step
 from desupcon.config import preset
 from desupcon.engine.devices import DevicePolicy
 from desupcon.models import ARCHITECTURES, CheckpointMismatchError, Teacher, build_encoder, canonical_arch
@@ -191,13 +192,13 @@ def _one_step(dataset, teacher_arch, student_arch, method):
     policy = DevicePolicy.choose(torch.device("cpu"))
     torch.manual_seed(0)
     teacher = policy.prepare(Teacher(build_encoder(teacher_arch, dataset.num_classes)))
-    run = train.make_student_run(cfg, dataset, teacher, policy)
+    run = make_student_run(cfg, dataset, teacher, policy)
     before = {k: v.clone() for k, v in run.student.state_dict().items() if v.is_floating_point()}
     aug = data.TwoViewAugment(dataset.mean, dataset.std)
     batch = next(data.epoch_batches(dataset.train_images, dataset.train_labels, 8, aug,
                                     torch.Generator().manual_seed(0)))
     run.start_epoch()
-    train.train_step([run], batch, teacher, policy)
+    train_step([run], batch, teacher, policy)
     loss = float(run._total)
     assert torch.isfinite(torch.tensor(loss)), f"{teacher_arch} -> {student_arch} {method}: loss {loss}"
     changed = [k for k, v in run.student.state_dict().items() if k in before and not torch.equal(v, before[k])]

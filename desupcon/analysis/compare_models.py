@@ -27,9 +27,10 @@ from desupcon.data import ImageDataset, eval_batches
 from desupcon.engine.devices import DevicePolicy, select_device
 from desupcon.errors import InputFileError
 from desupcon.models import Teacher, build_encoder, load_matching_state_dict
-from desupcon.engine.runs import EVAL_BATCH, OutputPaths, prepare_dataset, saved_run_path
+from desupcon.engine.dataset import EVAL_BATCH, prepare_dataset
+from desupcon.store.paths import OutputPaths, saved_run_path
 from desupcon.teacher import teacher_checkpoint_path
-from desupcon.engine.loop import load_student
+from desupcon.store.cache import load_student
 
 log = logging.getLogger("desupcon")
 

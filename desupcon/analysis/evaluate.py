@@ -23,8 +23,9 @@ from desupcon.config import RunConfig, dataset_tag, protocol_of
 from desupcon.data import ImageDataset, TwoViewAugment, eval_batches
 from desupcon.models import Teacher
 from desupcon.engine.devices import as_policy, to_device
-from desupcon.engine.runs import EVAL_BATCH, OutputPaths
-from desupcon.engine.loop import load_student
+from desupcon.engine.dataset import EVAL_BATCH
+from desupcon.store.paths import OutputPaths
+from desupcon.store.cache import load_student
 
 log = logging.getLogger("desupcon")
 ANALYSIS_SEED = 1234  # the augmented views of the test set used for instance alignment

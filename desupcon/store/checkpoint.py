@@ -22,6 +22,8 @@ import torch
 
 from desupcon.errors import DesupconError
 
+log = logging.getLogger("desupcon")
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory file locks (see `locked`)
@@ -339,3 +341,36 @@ def check_json_records(path: str | Path) -> None:
         if not isinstance(records, dict):
             raise CheckpointError(f"{path} holds a JSON {type(records).__name__}, expected an object "
                                   "keyed by run name; restore or delete it")
+
+
+def load_partial(path: Path, identity: dict, name: str) -> dict | None:
+    """The epoch checkpoint of a run in progress, if there is one of this configuration."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path, expected_kind="in_progress")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. It is the epoch checkpoint of run {name} in progress: delete "
+                              "it, or rerun with --no-resume to start this run over") from exc
+    if state.get("identity") != identity:
+        log.warning(f"[{name}] ignoring an epoch checkpoint of another configuration ({path})")
+        return None
+    return state
+
+
+def identity_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += identity_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: stored {a!r}, requested {b!r}")
+    return out
+
+
+def remove_partial(paths, name: str) -> None:
+    """The final checkpoint replaces the epoch checkpoint of a run in progress."""
+    paths.partial_checkpoint(name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # only removed when no other run is in progress
+        paths.partial_checkpoint(name).parent.rmdir()

@@ -1,0 +1,33 @@
+"""One training step of a lockstep group on one batch: what the loop, benchmarks and tests run."""
+
+from __future__ import annotations
+
+import torch
+
+from desupcon.engine.run import Run
+from desupcon.models import Teacher
+
+
+def views_the_teacher_sees(runs: list[Run]) -> int:
+    """2 when a run that uses the teacher sees both views, else 1."""
+    users = [r.method.views for r in runs if r.method.uses_teacher]
+    return max(users) if users else 1
+
+
+def train_step(runs: list[Run], batch: tuple, teacher: Teacher | None, policy,
+               teacher_views: int | None = None) -> None:
+    """One training step of `runs` on one batch `(indices, view1, view2 or None, labels)` of
+    `data.epoch_batches`: the inputs moved by the device policy, one teacher forward shared by
+    every run that uses the teacher, then each run's step. The loop's body; benchmarks and tests
+    call it rather than a copy."""
+    indices, view1, view2, labels = batch
+    view1 = policy.inputs(view1)
+    views = policy.inputs(torch.cat([view1, view2])) if view2 is not None else None
+    teacher_out = None
+    if teacher is not None and any(r.method.uses_teacher for r in runs):
+        teacher_views = teacher_views or views_the_teacher_sees(runs)
+        teacher_out = teacher.features_and_logits(
+            views if teacher_views == 2 and views is not None else view1, policy,
+            feature_map=any(r.method.needs_feature_maps for r in runs))
+    for run in runs:
+        run.step(indices, view1, views, labels, teacher_out)
