@@ -19,7 +19,7 @@ from desupcon.config import HUB_TEACHER, PRESET_HELP, PRESETS, RunConfig, config
 from desupcon.errors import DesupconError, InputFileError, MissingInputsError
 from desupcon.models import canonical_arch
 from desupcon.store.paths import OutputPaths
-from desupcon.config.settings import FLAGGED, SWITCHES
+from desupcon.config.settings import flagged, switches
 from desupcon.config.validation import ConfigError, checked_config_dict, validate_config
 
 log = logging.getLogger("desupcon")
@@ -28,11 +28,15 @@ def _help(setting) -> str:
     return setting.help.format(choices=", ".join(setting.allowed())) if "{choices}" in setting.help else setting.help
 
 
-# flag -> (section, field, type, help), from the settings' declarations (settings.py); every one
-# overrides the preset only when given.
-RUN_FLAGS = {st.flag: (st.section, st.field, st.kind, _help(st)) for st in FLAGGED}
-# flag pairs -> (section, field, help of the positive flag, help of the negative flag)
-BOOL_FLAGS = {(st.flag, st.off_flag): (st.section, st.field, st.help, st.off_help) for st in SWITCHES}
+def run_flags() -> dict:
+    """flag -> (section, field, type, help), from the settings' declarations (settings.py and the
+    methods'); every one overrides the preset only when given."""
+    return {st.flag: (st.section, st.field, st.kind, _help(st)) for st in flagged()}
+
+
+def bool_flags() -> dict:
+    """flag pairs -> (section, field, help of the positive flag, help of the negative flag)."""
+    return {(st.flag, st.off_flag): (st.section, st.field, st.help, st.off_help) for st in switches()}
 
 
 def _dest(flag: str) -> str:
@@ -67,12 +71,12 @@ def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) ->
                    help="log the same to Weights & Biases (offline mode without an account or network)")
     if not with_run_flags:
         return
-    for flag, (_, _, kind, text) in RUN_FLAGS.items():
+    for flag, (_, _, kind, text) in run_flags().items():
         if isinstance(kind, list):  # a list setting: several values after the flag
             p.add_argument(flag, type=kind[0], nargs="+", default=None, dest=_dest(flag), help=text)
         else:
             p.add_argument(flag, type=kind, default=None, dest=_dest(flag), help=text)
-    for (yes, no), (_, key, yes_help, no_help) in BOOL_FLAGS.items():
+    for (yes, no), (_, key, yes_help, no_help) in bool_flags().items():
         p.add_argument(yes, dest=key, action="store_true", default=None, help=yes_help)
         p.add_argument(no, dest=key, action="store_false", help=no_help)
     p.add_argument("--train-teacher", action="store_true",
@@ -144,11 +148,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     else:
         cfg = preset(given_preset or getattr(args, "default_preset", "paper"))
     changes: dict[str, dict] = {}
-    for flag, (section, key, _, _) in RUN_FLAGS.items():
+    for flag, (section, key, _, _) in run_flags().items():
         value = getattr(args, _dest(flag), None)
         if value is not None:
             changes.setdefault(section, {})[key] = value
-    for (section, key, _, _) in BOOL_FLAGS.values():
+    for (section, key, _, _) in bool_flags().values():
         if getattr(args, key, None) is not None:
             changes.setdefault(section, {})[key] = getattr(args, key)
     if getattr(args, "train_teacher", False):
@@ -226,9 +230,9 @@ def print_config(cfgs) -> None:
 
 def given_run_flags(args) -> list[tuple[str, str, str]]:
     """(flag as typed, section, field) of every run setting given on the command line."""
-    given = [(flag, section, key) for flag, (section, key, _, _) in RUN_FLAGS.items()
+    given = [(flag, section, key) for flag, (section, key, _, _) in run_flags().items()
              if getattr(args, _dest(flag), None) is not None]
-    for (yes, no), (section, key, _, _) in BOOL_FLAGS.items():
+    for (yes, no), (section, key, _, _) in bool_flags().items():
         if getattr(args, key, None) is not None:
             given.append((yes if getattr(args, key) else no, section, key))
     return given

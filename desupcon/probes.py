@@ -30,7 +30,8 @@ from desupcon import losses
 from desupcon.store.checkpoint import change_json_record, update_checkpoint
 from desupcon.config import MethodConfig, OptimConfig, RunConfig, protocol_of
 from desupcon.engine.devices import as_policy, make_scheduler
-from desupcon.methods import CrossEntropyMethod, Method, StepOutputs
+from desupcon.methods import Method, StepOutputs
+from desupcon.methods.ce import CrossEntropyMethod
 from desupcon.engine.dataset import EVAL_BATCH
 from desupcon.store.paths import OutputPaths
 from desupcon.store.checkpoint import remove_partial

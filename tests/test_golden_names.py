@@ -63,7 +63,7 @@ def current() -> dict:
     from desupcon.config import preset
     from desupcon.session import quickstart_configs
     from desupcon.probes import ProbeConfig, probe_identity
-    from desupcon.config.settings import SETTINGS
+    from desupcon.config.settings import all_settings
     from desupcon.two_stage import TwoStageConfig, two_stage_identity, two_stage_name
 
     out: dict = {}
@@ -81,7 +81,7 @@ def current() -> dict:
             out[f"pairs/{pair.teacher}:{pair.student}/{i}"] = _entry(e.cfg)
     for base_name, method in (("paper", "lw-supcrd"), ("mdistiller", "dkd"), ("quick", "crd-nce")):
         base = preset(base_name).with_method(method)
-        for s in SETTINGS:
+        for s in all_settings():
             if s.section in ("data",) and s.field in ("dataset", "data_root", "download"):
                 continue
             value = getattr(getattr(base, s.section), s.field)
@@ -134,9 +134,9 @@ def test_names_and_identities_are_byte_identical(golden, now, prefix):
 
 def test_the_settings_variants_name_distinct_runs(golden):
     """The golden file itself is meaningful: changing any tagged setting renames the run."""
-    from desupcon.config.settings import SETTINGS
+    from desupcon.config.settings import all_settings
     base_names = {golden["plan/paper/baselines/3"]["name"]}
-    for s in SETTINGS:
+    for s in all_settings():
         entry = golden.get(f"setting/paper/{s.section}.{s.field}")
         if entry and s.tag and s.section != "teacher":
             assert entry["name"] not in base_names, s.name

@@ -1,7 +1,7 @@
 """Training pipeline: every method trains, checkpoints reload, the cache hits, lockstep = solo."""
 
-import dataclasses
 import shutil
+import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ from desupcon.engine.loop import _train_lockstep
 from desupcon.store.cache import load_student
 from desupcon.engine.build import make_student_run
 from desupcon.store.checkpoint import CheckpointError, load_checkpoint
-from desupcon.cli import RUN_FLAGS, build_parser, config_from_args
+from desupcon.cli import build_parser, config_from_args, run_flags
 from desupcon.config import RunConfig, method_fields, preset, run_name, teacher_run_name
 from desupcon.methods import StepOutputs
 from desupcon.session import Session
@@ -181,7 +181,7 @@ def test_every_flag_changes_the_run():
     the teacher's identity (they reach a student's identity through the teacher's fingerprint)."""
     base = preset("paper")
     base_name, base_id = run_name(base), base.identity()
-    for flag, (section, key, _, _) in RUN_FLAGS.items():
+    for flag, (section, key, _, _) in run_flags().items():
         if flag == "--data-root":
             continue  # where the files live does not change the run
         ref = base.replace(model={"teacher_weights": None}) if section == "teacher" else base
@@ -230,4 +230,6 @@ def test_same_name_other_configuration_is_never_reused(session):
 def test_config_round_trips_as_plain_data():
     cfg = preset("quick").replace(method={"alpha": 2.0})
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
-    assert dataclasses.asdict(cfg) == cfg.to_dict()
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()  # plain data only
+    assert cfg.to_dict()["method"]["alpha"] == 2.0
+    assert RunConfig.from_dict(cfg.to_dict()) != preset("quick")

@@ -12,12 +12,13 @@ configurations never share a name.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
 
 from desupcon.config import pairs
-from desupcon.config.settings import SETTINGS
+from desupcon.config.settings import tag_of
 
 # The published CIFAR-100 ResNet-50 teacher (SPEC 6), a timm-format state dict on the model hub.
 HUB_TEACHER = "hf-hub:edadaltocg/resnet50_cifar100"
@@ -26,7 +27,7 @@ HUB_TEACHER = "hf-hub:edadaltocg/resnet50_cifar100"
 # defaults, its label, what it needs, its losses); these look them up.
 def method_class(name: str):
     """The class declaring method `name` (None for an unknown name)."""
-    from desupcon.methods import METHODS as declared  # methods.py imports this module: looked up when needed
+    from desupcon.methods import METHODS as declared  # methods/ imports this module: looked up when needed
     return declared.get(name)
 
 
@@ -38,7 +39,13 @@ def method_names() -> tuple[str, ...]:
 def method_fields(name: str) -> tuple[str, ...]:
     """The settings method `name` reads (the others do not enter its identity or name)."""
     cls = method_class(name)
-    return cls.reads if cls is not None else ()
+    return tuple(s.field for s in cls.settings) if cls is not None else ()
+
+
+def method_settings() -> dict:
+    """field -> declaration of every method setting of the registered methods."""
+    from desupcon.methods import declared_settings
+    return declared_settings()
 
 
 def method_defaults(name: str) -> dict:
@@ -77,42 +84,41 @@ class ModelConfig:
     init: str = "kaiming"
 
 
-@dataclass
 class MethodConfig:
-    method: str = "lw-supcrd"
-    alpha: float = 1.0
-    beta: float = 10.0
-    temperature: float = 0.07
-    adaptive_beta: bool = True
-    kd_temperature: float = 1.0
-    lam: float = 0.5
-    # "running": each hybrid term divided by a running scale of itself (the published runs);
-    # "plain": lam * SupCon + (1 - lam) * LW-SupCRD (SPEC 4).
-    hybrid_scaling: str = "running"
-    hybrid_scale_steps: int = 100  # steps during which the running scales still move
-    bank_size: int = 0  # 0 = no memory bank
-    bank_momentum: float = 0.5
-    # "class-aware": slots written at least once, the anchor's class positive (SPEC 5);
-    # "negatives-only": every bank entry a negative, drawn from all slots (the published README).
-    bank_mode: str = "class-aware"
-    # Logit distillation (SPEC 13). A representation method adds `logit_weight * <logit_term>`
-    # and then trains its classifier end to end with `ce_weight * CE` (RepDistiller's form).
-    logit_term: str = "none"  # none | kd | dkd
-    logit_weight: float = 1.0
-    ce_weight: float = 1.0
-    kd_weight: float = 0.9
-    logit_temperature: float = 4.0
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    warmup: int = 0  # epochs over which the distillation term ramps up linearly (DKD: 20)
-    sdd_scales: list[int] = field(default_factory=lambda: [1, 2, 4])
-    complementary_weight: float = 2.0
-    # The literature's CRD (SPEC 14).
-    nce_weight: float = 0.8
-    nce_dim: int = 128
-    nce_negatives: int = 16384
-    nce_momentum: float = 0.5
-    nce_temperature: float = 0.07
+    """The method and the values of the method settings. Those are declared by the methods that
+    read them (`methods/`, each with its default), so this holds whatever the registered methods
+    declare: `cfg.alpha` reads a value, a setting not given takes its declared default."""
+
+    def __init__(self, method: str = "lw-supcrd", **values):
+        declared = method_settings()
+        unknown = set(values) - set(declared)
+        if unknown:
+            raise ValueError(f"unknown MethodConfig settings: {', '.join(sorted(unknown))}")
+        self.method = method
+        for name, setting in declared.items():
+            value = values.get(name, setting.default)
+            setattr(self, name, list(value) if isinstance(setting.kind, list) else copy.deepcopy(value))
+
+    def __getattr__(self, name: str):
+        # a setting declared after this object was made (a method registered later): its default
+        setting = method_settings().get(name) if not name.startswith("_") else None
+        if setting is None:
+            raise AttributeError(f"MethodConfig has no setting {name!r}")
+        return list(setting.default) if isinstance(setting.kind, list) else copy.deepcopy(setting.default)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **{name: copy.deepcopy(getattr(self, name)) for name in method_settings()}}
+
+    def replace(self, **changes) -> "MethodConfig":
+        return MethodConfig(**{**self.to_dict(), **changes})
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, MethodConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable, as the other sections
+
+    def __repr__(self) -> str:
+        return f"MethodConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
     def relevant(self) -> dict:
         return {"method": self.method, **{k: getattr(self, k) for k in method_fields(self.method)}}
@@ -176,7 +182,9 @@ class RunConfig:
     wandb: bool = False  # the same to Weights & Biases (offline without network)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["method"] = self.method.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -189,7 +197,7 @@ class RunConfig:
             return kind(**values)
         return cls(preset=d.get("preset", "paper"), data=section(DataConfig, d.get("data", {})),
                    model=section(ModelConfig, d.get("model", {})),
-                   method=section(MethodConfig, d.get("method", {})),
+                   method=MethodConfig(**d.get("method", {})),
                    optim=section(OptimConfig, d.get("optim", {})),
                    teacher=section(TeacherConfig, d.get("teacher", {})),
                    **{k: d[k] for k in RUNTIME_FIELDS if k in d})
@@ -198,7 +206,9 @@ class RunConfig:
         """Copy with some fields changed: `cfg.replace(method={"alpha": 2.0}, optim={"seed": 1})`."""
         out = RunConfig.from_dict(self.to_dict())
         for section, changes in sections.items():
-            if isinstance(changes, dict):
+            if isinstance(changes, dict) and section == "method":
+                out.method = out.method.replace(**changes)
+            elif isinstance(changes, dict):
                 setattr(out, section, dataclasses.replace(getattr(out, section), **changes))
             else:
                 setattr(out, section, changes)
@@ -387,7 +397,6 @@ def _fmt(value) -> str:
 
 # Short tags for settings that differ from the reference protocol and are not in the base name
 # (declared with each setting in settings.py).
-_TAGS = {(st.section, st.field): st.tag for st in SETTINGS if st.tag}
 _DATA_TAGGED = ("train_subset", "test_subset", "image_size", "color_jitter")
 _TEACHER_TRAINING = ("epochs", "optimizer", "lr", "batch_size", "weight_decay", "schedule", "seed")
 _TEACHER_PROBE = ("probe_epochs", "probe_lr", "probe_temperature")
@@ -414,7 +423,7 @@ def _differing(cfg: RunConfig, ref: RunConfig, section: str, keys) -> list[str]:
     for key in keys:
         value = getattr(getattr(cfg, section), key)
         if value != getattr(getattr(ref, section), key):
-            tags.append(f"{_TAGS[(section, key)]}{_fmt(value)}")
+            tags.append(f"{tag_of(section, key)}{_fmt(value)}")
     return tags
 
 

@@ -1,10 +1,12 @@
 """Every run setting declared once: its section and field of `RunConfig`, its command-line flag,
 its run-name tag, its help text and its valid range.
 
-The command line's flags (`cli.RUN_FLAGS`), the run names' tags (`config.run_name`) and the range
-checks (`validation.validate_config`) are derived from this table; the defaults are the presets'
-(`config.PRESETS`) and the methods' own (declared by their classes in `methods.py`). A new setting is one field in
-its dataclass and one line here. Checks that join several settings (a step schedule needs
+The data, model, optimiser and teacher settings are the table here (a new one: one field in its
+dataclass and one line here; the defaults are the presets', `config.PRESETS`). The method
+settings are declared by the methods that read them (`methods/`, with their defaults;
+`method_setting`), so a new method brings its own. The command line's flags (`cli.run_flags`),
+the run names' tags (`config.run_name`) and the range checks (`validation.validate_config`) are
+derived from `all_settings()`. Checks that join several settings (a step schedule needs
 milestones) or need the data stay in `validation.py`.
 """
 
@@ -48,6 +50,7 @@ class Setting:
     choices: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()
     off_flag: str | None = None  # a switch (`kind` bool): the flag that turns it off, and its help
     off_help: str = ""
+    default: object = None  # a method setting's default (the other sections' defaults are the presets')
 
     @property
     def name(self) -> str:
@@ -59,8 +62,14 @@ class Setting:
 
 
 def _methods():
-    from desupcon.config import method_names  # the methods are declared by their classes (methods.py)
+    from desupcon.config import method_names  # the methods are declared by their classes (methods/)
     return method_names()
+
+
+def method_setting(field: str, flag: str | None, kind, help: str, tag: str | None = None, valid=None,
+                   default=None, **more) -> Setting:
+    """A setting of the method section, declared by the method(s) that read it (`methods/`)."""
+    return Setting("method", field, flag, kind, help, tag, valid, default=default, **more)
 
 
 S = Setting
@@ -92,48 +101,7 @@ SETTINGS: tuple[Setting, ...] = (
       "init", choices=INITS),
     # method
     S("method", "method", "--method", str, "training method: {choices}", choices=_methods),
-    S("method", "alpha", "--alpha", float, "LW-SupCRD pull weight alpha (the loss is divided by it)", "alpha",
-      POSITIVE),
-    S("method", "beta", "--beta", float, "LW-SupCRD push weight beta", "beta", NON_NEGATIVE),
-    S("method", "temperature", "--temperature", float, "contrastive temperature tau", "temp", POSITIVE),
-    S("method", "adaptive_beta", "--adaptive-beta", bool, "beta_i = beta / (p_i(y_i) + 0.5) (default)", "adaptive",
-      off_flag="--no-adaptive-beta", off_help="constant beta"),
-    S("method", "kd_temperature", "--kd-temperature", float,
-      "temperature of the teacher softmax that weights LW-SupCRD", "kdT", POSITIVE),
-    S("method", "lam", "--lam", float, "hybrid mix: lam * SupCon + (1 - lam) * LW-SupCRD", "lam", UNIT_INTERVAL),
-    S("method", "hybrid_scaling", "--hybrid-scaling", str,
-      "hybrid terms: running (each divided by a running scale, as published) or plain", "scaling",
-      choices=HYBRID_SCALINGS),
-    S("method", "hybrid_scale_steps", "--hybrid-scale-steps", int,
-      "steps during which the hybrid's running scales still move (100)", "scalesteps", AT_LEAST_ONE),
-    S("method", "bank_size", "--bank-size", int, "memory-bank entries drawn per step (0: no bank)", None,
-      (lambda v: v >= 0, ">= 0 (0 = no bank)")),
-    S("method", "bank_momentum", "--bank-momentum", float, "memory-bank momentum m", "bankmom", FRACTION),
-    S("method", "bank_mode", "--bank-mode", str,
-      "class-aware (default: written slots, same class positive) or negatives-only (the published README: "
-      "every entry a negative, drawn from all slots)", "bank", choices=BANK_MODES),
-    S("method", "logit_term", "--logit-term", str, "add a logit term to a representation method: none, kd "
-      "or dkd (the classifier then trains end to end with --ce-weight CE)", "plus", choices=LOGIT_TERMS),
-    S("method", "logit_weight", "--logit-weight", float, "weight of --logit-term", "lw", WEIGHT),
-    S("method", "ce_weight", "--ce-weight", float, "weight of the student's cross-entropy in logit distillers",
-      "ce", WEIGHT),
-    S("method", "kd_weight", "--kd-weight", float, "weight of the KD term (kd: 0.9; kd-ls: 9)", "kdw", WEIGHT),
-    S("method", "logit_temperature", "--logit-temperature", float, "temperature T of KD/DKD/SDD (4; LS: 2)", "T",
-      (lambda v: v > 0, "> 0 (it divides the logits)")),
-    S("method", "dkd_alpha", "--dkd-alpha", float, "DKD's weight of the target-class term (TCKD)", "a", WEIGHT),
-    S("method", "dkd_beta", "--dkd-beta", float,
-      "DKD's weight of the non-target term (NCKD; default: the pair's, SPEC 17)", "b", WEIGHT),
-    S("method", "warmup", "--warmup", int, "epochs over which the distillation term ramps up (DKD: 20)", "warm",
-      (lambda v: v >= 0, ">= 0 epochs")),
-    S("method", "sdd_scales", "--sdd-scales", [int], "SDD's pooling levels M (default 1 2 4; SD-KD 1 2)", "M"),
-    S("method", "complementary_weight", "--complementary-weight", float,
-      "SDD's weight of regions whose teacher prediction differs from the global one", "cw", WEIGHT),
-    S("method", "nce_weight", "--nce-weight", float, "crd-nce's weight beside CE (0.8)", "ncew", WEIGHT),
-    S("method", "nce_dim", None, int, "crd-nce's embedding size", "nced", AT_LEAST_ONE),
-    S("method", "nce_negatives", "--nce-negatives", int, "crd-nce's negatives per anchor (16384)", "ncek",
-      (lambda v: v >= 1, ">= 1 (negatives per anchor)")),
-    S("method", "nce_momentum", None, float, "crd-nce's bank momentum", "ncem", FRACTION),
-    S("method", "nce_temperature", None, float, "crd-nce's temperature", "ncet", POSITIVE),
+    # the method settings: declared by the methods that read them (methods/)
     # student optimisation
     S("optim", "epochs", "--epochs", int, "student training epochs", "ep", AT_LEAST_ONE),
     S("optim", "batch_size", "--batch-size", int, "images per batch (two views each)", "bs",
@@ -176,6 +144,24 @@ SETTINGS: tuple[Setting, ...] = (
     S("teacher", "probe_lr", None, float, "the cosine probe's Adam learning rate", "plr", POSITIVE),
     S("teacher", "probe_temperature", None, float, "the cosine probe's temperature", "ptemp", POSITIVE),
 )
-BY_FIELD = {(s.section, s.field): s for s in SETTINGS}
-FLAGGED = tuple(s for s in SETTINGS if s.flag is not None and s.kind is not bool)  # take a value
-SWITCHES = tuple(s for s in SETTINGS if s.kind is bool and s.off_flag)  # --x / --no-x pairs
+
+
+def all_settings() -> tuple[Setting, ...]:
+    """Every setting: the table above, then the method settings of every registered method."""
+    from desupcon.config import method_settings
+    return (*SETTINGS, *method_settings().values())
+
+
+def flagged() -> tuple[Setting, ...]:
+    """The settings that take a value on the command line."""
+    return tuple(s for s in all_settings() if s.flag is not None and s.kind is not bool)
+
+
+def switches() -> tuple[Setting, ...]:
+    """The `--x` / `--no-x` pairs."""
+    return tuple(s for s in all_settings() if s.kind is bool and s.off_flag)
+
+
+def tag_of(section: str, field: str) -> str:
+    """The run-name tag of a setting."""
+    return next(s.tag for s in all_settings() if (s.section, s.field) == (section, field))

@@ -12,7 +12,7 @@ from desupcon.engine.devices import PRECISIONS
 from desupcon.data import DATASETS
 from desupcon.errors import DesupconError
 from desupcon.models import ARCHITECTURES
-from desupcon.config.settings import SETTINGS
+from desupcon.config.settings import all_settings
 
 
 class ConfigError(DesupconError, ValueError):
@@ -46,14 +46,14 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
     d = cfg.data.dataset
     _require(d in ("cifar100", "cifar10", "digits") or (d.startswith("npz:") and len(d) > 4),
              f"--dataset {d!r} is unknown; known: {', '.join(DATASETS)}")
-    for section, prefix in ((m, "--"), (o, "--"), (cfg.teacher, "teacher.")):
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
+    for values, prefix in ((m.to_dict(), "--"), (dataclasses.asdict(o), "--"),
+                           (dataclasses.asdict(cfg.teacher), "teacher.")):
+        for name, value in values.items():
             if isinstance(value, float):  # NaN/inf would pass every range check below
                 _require(math.isfinite(value),
-                         f"{prefix}{f.name.replace('_', '-') if prefix == '--' else f.name} must be a "
+                         f"{prefix}{name.replace('_', '-') if prefix == '--' else name} must be a "
                          f"finite number, got {value}")
-    for setting in SETTINGS:  # every declared range and choice (settings.py)
+    for setting in all_settings():  # every declared range and choice (settings.py, methods/)
         value = getattr(getattr(cfg, setting.section), setting.field)
         if setting.valid is not None:
             test, rule = setting.valid

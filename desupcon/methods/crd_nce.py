@@ -1,0 +1,80 @@
+"""The literature's CRD (SPEC 14): NCE against momentum banks of embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from desupcon.config.settings import AT_LEAST_ONE, FRACTION, method_setting, POSITIVE, WEIGHT
+from desupcon.engine import distributed
+from desupcon.methods.base import CE_WEIGHT, Method, register_method, StepOutputs
+
+
+@register_method
+class CRDNCEMethod(Method):
+    """The literature's CRD (SPEC 14): Linear(d, nce_dim) + L2 embedding heads on the student's
+    and teacher's pooled features, two momentum banks, class-aware negatives, the NCE loss with
+    its fixed normalising constants; CE + nce_weight * CRD. One view."""
+
+    name, label = "crd-nce", "CRD (NCE, Tian et al.)"
+    settings = (
+        CE_WEIGHT,
+        method_setting("nce_weight", "--nce-weight", float, "crd-nce's weight beside CE (0.8)", "ncew", WEIGHT, 0.8),
+        method_setting("nce_dim", None, int, "crd-nce's embedding size", "nced", AT_LEAST_ONE, 128),
+        method_setting("nce_negatives", "--nce-negatives", int, "crd-nce's negatives per anchor (16384)", "ncek",
+                       (lambda v: v >= 1, ">= 1 (negatives per anchor)"), 16384),
+        method_setting("nce_momentum", None, float, "crd-nce's bank momentum", "ncem", FRACTION, 0.5),
+        method_setting("nce_temperature", None, float, "crd-nce's temperature", "ncet", POSITIVE, 0.07),
+    )
+    defaults = {"ce_weight": 1.0}
+    uses_teacher_head = False
+    views = 1
+    online_classifier = False
+    gathers_batch = False
+    uses_every_parameter = False
+
+    def setup(self, dataset, student, teacher, policy) -> None:
+        from desupcon.crd_memory import CRDMemory
+        c = self.cfg
+        self.embed_student = torch.nn.Linear(student.encoder.feature_dim, c.nce_dim).to(policy.device)
+        self.embed_teacher = torch.nn.Linear(teacher.encoder.feature_dim, c.nce_dim).to(policy.device)
+        self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        self.memory = CRDMemory(dataset.train_labels.cpu(), dim=c.nce_dim, momentum=c.nce_momentum,
+                                device=policy.device, generator=self.generator)
+        # more negatives than the training set holds bring nothing new (they repeat)
+        self.negatives = min(c.nce_negatives, len(dataset.train_labels))
+        self._pending = None
+
+    def trainable_modules(self) -> list:
+        return [self.embed_student, self.embed_teacher]
+
+    def representation_losses(self, out):
+        c = self.cfg
+        v_s = F.normalize(self.embed_student(out.student_features), dim=1)
+        v_t = F.normalize(self.embed_teacher(out.teacher_features), dim=1)
+        crd = self.memory.loss(v_s, v_t, out.indices, None, self.negatives, self.generator,
+                               c.nce_temperature)
+        self._pending = (out.indices, v_s.detach(), v_t.detach())
+        return {"ce": c.ce_weight * F.cross_entropy(out.student_logits, out.labels),
+                "crd_nce": c.nce_weight * crd}
+
+    def after_step(self, out: StepOutputs) -> None:
+        if self._pending is not None:
+            indices, v_s, v_t = self._pending
+            if distributed.active():  # every rank applies the global batch's update: identical banks
+                indices = distributed.all_gather_no_grad(indices.to(v_s.device)).cpu()
+                v_s, v_t = distributed.all_gather_no_grad(v_s), distributed.all_gather_no_grad(v_t)
+            self.memory.update(indices, v_s, v_t)
+            self._pending = None
+
+    def state_dict(self) -> dict:
+        return {"memory": self.memory.state_dict(), "embed_student": self.embed_student.state_dict(),
+                "embed_teacher": self.embed_teacher.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.memory.load_state_dict(state["memory"])
+        self.embed_student.load_state_dict(state["embed_student"])
+        self.embed_teacher.load_state_dict(state["embed_teacher"])
+        self.generator.set_state(state["generator"])

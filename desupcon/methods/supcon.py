@@ -1,0 +1,15 @@
+"""Supervised contrastive learning on the student alone (SupCon)."""
+
+from __future__ import annotations
+
+from desupcon import losses
+from desupcon.methods.base import COMBO, Method, register_method, TEMPERATURE
+
+
+@register_method
+class SupConMethod(Method):
+    name, label, settings = "supcon", "SupCon", (TEMPERATURE, *COMBO)
+    uses_teacher = False
+
+    def representation_losses(self, out):
+        return {"supcon": losses.supcon_loss(out.student_projection, out.labels, self.cfg.temperature)}
