@@ -1,0 +1,95 @@
+"""Adding a method is one class in one file: this test declares a toy method here (a setting of its
+own with flag, run-name tag, help, range and default) and trains it through the command line,
+touching no module of the package. The flag, the name tag, the identity, the range check and the
+label are all derived from the declaration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch.nn.functional as F
+
+from desupcon import cli
+from desupcon.config import preset, run_name
+from desupcon.config.settings import method_setting
+from desupcon.methods import METHODS, Method, method_label, register_method
+from desupcon.store.checkpoint import load_checkpoint
+
+
+class ProjectionPenaltyMethod(Method):
+    """Cross-entropy plus `toy_weight` times the mean squared norm of the normalised projection (1
+    for every row): a formula of this test's own."""
+
+    name, label = "toy-penalty", "Toy penalty (weight {toy_weight})"
+    settings = (method_setting("toy_weight", "--toy-weight", float, "the toy method's penalty weight", "toyw",
+                               (lambda v: 0 <= v <= 1, "in [0, 1]"), 0.25),)
+    uses_teacher = False
+    views = 1
+    online_classifier = False
+    gathers_batch = False
+    uses_every_parameter = False
+
+    def representation_losses(self, out):
+        return {"ce": F.cross_entropy(out.student_logits, out.labels),
+                "toy": self.cfg.toy_weight * out.student_projection.pow(2).sum(1).mean()}
+
+
+@pytest.fixture
+def toy_method():
+    register_method(ProjectionPenaltyMethod)
+    try:
+        yield ProjectionPenaltyMethod
+    finally:
+        METHODS.pop(ProjectionPenaltyMethod.name)
+
+
+TINY = ["--preset", "quick", "--method", "toy-penalty", "--epochs", "1", "--train-subset", "64", "--test-subset",
+        "32", "--batch-size", "32", "--device", "cpu"]
+
+
+def test_a_method_declared_in_one_file_trains_through_the_command_line(toy_method, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["train", *TINY, "--toy-weight", "0.5", "--output-dir", str(out)]) == 0
+    cfg = preset("quick").replace(method={"method": "toy-penalty", "toy_weight": 0.5},
+                                  optim={"epochs": 1, "batch_size": 32},
+                                  data={"train_subset": 64, "test_subset": 32})
+    name = run_name(cfg)
+    assert name.startswith("student_toypenalty_quick_resnet8_digits") and "toyw0.5" in name.split("_")
+    ckpt = load_checkpoint(out / "pth_models" / f"{name}.pth", "student")
+    assert ckpt["identity"]["method"] == {"method": "toy-penalty", "toy_weight": 0.5}
+    assert "teacher" not in ckpt["identity"]  # it declared that it needs no teacher
+    assert set(ckpt["log"][0]["losses"]) == {"ce", "toy"}
+    assert 0 < ckpt["log"][0]["losses"]["toy"] <= 0.5 + 1e-6  # 0.5 x squared norm of a unit vector
+    assert method_label(cfg.method) == "Toy penalty (weight 0.5)"
+    # the declared default is not tagged
+    default = cfg.replace(method={"toy_weight": 0.25})
+    assert "toyw" not in run_name(default) and run_name(default) != name
+
+
+def test_the_new_setting_is_range_checked_and_documented(toy_method, tmp_path, capsys):
+    assert cli.main(["train", *TINY, "--toy-weight", "2", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--toy-weight must be in [0, 1], got 2.0" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "pth_models").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "--toy-weight" in capsys.readouterr().out
+
+
+def test_the_new_setting_travels_in_configuration_files(toy_method, tmp_path, capsys):
+    assert cli.main(["train", *TINY, "--toy-weight", "0.75", "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["method"]["toy_weight"] == 0.75
+    path = tmp_path / "toy.json"
+    path.write_text(json.dumps(printed))
+    assert cli.main(["train", "--config", str(path), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == printed["method"]
+
+
+def test_without_the_method_its_setting_is_unknown():
+    """Nothing of the toy method outlives its registration (no test depends on another's)."""
+    assert "toy-penalty" not in METHODS
+    assert "--toy-weight" not in cli.run_flags()
+    with pytest.raises(ValueError, match="unknown MethodConfig settings: toy_weight"):
+        preset("quick").replace(method={"toy_weight": 0.5})
