@@ -7,22 +7,21 @@ import dataclasses
 import json
 import logging
 import sys
-import traceback
 from pathlib import Path
 
+import traceback
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from desupcon import session as pipeline
-from desupcon.store.checkpoint import CheckpointError, check_json_records, check_writable, load_checkpoint
+from desupcon.config import config_json, HUB_TEACHER, method_names, preset, PRESET_HELP, PRESETS, run_name, RunConfig
+from desupcon.config.settings import flagged, switches
+from desupcon.config.validation import checked_config_dict, ConfigError, validate_config
 from desupcon.engine.devices import PRECISIONS
-from desupcon.config import HUB_TEACHER, PRESET_HELP, PRESETS, RunConfig, config_json, method_names, preset, run_name
 from desupcon.errors import DesupconError, InputFileError, MissingInputsError
 from desupcon.models import canonical_arch
+from desupcon.store.checkpoint import check_json_records, check_writable, CheckpointError, load_checkpoint
 from desupcon.store.paths import OutputPaths
-from desupcon.config.settings import flagged, switches
-from desupcon.config.validation import ConfigError, checked_config_dict, validate_config
 
-log = logging.getLogger("desupcon")
 
 def _help(setting) -> str:
     return setting.help.format(choices=", ".join(setting.allowed())) if "{choices}" in setting.help else setting.help
@@ -189,7 +188,7 @@ def preflight(cfgs: list[RunConfig], teacher: bool = True) -> None:
     output folders are writable, that the results files the runs will update are readable (a
     corrupted one is reported now, not after hours of training) and that the teacher's weights
     can be had (a missing published teacher is reported before any data is loaded)."""
-    from desupcon.analysis.evaluate import comprehensive_results_path
+    from desupcon.store.records import records_path
     from desupcon.teacher import check_teacher_available
     from desupcon.engine.tracking import check_available
     for cfg in cfgs:
@@ -199,7 +198,7 @@ def preflight(cfgs: list[RunConfig], teacher: bool = True) -> None:
         paths = OutputPaths(cfg.output_dir)
         for folder in (paths.models, paths.results):
             check_writable(folder)
-        check_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset))
+        check_json_records(records_path(paths, cfg.model.student_arch, cfg.data.dataset))
     from desupcon.data import DatasetNotFoundError, check_dataset_available
     from desupcon.store.weights import TeacherWeightsUnavailableError
     missing = []  # every missing input named at once: the data and the teacher

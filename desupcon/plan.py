@@ -7,20 +7,18 @@ their checkpoints, interrupted ones resume from their epoch checkpoints.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from desupcon.engine import distributed
 from desupcon.analysis import plots
-from desupcon.config import RunConfig, bank_protocol, dataset_tag, default_bank_size, run_name
-from desupcon.session import Session
+from desupcon.config import bank_protocol, dataset_tag, default_bank_size, run_name, RunConfig
+from desupcon.engine import distributed
+from desupcon.engine.build import lockstep_key
+from desupcon.engine.run import RunResult
 from desupcon.methods import method_label
 from desupcon.report import LOGIT_TABLE_METHODS, write_report
-from desupcon.engine.run import RunResult
-from desupcon.engine.build import lockstep_key
+from desupcon.session import Session
 
-log = logging.getLogger("desupcon")
 
 ALPHAS = (1.0, 2.0, 5.0, 10.0)
 BETAS = (1.0, 5.0, 10.0, 12.0)

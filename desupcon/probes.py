@@ -24,26 +24,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from desupcon import data as data_mod
+from desupcon import data as data_mod, losses
+from desupcon.config import MethodConfig, OptimConfig, RunConfig
+from desupcon.config.validation import ConfigError
 from desupcon.engine import distributed as dist
-from desupcon import losses
-from desupcon.store.checkpoint import change_json_record, update_checkpoint
-from desupcon.config import MethodConfig, OptimConfig, RunConfig, protocol_of
-from desupcon.engine.devices import as_policy, make_scheduler
+from desupcon.engine.build import build_run
+from desupcon.engine.dataset import EVAL_BATCH
+from desupcon.engine.devices import as_policy
+from desupcon.engine.loop import train_group
 from desupcon.methods import Method, StepOutputs
 from desupcon.methods.ce import CrossEntropyMethod
-from desupcon.engine.dataset import EVAL_BATCH
-from desupcon.store.paths import OutputPaths
-from desupcon.store.checkpoint import remove_partial
-from desupcon.store.weights import fingerprint
-from desupcon.engine.run import Run
 from desupcon.store.cache import load_student
-from desupcon.engine.loop import train_group
-from desupcon.config.validation import ConfigError
+from desupcon.store.checkpoint import remove_partial
+from desupcon.store.paths import OutputPaths
+from desupcon.store.records import add_probe_result, save_log
+from desupcon.store.weights import fingerprint
+
 
 __all__ = ["knn_predict", "knn_accuracy", "topk_accuracy", "ProbeConfig", "FrozenEncoderProbe",
            "KDProbeMethod", "last_stage_name", "fit_probe", "linear_probe", "kd_probe", "knn_probe",
-           "probe_checkpoint", "record_probe", "probe_identity", "PROBE_KINDS"]
+           "probe_checkpoint", "probe_identity", "PROBE_KINDS"]
 
 log = logging.getLogger("desupcon")
 
@@ -292,12 +292,10 @@ def fit_probe(probe: FrozenEncoderProbe, kind: str, dataset: data_mod.ImageDatas
     optim = OptimConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                         schedule=config.schedule, drop_last=False, seed=config.seed)
     rcfg = base.replace(method=MethodConfig(method=method.cfg.method), optim=optim)
-    optimizer = policy.make_adam(probe.trainable_groups(config))
-    scheduler = make_scheduler(optimizer, [config.schedule], config.epochs)
     name = name or f"probe_{kind}"
     identity = identity if identity is not None else {"probe": kind, "config": dataclasses.asdict(config)}
-    run = Run(rcfg, name, identity, method, probe, None, optimizer, scheduler, policy, optim,
-              data_views=1, kind=run_kind)
+    run = build_run(rcfg, name, identity, method, probe, probe.trainable_groups(config), [config.schedule],
+                    policy, kind=run_kind, data_views=1)
     with tempfile.TemporaryDirectory(prefix="desupcon_probe_") as scratch:
         out = paths if paths is not None else OutputPaths(scratch)
         finished, failures = train_group([run], dataset, teacher if method.uses_teacher else None, out,
@@ -368,31 +366,6 @@ def _output_root(path: Path) -> Path:
     return path.parent.parent.parent if path.parent.name == "imported" else path.parent.parent
 
 
-def _base_record(ckpt: dict, cfg: RunConfig) -> dict:
-    """A comprehensive-results record of a not yet analysed student (the report's own form)."""
-    m = ckpt.get("metrics") or {}
-    analysis = ckpt.get("analysis") or {}
-    acc = {k: m.get(k) for k in ("test_acc", "train_acc", "train_test_gap", "best_test_acc", "best_epoch")}
-    two_stage = "two_stage" in ckpt["config"]
-    return {"run": ckpt["name"], "kind": "student", "method": "two-stage" if two_stage else cfg.method.method,
-            "seed": cfg.optim.seed, "protocol": protocol_of(cfg),
-            "source": (ckpt.get("source") or {}).get("kind", "trained"),
-            "teacher": analysis.get("teacher") or {"fingerprint": ckpt.get("teacher_fingerprint"), "source": None},
-            "config": ckpt["config"], "accuracy": acc, "seconds": m.get("seconds"),
-            "metrics": analysis.get("metrics") or {}}
-
-
-def record_probe(results_path: Path, ckpt: dict, cfg: RunConfig, kind: str, entry: dict) -> dict:
-    """Add `entry` as `record["probes"][kind]` of the run's comprehensive-results record (created in
-    the report's form when the run has none yet), under the records file's lock. `accuracy` and
-    everything else in the record are left as they are. Returns the record."""
-    def add_probe(record: dict | None) -> dict:
-        record = record or _base_record(ckpt, cfg)
-        record.setdefault("probes", {})[kind] = entry
-        return record
-    return change_json_record(results_path, ckpt["name"], add_probe)[ckpt["name"]]
-
-
 def probe_identity(kind: str, student: nn.Module, cfg: RunConfig, config: ProbeConfig | None,
                    teacher=None, k: int | None = None) -> dict:
     """What determines a probe's result: the student's weights (by content), the data, the probe's
@@ -412,13 +385,12 @@ def probe_checkpoint(path: str | Path, kind: str, dataset: data_mod.ImageDataset
                      resume: bool = True) -> dict:
     """Run one probe (`kind`: linear | knn | kd) on a saved student and record it.
 
-    The result goes into the checkpoint (`ckpt["probes"][kind]`, with its log; written atomically)
-    and into the run's comprehensive-results record as `record["probes"][kind]` (without the log),
-    beside, never instead of, the online classifier's `accuracy`. Trained probes write epoch
+    The result goes into the run's record as `record["probes"][kind]`, beside, never instead of,
+    the online classifier's `accuracy`, and a trained probe's per-epoch log into
+    `json_results/training_logs/<run>__probe_<kind>.json`; the checkpoint is never rewritten. Trained probes write epoch
     checkpoints under the output folder (`pth_models/in_progress/<run>__probe_<kind>.pth`) and
     resume from them. The KD probe needs the run's `teacher`. Returns the result dict.
     """
-    from desupcon.analysis.evaluate import comprehensive_results_path  # late: evaluation loads the plotting stack
     if kind not in PROBE_KINDS:
         raise ValueError(f"unknown probe {kind!r}; known: {', '.join(PROBE_KINDS)}")
     if kind == "kd" and teacher is None:
@@ -444,11 +416,10 @@ def probe_checkpoint(path: str | Path, kind: str, dataset: data_mod.ImageDataset
         entry["config"] = dataclasses.asdict(resolved)
         if kind == "kd":
             entry["teacher"] = identity["teacher"]
-    if dist.is_main():
-        ckpt.setdefault("probes", {})[kind] = {**entry, "log": result.get("log")}
-        update_checkpoint(path, ckpt)
-        record_probe(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset),
-                     ckpt, cfg, kind, entry)
+    if dist.is_main():  # the records only: the student's checkpoint is left as it is
+        if result.get("log"):
+            save_log(paths, f"{ckpt['name']}__probe_{kind}", result["log"])
+        add_probe_result(ckpt, kind, entry, paths.root)
     log.info(f"[{ckpt['name']}] {kind} probe: top-1 {entry['top1']:.2f}% top-5 {entry['top5']:.2f}% "
              f"(online classifier {ckpt['metrics'].get('test_acc')})")
     return {**entry, "log": result["log"]} if "log" in result else entry

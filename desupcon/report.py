@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import logging
+import statistics
 
-from desupcon.store.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, read_json
-from desupcon.config import HUB_TEACHER, RunConfig, protocol_of
-from desupcon.methods import method_label
+from desupcon.config import HUB_TEACHER, protocol_of, RunConfig
 from desupcon.config.pairs import published_figures
+from desupcon.methods import method_label
+from desupcon.store.checkpoint import atomic_write_text
 from desupcon.store.published import PUBLISHED_SOURCE
+from desupcon.store.records import records_under
 
-log = logging.getLogger("desupcon")
 
 # SPEC section 9: CIFAR-100, ResNet-50 -> ResNet-18, 50 epochs, one seed (42), the published teacher.
 # (protocol, table, configuration) -> (test acc %, train acc %, class alignment, uniformity)
@@ -134,35 +133,7 @@ def _strip_seed(name: str, seed: int) -> str:
 def load_records(root: str | Path) -> dict[str, dict]:
     """Every analysed run under `root` (keyed by run name), plus unanalysed student checkpoints of
     ours (imported published ones included). Any other `.pth` is skipped with one line saying so."""
-    root = Path(root)
-    records: dict[str, dict] = {}
-    for path in sorted((root / "json_results").glob("comprehensive_results_*.json")):
-        records.update(read_json(path))
-    models = root / "pth_models"
-    for path in sorted([*models.glob("*.pth"), *models.glob("imported/*.pth")]):
-        if path.stem in records:
-            continue
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError:
-            log.info(f"report: skipping {path}: not a desupcon checkpoint (a published file is "
-                     "imported when its run is trained or analysed: desupcon analyze FILE)")
-            continue
-        if ckpt.get("kind") != "student":
-            continue
-        cfg = RunConfig.from_dict(ckpt["config"])
-        m = ckpt["metrics"]
-        analysis = ckpt.get("analysis") or {}
-        records[path.stem] = {
-            "run": path.stem, "kind": "student", "seed": cfg.optim.seed, "probes": ckpt.get("probes"),
-            "method": "two-stage" if "two_stage" in ckpt["config"] else cfg.method.method,
-            "protocol": protocol_of(cfg), "source": (ckpt.get("source") or {}).get("kind", "trained"),
-            "teacher": analysis.get("teacher") or {"fingerprint": ckpt.get("teacher_fingerprint")},
-            "config": ckpt["config"],
-            "accuracy": {k: m.get(k) for k in ("test_acc", "train_acc", "train_test_gap", "best_test_acc",
-                                                "best_epoch")},
-            "seconds": m.get("seconds"), "metrics": analysis.get("metrics") or {}}
-    return records
+    return records_under(Path(root))
 
 
 def group_configurations(records: dict[str, dict]) -> list[Configuration]:

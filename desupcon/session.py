@@ -10,25 +10,27 @@ import logging
 import time
 from pathlib import Path
 
-from desupcon.engine import distributed
 from desupcon.analysis import evaluate as evaluation
-from desupcon.engine.run import RunResult
-from desupcon.store.cache import import_published_student
-from desupcon.engine.build import lockstep_key
-from desupcon.engine.students import train_students
-from desupcon.store.checkpoint import CheckpointError, atomic_write_json, atomic_write_text, load_checkpoint
-from desupcon.config import RunConfig, default_bank_size, preset, run_name, teacher_run_name
+from desupcon.config import default_bank_size, preset, run_name, RunConfig, teacher_run_name
+from desupcon.config.validation import validate_config
 from desupcon.data import ImageDataset
+from desupcon.engine import distributed
+from desupcon.engine.build import lockstep_key
+from desupcon.engine.dataset import prepare_dataset
 from desupcon.engine.devices import DevicePolicy, select_device
+from desupcon.engine.run import RunResult
+from desupcon.engine.students import train_students
 from desupcon.methods import build_method
 from desupcon.models import Teacher
-from desupcon.store.published import published_config
 from desupcon.report import write_report
+from desupcon.store.cache import import_published_student
+from desupcon.store.checkpoint import atomic_write_json, atomic_write_text, CheckpointError, load_checkpoint
 from desupcon.store.locks import RunLock
 from desupcon.store.paths import OutputPaths
-from desupcon.engine.dataset import prepare_dataset
+from desupcon.store.published import published_config
+from desupcon.store.records import has_record
 from desupcon.teacher import load_or_train_teacher, teacher_from_state, teacher_ready, teacher_state
-from desupcon.config.validation import validate_config
+
 
 log = logging.getLogger("desupcon")
 
@@ -135,7 +137,7 @@ class Session:
         if not self.analyze_runs:  # several processes: only the first analyses (and writes)
             return result.analysis or {}
         # a record lost (a kill while the records file was written) is rebuilt from the checkpoint
-        if result.analysis is None or force or not evaluation.has_record(result.config, result.name):
+        if result.analysis is None or force or not has_record(result.config, result.name):
             result.analysis = evaluation.analyze_student_checkpoint(
                 result.checkpoint, self.dataset, self.policy, self.teacher()[0], self.pictures)
         return result.analysis

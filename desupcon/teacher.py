@@ -17,23 +17,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from desupcon import data as data_mod
+from desupcon.config import HUB_TEACHER, MethodConfig, OptimConfig, RunConfig, teacher_run_name
+from desupcon.config.validation import validate_config
 from desupcon.engine import distributed as dist
-from desupcon.store.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
-from desupcon.config import HUB_TEACHER, RunConfig, teacher_run_name
-from desupcon.config import MethodConfig, OptimConfig
-from desupcon.engine.devices import as_policy, make_scheduler
+from desupcon.engine.build import build_run
+from desupcon.engine.dataset import evaluate_accuracy
+from desupcon.engine.devices import as_policy
+from desupcon.engine.loop import train_group
 from desupcon.methods import build_method
 from desupcon.models import Student, Teacher, build_encoder, load_matching_state_dict
-from desupcon.store.published import PUBLISHED_SOURCE, file_sha256, imported_path
-from desupcon.store.weights import (fingerprint, is_plain_state_dict_file, load_encoder_weights,
-                              read_state_dict, resolve_source, split_projection)
-from desupcon.engine.run import Run
-from desupcon.engine.build import make_optimizer
-from desupcon.engine.loop import train_group
+from desupcon.store.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint,
+                                       remove_partial)
 from desupcon.store.paths import OutputPaths, check_output_dirs
-from desupcon.engine.dataset import evaluate_accuracy
-from desupcon.store.checkpoint import remove_partial
-from desupcon.config.validation import validate_config
+from desupcon.store.published import PUBLISHED_SOURCE, file_sha256, imported_path
+from desupcon.store.weights import (fingerprint, is_plain_state_dict_file, load_encoder_weights, read_state_dict,
+                                    resolve_source, split_projection)
 
 log = logging.getLogger("desupcon")
 
@@ -90,11 +88,9 @@ def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, policy
     t = cfg.teacher
     torch.manual_seed(t.seed)
     model = policy.prepare(Student(build_encoder(cfg.model.teacher_arch, dataset.num_classes, cfg.model.init)))
-    optimizer = make_optimizer(tcfg.optim, [{"params": model.encoder.parameters(), "lr": t.lr,
-                                             "weight_decay": t.weight_decay}], policy)
-    run = Run(tcfg, teacher_run_name(cfg), cfg.teacher_backbone_identity(), build_method(tcfg.method), model,
-              None, optimizer, make_scheduler(optimizer, [t.schedule], t.epochs), policy, tcfg.optim,
-              data_views=1, kind="teacher")
+    run = build_run(tcfg, teacher_run_name(cfg), cfg.teacher_backbone_identity(), build_method(tcfg.method),
+                    model, [{"params": model.encoder.parameters(), "lr": t.lr, "weight_decay": t.weight_decay}],
+                    [t.schedule], policy, kind="teacher", data_views=1)
     finished, failures = train_group([run], dataset, None, paths, resume=resume, save_every=cfg.save_every)
     if failures:
         raise failures[0]
@@ -112,13 +108,11 @@ def train_projection_probe(teacher: Teacher, cfg: RunConfig, dataset: data_mod.I
     pcfg = probe_config(cfg)
     torch.manual_seed(cfg.teacher.seed)
     probe = CosineProbe(teacher, dataset.num_classes, cfg.teacher.probe_temperature).to(policy.device)
-    optimizer = policy.make_adam([{"params": [*teacher.head.parameters(), probe.weight],
-                                   "lr": cfg.teacher.probe_lr, "weight_decay": 0.0}])
     name = teacher_run_name(cfg, with_projection=True)
     identity = {**cfg.teacher_identity(), "backbone": fingerprint(teacher.encoder)}
-    run = Run(pcfg, name, identity, build_method(pcfg.method), probe, None, optimizer,
-              make_scheduler(optimizer, ["constant"], pcfg.optim.epochs), policy, pcfg.optim,
-              data_views=1, kind="probe")
+    run = build_run(pcfg, name, identity, build_method(pcfg.method), probe,
+                    [{"params": [*teacher.head.parameters(), probe.weight], "lr": cfg.teacher.probe_lr,
+                      "weight_decay": 0.0}], ["constant"], policy, kind="probe", data_views=1)
     finished, failures = train_group([run], dataset, None, paths or OutputPaths(cfg.output_dir),
                                      resume=resume, save_every=cfg.save_every)
     if failures:

@@ -30,24 +30,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from desupcon import data as data_mod
-from desupcon.engine import distributed as dist
-from desupcon import losses
-from desupcon.store.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint
-from desupcon.config import RunConfig, run_name
-from desupcon.engine.devices import as_policy
-from desupcon.methods import Method, StepOutputs, build_method
-from desupcon.models import Student, load_matching_state_dict
-from desupcon.probes import FrozenEncoderProbe, ProbeConfig, fit_probe, knn_probe
-from desupcon.store.paths import OutputPaths, check_output_dirs
-from desupcon.store.checkpoint import remove_partial
-from desupcon.store.records import save_log
-from desupcon.store.weights import fingerprint
-from desupcon.engine.run import Run, RunResult, final_metrics
-from desupcon.engine.build import assemble_run, build_student
-from desupcon.store.cache import load_cached_student
-from desupcon.engine.loop import train_group
+from desupcon import data as data_mod, losses
+from desupcon.config import run_name, RunConfig
 from desupcon.config.validation import ConfigError, validate_config
+from desupcon.engine import distributed as dist
+from desupcon.engine.build import assemble_run, build_student
+from desupcon.engine.devices import as_policy
+from desupcon.engine.loop import train_group
+from desupcon.engine.run import final_metrics, Run, RunResult
+from desupcon.methods import build_method, Method, StepOutputs
+from desupcon.models import load_matching_state_dict, Student
+from desupcon.probes import fit_probe, FrozenEncoderProbe, knn_probe, ProbeConfig
+from desupcon.store.cache import load_cached_student
+from desupcon.store.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint,
+                                       remove_partial)
+from desupcon.store.paths import check_output_dirs, OutputPaths
+from desupcon.store.records import read_record, save_log
+from desupcon.store.weights import fingerprint
+
 
 log = logging.getLogger("desupcon")
 
@@ -320,8 +320,8 @@ def _phase1(p1cfg, ts, name, identity, dataset, teacher, policy, paths, resume) 
 # ----------------------------------------------------------------------------------------------
 
 def _result(name: str, p1cfg: RunConfig, path, ckpt: dict, cached: bool) -> RunResult:
-    analysis = (ckpt.get("analysis") or {}).get("metrics")
-    return RunResult(name, p1cfg, path, ckpt["metrics"], ckpt["log"], cached, analysis, "trained")
+    return RunResult(name, p1cfg, path, ckpt["metrics"], ckpt["log"], cached,
+                     (read_record(p1cfg, name) or {}).get("metrics") or None, "trained")
 
 
 def train_two_stage(cfg: RunConfig, two_stage_cfg: TwoStageConfig | None, dataset: data_mod.ImageDataset,

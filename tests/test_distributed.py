@@ -193,8 +193,8 @@ KILLER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 from desupcon import cli
-from desupcon.store.checkpoint import atomic_torch_save
-real_save = atomic_torch_save
+from desupcon.engine import loop  # the loop writes the epoch checkpoints
+real_save = loop.atomic_torch_save
 
 
 def save_then_die(path, obj, *args, **kwargs):
@@ -203,7 +203,7 @@ def save_then_die(path, obj, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)  # rank 0, right after the epoch-1 checkpoint
 
 
-atomic_torch_save = save_then_die
+loop.atomic_torch_save = save_then_die
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -260,18 +260,18 @@ NODE_LOCAL = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 from desupcon import cli
-from desupcon.store.checkpoint import atomic_torch_save
+from desupcon.engine import loop  # the loop writes the epoch checkpoints
 # every rank its own output folder: node-local disks (only rank 0 writes, so rank 1's stays empty)
 argv = sys.argv[1:]
 argv[argv.index("--output-dir") + 1] += "/rank" + os.environ["RANK"]
 if {kill}:
-    real_save = atomic_torch_save
+    real_save = loop.atomic_torch_save
 
     def save_then_die(path, obj, *args, **kwargs):
         real_save(path, obj, *args, **kwargs)
         if obj.get("kind") == "in_progress" and obj.get("epoch") == 1 and obj["name"].startswith("student"):
             os.kill(os.getpid(), signal.SIGKILL)
-    atomic_torch_save = save_then_die
+    loop.atomic_torch_save = save_then_die
 sys.exit(cli.main(argv))
 """
 

@@ -12,7 +12,7 @@ from desupcon import report
 from desupcon.store.checkpoint import load_checkpoint
 from desupcon.cli import main
 from desupcon.config import HUB_TEACHER, preset, teacher_run_name
-from desupcon.analysis.evaluate import comprehensive_results_path
+from desupcon.store.records import records_path as comprehensive_results_path
 from desupcon.session import Session
 
 PICTURES = ("tsne.png", "alignment_uniformity.png", "training_curves.png", "hypersphere.html")
@@ -34,9 +34,9 @@ def test_every_run_is_analysed_recorded_and_drawn(analysed):
         Session(cfg).paths, cfg.model.student_arch, cfg.data.dataset).read_text())
     assert set(records) == {r.name for r in results} | {teacher_run_name(cfg, with_projection=True)}
     for r in results:
-        ckpt = load_checkpoint(r.checkpoint)
-        metrics = ckpt["analysis"]["metrics"]
-        assert metrics == r.analysis == records[r.name]["metrics"]
+        assert "analysis" not in load_checkpoint(r.checkpoint)  # the record holds it; the checkpoint stays
+        metrics = records[r.name]["metrics"]
+        assert metrics == r.analysis
         assert -4.0 < metrics["uniformity"] < 0.0 and 0.0 <= metrics["alignment_class"] <= 4.0
         assert metrics["semantic_agreement_pearson"] is not None
         assert records[r.name]["accuracy"]["test_acc"] == r.metrics["test_acc"]
@@ -48,16 +48,25 @@ def test_every_run_is_analysed_recorded_and_drawn(analysed):
                 assert image.std() > 0.01, f"{path} looks blank"
 
 
-def test_analyze_in_an_empty_directory_reproduces_the_stored_metrics(analysed, tmp_path, capsys):
-    _, _, results = analysed
+def _recorded(root, cfg, name) -> dict:
+    return json.loads(comprehensive_results_path(Session(cfg.replace(output_dir=str(root))).paths,
+                                                 cfg.model.student_arch, cfg.data.dataset).read_text())[name]
+
+
+def test_analyze_in_an_empty_directory_reproduces_the_recorded_metrics(analysed, tmp_path, capsys):
+    root, cfg, results = analysed
     source = results[0].checkpoint
-    stored = load_checkpoint(source)["analysis"]["metrics"]
-    copy = tmp_path / "elsewhere" / source.name
-    copy.parent.mkdir()
+    stored = _recorded(root, cfg, results[0].name)["metrics"]
+    # the checkpoint and the teacher's test embeddings copied elsewhere, read-only
+    copy = tmp_path / "elsewhere" / "pth_models" / source.name
+    shutil.copytree(source.parent / "teacher_embeddings", copy.parent / "teacher_embeddings")
     shutil.copy(source, copy)
+    copy.chmod(0o444)
     out_dir = tmp_path / "out"
     assert main(["analyze", str(copy), "--output-dir", str(out_dir), "--device", "cpu"]) == 0
-    again = load_checkpoint(copy)["analysis"]["metrics"]
+    assert copy.read_bytes() == source.read_bytes()
+    again = _recorded(out_dir, cfg, results[0].name)["metrics"]
+    assert again["semantic_agreement_pearson"] is not None
     for key, value in stored.items():
         if isinstance(value, float):
             assert again[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

@@ -10,7 +10,6 @@ activations over the whole test set are ever held.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,20 +18,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from desupcon.analysis import compare
-from desupcon.analysis import plots
-from desupcon.store.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
+from desupcon.analysis import compare, plots
 from desupcon.config import RunConfig
-from desupcon.data import ImageDataset, eval_batches
+from desupcon.data import eval_batches, ImageDataset
+from desupcon.engine.dataset import EVAL_BATCH, prepare_dataset
 from desupcon.engine.devices import DevicePolicy, select_device
 from desupcon.errors import InputFileError
-from desupcon.models import Teacher, build_encoder, load_matching_state_dict
-from desupcon.engine.dataset import EVAL_BATCH, prepare_dataset
+from desupcon.models import build_encoder, load_matching_state_dict, Teacher
+from desupcon.store.cache import load_student
+from desupcon.store.checkpoint import atomic_write_json, CheckpointError, load_checkpoint
 from desupcon.store.paths import OutputPaths, saved_run_path
 from desupcon.teacher import teacher_checkpoint_path
-from desupcon.store.cache import load_student
 
-log = logging.getLogger("desupcon")
 
 # The data settings that decide which test images a model is evaluated on.
 _TEST_DATA = ("dataset", "test_subset", "image_size")

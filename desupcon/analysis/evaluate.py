@@ -2,30 +2,31 @@
 
 Every finished run (the teacher too) is analysed on the test set: projection-head outputs of the
 clean images give the metrics and pictures, two seeded augmented views give instance alignment,
-and the teacher's embeddings of the same images give the semantic agreement. The teacher's test
-embeddings are stored with the student's metrics, so `analyze` on a checkpoint copied elsewhere
-reproduces the stored numbers without the teacher.
+and the teacher's embeddings of the same images give the semantic agreement. The results go to
+the runs' records (`store/records.py`), never into a checkpoint; the teacher's test embeddings are
+kept once per teacher, so `analyze` on a checkpoint (with `pth_models/teacher_embeddings/`)
+reproduces the recorded numbers without the teacher.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
 
-from desupcon.analysis import metrics as analysis
-from desupcon.analysis import plots
-from desupcon.store.checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, update_checkpoint,
-                         update_json_records)
-from desupcon.config import RunConfig, dataset_tag, protocol_of
-from desupcon.data import ImageDataset, TwoViewAugment, eval_batches
-from desupcon.models import Teacher
-from desupcon.engine.devices import as_policy, to_device
+from desupcon.analysis import metrics as analysis, plots
+from desupcon.config import RunConfig
+from desupcon.data import eval_batches, ImageDataset, TwoViewAugment
 from desupcon.engine.dataset import EVAL_BATCH
-from desupcon.store.paths import OutputPaths
+from desupcon.engine.devices import as_policy, to_device
+from desupcon.models import Teacher
+from desupcon.store import records
 from desupcon.store.cache import load_student
+from desupcon.store.checkpoint import load_checkpoint
+from desupcon.store.paths import OutputPaths
+from desupcon.store.records import collapse_reasons
+
 
 log = logging.getLogger("desupcon")
 ANALYSIS_SEED = 1234  # the augmented views of the test set used for instance alignment
@@ -138,104 +139,59 @@ def draw_pictures(name: str, z: torch.Tensor, dataset: ImageDataset, log_entries
     return {k: str(Path(v).relative_to(paths.root)) for k, v in out.items()}
 
 
-def comprehensive_results_path(paths: OutputPaths, student_arch: str, dataset: str) -> Path:
-    return paths.results / f"comprehensive_results_{student_arch}_{dataset_tag(dataset)}.json"
-
-
-def has_record(cfg: RunConfig, name: str) -> bool:
-    """Whether the records file of `cfg`'s runs holds the run `name`."""
-    from desupcon.store.checkpoint import read_json
-    path = comprehensive_results_path(OutputPaths(cfg.output_dir), cfg.model.student_arch, cfg.data.dataset)
-    try:
-        return path.is_file() and name in read_json(path)
-    except (CheckpointError, TypeError):
-        return False
-
-
-COLLAPSE_UNIFORMITY = -0.05  # backbone uniformity above this: the test embeddings nearly coincide
-CHANCE_SDS = 3.0  # accuracy within this many binomial sd of guessing counts as chance
-
-
-def collapse_reasons(accuracy: dict, num_classes: int, n_test: int, metrics: dict) -> list[str]:
-    """Why a finished run counts as collapsed (empty: it does not): its best test accuracy within
-    3 sd of guessing on `n_test` images, or its backbone embeddings without direction or nearly
-    coinciding (uniformity near 0) while the loss stayed finite."""
-    reasons = []
-    best = accuracy.get("best_test_acc")
-    best = accuracy.get("test_acc") if best is None else best
-    p = 1.0 / num_classes
-    ceiling = 100 * (p + CHANCE_SDS * math.sqrt(p * (1 - p) / max(n_test, 1)))
-    if best is not None and best <= ceiling:
-        reasons.append(f"accuracy at chance (best {best:.2f} % vs chance {100 * p:.2f} %, within "
-                       f"{CHANCE_SDS:g} sd of guessing on {n_test} test images)")
-    for space, m in (("projection", metrics), ("backbone", metrics.get("backbone") or {})):
-        if m.get("zero_vectors"):
-            reasons.append(f"{space}: {100 * m['zero_vectors']:.0f} % of the test embeddings are zero vectors")
-    uniformity = (metrics.get("backbone") or {}).get("uniformity")
-    if uniformity is not None and uniformity > COLLAPSE_UNIFORMITY:
-        reasons.append(f"backbone embeddings collapsed (uniformity {uniformity:.4f}, near 0: the test "
-                       "images' features nearly coincide)")
-    return reasons
-
-
-def _record(kind: str, name: str, cfg: RunConfig, metrics: dict, analysis_metrics: dict,
-            pictures: dict, source: str, teacher: dict, dataset: ImageDataset) -> dict:
-    acc = {k: metrics.get(k) for k in ("test_acc", "train_acc", "best_test_acc", "best_epoch")}
-    acc["train_test_gap"] = (acc["train_acc"] - acc["test_acc"]
-                             if acc["test_acc"] is not None and acc["train_acc"] is not None else None)
-    return {"run": name, "kind": kind, "method": cfg.method.method if kind == "student" else "teacher",
-            "seed": cfg.optim.seed, "protocol": protocol_of(cfg), "source": source, "teacher": teacher,
-            "config": cfg.to_dict(), "accuracy": acc, "seconds": metrics.get("seconds"),
-            "metrics": analysis_metrics, "plots": pictures,
-            "collapsed": collapse_reasons(acc, dataset.num_classes, len(dataset.test_labels), analysis_metrics)}
-
-
 def _warn_if_collapsed(record: dict) -> None:
     if record["collapsed"]:
         log.warning(f"[{record['run']}] COLLAPSED: {'; '.join(record['collapsed'])} (the run is kept and "
                     "marked in its record and the report; check the learning rate and the data)")
 
 
-def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.device,
-                               teacher: Teacher | None = None, pictures: bool = True,
-                               output_root: Path | None = None) -> dict:
-    """Analyse a saved student, store the metrics in its checkpoint and the comprehensive results.
-
-    The teacher's test embeddings (and its fingerprint and source) come from `teacher` when given
-    (and are then stored in the checkpoint), else from the checkpoint itself.
-    """
-    path = Path(path)
-    student, ckpt = load_student(path, as_policy(device))
-    cfg = RunConfig.from_dict(ckpt["config"])
-    if output_root is None:  # pth_models/<name>.pth or pth_models/imported/<name>.pth
-        output_root = path.parent.parent.parent if path.parent.name == "imported" else path.parent.parent
-    paths = OutputPaths(output_root)
-    stored = ckpt.get("analysis") or {}
-    teacher_z = stored.get("teacher_test_embeddings")
-    teacher_info = stored.get("teacher") or {"fingerprint": ckpt.get("teacher_fingerprint"), "source": None}
-    if teacher is not None:
-        teacher_z = teacher_embeddings(teacher, dataset, device)
-        teacher_info = {"fingerprint": getattr(teacher, "fingerprint", None),
-                        "source": getattr(teacher, "source", None)}
-    metrics, z, predictions = compute_metrics(student_spaces(student), dataset, device, teacher_z)
-    pics = draw_pictures(ckpt["name"], z, dataset, ckpt["log"], paths) if pictures else {}
-    ckpt["analysis"] = {"metrics": metrics, "teacher_test_embeddings": teacher_z, "plots": pics,
-                        "teacher": teacher_info}
-    update_checkpoint(path, ckpt)  # (a read-only file stays as it is: the record below holds the results)
-    source = (ckpt.get("source") or {}).get("kind", "trained")
-    record = _record("student", ckpt["name"], cfg, ckpt["metrics"], metrics, pics, source, teacher_info, dataset)
+def _analysed_record(ckpt: dict, kind: str, metrics: dict, pictures: dict, teacher_info: dict,
+                     predictions: list[int], dataset: ImageDataset) -> dict:
+    acc = records.build_record(ckpt, kind)["accuracy"]
+    record = records.build_record(ckpt, kind, analysis=metrics, pictures=pictures, teacher=teacher_info,
+                                  collapsed=collapse_reasons(acc, dataset.num_classes, len(dataset.test_labels),
+                                                             metrics))
     _warn_if_collapsed(record)
     # per-image predictions (and the labels, in the dataset's order): the report's agreement with the
     # teacher and McNemar tests between runs come from them
     record.update(test_predictions=predictions, test_labels=dataset.test_labels.tolist())
-    if "two_stage" in ckpt["config"]:  # a two-stage run (two_stage.py): not its phase-1 method's
-        record["config"]["two_stage"] = ckpt["config"]["two_stage"]
-        record["method"] = "two-stage"
-    if ckpt.get("probes"):  # probes.probe_checkpoint's results, beside `accuracy`
-        record["probes"] = {kind: {k: v for k, v in entry.items() if k != "log"}
-                            for kind, entry in ckpt["probes"].items()}
-    update_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset),
-                        ckpt["name"], record)
+    return record
+
+
+def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.device,
+                               teacher: Teacher | None = None, pictures: bool = True,
+                               output_root: Path | None = None) -> dict:
+    """Analyse a saved student and write its record (the checkpoint itself is never rewritten).
+
+    The teacher's test embeddings come from `teacher` when given (and are then kept under
+    `pth_models/teacher_embeddings/`, by the teacher's content), else from that store in the
+    output folder or beside the checkpoint; without them the semantic-agreement metrics are left out.
+    """
+    path = Path(path)
+    student, ckpt = load_student(path, as_policy(device))
+    cfg = RunConfig.from_dict(ckpt["config"])
+    own_root = path.parent.parent.parent if path.parent.name == "imported" else path.parent.parent
+    paths = OutputPaths(own_root if output_root is None else output_root)
+    data_identity = cfg.data_identity()
+    if teacher is not None:
+        teacher_z = teacher_embeddings(teacher, dataset, device)
+        teacher_info = {"fingerprint": getattr(teacher, "fingerprint", None),
+                        "source": getattr(teacher, "source", None)}
+        records.save_teacher_embeddings(paths.root, teacher_info["fingerprint"], data_identity, teacher_z)
+    else:
+        fp = ckpt.get("teacher_fingerprint")
+        teacher_z = records.load_teacher_embeddings([paths.root, own_root], fp, data_identity)
+        if teacher_z is None:  # a checkpoint of an older version kept them inside
+            teacher_z = (ckpt.get("analysis") or {}).get("teacher_test_embeddings")
+        if teacher_z is None and fp is not None:
+            log.info(f"[{ckpt['name']}] no stored test embeddings of its teacher ({fp}): the semantic-agreement "
+                     "metrics are left out (copy pth_models/teacher_embeddings/ with the checkpoint)")
+        old = records.read_record(cfg, ckpt["name"], own_root) or {}
+        teacher_info = old.get("teacher") or {"fingerprint": fp, "source": None}
+    metrics, z, predictions = compute_metrics(student_spaces(student), dataset, device, teacher_z)
+    pics = draw_pictures(ckpt["name"], z, dataset, ckpt["log"], paths) if pictures else {}
+    record = _analysed_record(ckpt, "student", metrics, pics, teacher_info, predictions, dataset)
+    records.write_record(cfg, ckpt["name"], record, paths.root)
     if cfg.tensorboard or cfg.wandb:
         from desupcon.engine.tracking import RunTracker
         tracker = RunTracker(ckpt["name"], paths.root, cfg.tensorboard, cfg.wandb, cfg.to_dict())
@@ -249,26 +205,20 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
 
 def analyze_teacher(teacher: Teacher, cfg: RunConfig, teacher_metrics: dict, dataset: ImageDataset,
                     device: torch.device, pictures: bool = True) -> dict:
-    """Analyse the teacher (probe-trained head) and record it beside the students."""
+    """Analyse the teacher (probe-trained head) once and record it beside the students."""
     from desupcon.config import teacher_run_name
     from desupcon.teacher import teacher_checkpoint_path
     paths = OutputPaths(cfg.output_dir)
     name = teacher_run_name(cfg, with_projection=True)
-    ckpt_path = teacher_checkpoint_path(cfg)
-    ckpt = load_checkpoint(ckpt_path, "teacher_projection")
-    stored = ckpt.get("analysis") or {}
-    if "backbone" in stored.get("metrics", {}) and "test_predictions" in stored:
-        metrics, pics, predictions = stored["metrics"], stored["plots"], stored["test_predictions"]
+    ckpt = load_checkpoint(teacher_checkpoint_path(cfg), "teacher_projection")
+    ckpt = {**ckpt, "name": name, "metrics": teacher_metrics, "config": cfg.to_dict()}
+    stored = records.read_record(cfg, name) or {}
+    if "backbone" in stored.get("metrics", {}) and "test_predictions" in stored:  # analysed before
+        metrics, pics, predictions = stored["metrics"], stored.get("plots", {}), stored["test_predictions"]
     else:
         teacher.eval()
         metrics, z, predictions = compute_metrics(teacher_spaces(teacher), dataset, device, None)
         pics = draw_pictures(name, z, dataset, [], paths) if pictures else {}
-        ckpt["analysis"] = {"metrics": metrics, "plots": pics, "test_predictions": predictions}
-        atomic_torch_save(ckpt_path, ckpt)
     info = {"fingerprint": getattr(teacher, "fingerprint", None), "source": getattr(teacher, "source", None)}
-    source = (ckpt.get("source") or {}).get("kind", "trained")
-    record = _record("teacher", name, cfg, teacher_metrics, metrics, pics, source, info, dataset)
-    _warn_if_collapsed(record)
-    record.update(test_predictions=predictions, test_labels=dataset.test_labels.tolist())
-    update_json_records(comprehensive_results_path(paths, cfg.model.student_arch, cfg.data.dataset), name, record)
+    records.write_record(cfg, name, _analysed_record(ckpt, "teacher", metrics, pics, info, predictions, dataset))
     return metrics

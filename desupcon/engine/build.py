@@ -14,6 +14,7 @@ from desupcon.engine.run import Run
 from desupcon.memory_bank import MomentumMemoryBank
 from desupcon.methods import build_method, Method
 from desupcon.models import build_encoder, Student, Teacher
+import torch.nn as nn
 
 
 def build_student(arch: str, num_classes: int, init: str = "kaiming") -> Student:
@@ -71,8 +72,6 @@ def assemble_run(cfg: RunConfig, name: str, identity: dict | None, method: Metho
     for module in method.trainable_modules():  # e.g. crd-nce's embedding heads: the student's settings
         groups.append({"params": list(module.parameters()), "lr": o.lr, "weight_decay": o.weight_decay})
         schedules.append(o.schedule)
-    optimizer = make_optimizer(o, groups, policy)
-    scheduler = make_scheduler(optimizer, schedules, o.epochs, tuple(o.milestones), o.lr_decay)
     bank = None
     if method.uses_bank:
         bank = MomentumMemoryBank(len(dataset.train_labels), teacher_head[-1].out_features,
@@ -80,9 +79,26 @@ def assemble_run(cfg: RunConfig, name: str, identity: dict | None, method: Metho
     if cfg.compile:
         student.forward = torch.compile(student.forward)
     fp = getattr(teacher, "fingerprint", None) if method.uses_teacher else None
-    return Run(cfg, name, identity if identity is not None else cfg.identity(fp), method, student,
-               teacher_head, optimizer, scheduler, policy, o, bank,
-               torch.Generator().manual_seed(o.seed + 1), kind=kind, teacher_fingerprint=fp)
+    return build_run(cfg, name, identity if identity is not None else cfg.identity(fp), method, student, groups,
+                     schedules, policy, kind=kind, teacher_head=teacher_head, bank=bank, teacher_fingerprint=fp)
+
+
+def build_run(cfg: RunConfig, name: str, identity: dict, method: Method, model: nn.Module, groups: list[dict],
+              schedules: list[str], policy: DevicePolicy, kind: str = "student", data_views: int = 2,
+              teacher_head: nn.Module | None = None, bank: MomentumMemoryBank | None = None,
+              teacher_fingerprint: str | None = None) -> Run:
+    """Every run is made here (students, two-stage phases, the teacher's cross-entropy training, its
+    cosine probe, linear and KD probes): the optimiser `cfg.optim` names over `groups`, one
+    learning-rate schedule per group (`cfg.optim`'s epochs, milestones and decay), the bank's
+    generator (seeded by the run's seed), and the run, which wraps its model for DDP. `data_views`:
+    augmented views per image the loop draws (students 2 whatever their method, so that runs of
+    one-view and two-view methods share batches in lockstep; teacher training and probes 1)."""
+    o = cfg.optim
+    optimizer = make_optimizer(o, groups, policy)
+    scheduler = make_scheduler(optimizer, schedules, o.epochs, tuple(o.milestones), o.lr_decay)
+    return Run(cfg, name, identity, method, model, teacher_head, optimizer, scheduler, policy, o, bank,
+               torch.Generator().manual_seed(o.seed + 1), data_views=data_views, kind=kind,
+               teacher_fingerprint=teacher_fingerprint)
 
 
 def lockstep_key(cfg: RunConfig) -> tuple:

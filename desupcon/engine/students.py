@@ -55,7 +55,7 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
             found = find_cached_run(cfg, paths, fp, dataset, policy)
         if dist.active():  # rank 0 decides for all (the others' disks may not hold the file)
             found = dist.broadcast_from_main(None if found is None else (
-                found[0], {k: found[1].get(k) for k in ("name", "metrics", "log", "analysis", "source")}))
+                found[0], {k: found[1].get(k) for k in ("name", "metrics", "log", "source")}))
         if found is None:
             return False
         path, ckpt = found

@@ -13,15 +13,19 @@ from desupcon.engine.dataset import evaluate_accuracy
 from desupcon.engine.devices import as_policy, DevicePolicy
 from desupcon.engine.run import RunResult
 from desupcon.models import load_matching_state_dict, Student
-from desupcon.store.checkpoint import atomic_torch_save, CHECKPOINT_FORMAT, CheckpointError, identity_diff, load_checkpoint
+from desupcon.store.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, identity_diff,
+                                       load_checkpoint)
 from desupcon.store.paths import OutputPaths
-from desupcon.store.published import file_sha256, imported_path, load_plain_state, published_config, published_names, PUBLISHED_SOURCE, student_state_from_published
+from desupcon.store.published import (PUBLISHED_SOURCE, file_sha256, imported_path, load_plain_state,
+                                      published_config, published_names, student_state_from_published)
+from desupcon.store.records import read_record
+
 
 log = logging.getLogger("desupcon")
 
 
 def result_from_checkpoint(cfg: RunConfig, path: Path, ckpt: dict, cached: bool) -> RunResult:
-    analysis = (ckpt.get("analysis") or {}).get("metrics")
+    analysis = (read_record(cfg, ckpt["name"]) or {}).get("metrics") or None  # None: not analysed yet
     source = (ckpt.get("source") or {}).get("kind", "trained")
     return RunResult(ckpt["name"], cfg, path, ckpt["metrics"], ckpt["log"], cached, analysis, source)
 

@@ -162,22 +162,6 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
     remove_stale_temporaries(path)
 
 
-def update_checkpoint(path: str | Path, ckpt: dict) -> bool:
-    """Write results back into an existing checkpoint (the analysis, a probe) when the file can be
-    written; a read-only one (a shared or published folder) is left as it is, with a warning: the
-    results still reach the records file, and the next analysis recomputes them. Other failures
-    (a full disk) raise as `atomic_torch_save` does."""
-    try:
-        atomic_torch_save(path, ckpt)
-        return True
-    except OutputWriteError as exc:
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        logging.getLogger("desupcon").warning(
-            f"{path} is read-only: left unchanged (its results are in the records file)")
-        return False
-
-
 def check_writable(directory: str | Path) -> None:
     """Prove a file can be written in `directory` (or, when it does not exist yet, could be
     created in its nearest existing parent), creating nothing that stays behind.

@@ -1,10 +1,176 @@
-"""The records a run writes beside its checkpoint: its training log."""
+"""The records of an output folder, written here only: each run's training log and its record in
+`json_results/comprehensive_results_<student>_<dataset>.json` (SPEC 8: configuration, accuracies,
+analysis metrics, probe results, per-image test predictions), and the teacher's test embeddings.
+
+A checkpoint is written once, by the run that trains it; whatever is measured on it afterwards
+(the analysis of section 7, the probes) lands here, so a read-only checkpoint can be analysed
+and probed, and every record has one form (`build_record`) whoever writes it first.
+"""
 
 from __future__ import annotations
 
-from desupcon.store.checkpoint import atomic_write_json
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from desupcon.config import RunConfig, dataset_tag, protocol_of
+from desupcon.store.checkpoint import (CheckpointError, atomic_torch_save, atomic_write_json, change_json_record,
+                                       load_checkpoint, read_json)
 from desupcon.store.paths import OutputPaths
+
+ACCURACY_KEYS = ("test_acc", "train_acc", "train_test_gap", "best_test_acc", "best_epoch")
+COLLAPSE_UNIFORMITY = -0.05  # backbone uniformity above this: the test embeddings nearly coincide
+CHANCE_SDS = 3.0  # accuracy within this many binomial sd of guessing counts as chance
 
 
 def save_log(paths: OutputPaths, name: str, entries: list[dict]) -> None:
     atomic_write_json(paths.training_log(name), entries)
+
+
+def records_path(paths: OutputPaths, student_arch: str, dataset: str) -> Path:
+    """The records file of the runs of one student architecture on one dataset."""
+    return paths.results / f"comprehensive_results_{student_arch}_{dataset_tag(dataset)}.json"
+
+
+def records_path_of(cfg: RunConfig, root=None) -> Path:
+    return records_path(OutputPaths(cfg.output_dir if root is None else root), cfg.model.student_arch,
+                        cfg.data.dataset)
+
+
+def read_record(cfg: RunConfig, name: str, root=None) -> dict | None:
+    """The record of run `name` (None: none, or an unreadable records file)."""
+    path = records_path_of(cfg, root)
+    try:
+        return read_json(path).get(name) if path.is_file() else None
+    except (CheckpointError, AttributeError):
+        return None
+
+
+def has_record(cfg: RunConfig, name: str) -> bool:
+    """Whether the records file of `cfg`'s runs holds the run `name`."""
+    return read_record(cfg, name) is not None
+
+
+def collapse_reasons(accuracy: dict, num_classes: int, n_test: int, metrics: dict) -> list[str]:
+    """Why a finished run counts as collapsed (empty: it does not): its best test accuracy within
+    3 sd of guessing on `n_test` images, or its backbone embeddings without direction or nearly
+    coinciding (uniformity near 0) while the loss stayed finite."""
+    reasons = []
+    best = accuracy.get("best_test_acc")
+    best = accuracy.get("test_acc") if best is None else best
+    p = 1.0 / num_classes
+    ceiling = 100 * (p + CHANCE_SDS * math.sqrt(p * (1 - p) / max(n_test, 1)))
+    if best is not None and best <= ceiling:
+        reasons.append(f"accuracy at chance (best {best:.2f} % vs chance {100 * p:.2f} %, within "
+                       f"{CHANCE_SDS:g} sd of guessing on {n_test} test images)")
+    for space, m in (("projection", metrics), ("backbone", metrics.get("backbone") or {})):
+        if m.get("zero_vectors"):
+            reasons.append(f"{space}: {100 * m['zero_vectors']:.0f} % of the test embeddings are zero vectors")
+    uniformity = (metrics.get("backbone") or {}).get("uniformity")
+    if uniformity is not None and uniformity > COLLAPSE_UNIFORMITY:
+        reasons.append(f"backbone embeddings collapsed (uniformity {uniformity:.4f}, near 0: the test "
+                       "images' features nearly coincide)")
+    return reasons
+
+
+def build_record(ckpt: dict, kind: str = "student", name: str | None = None, analysis: dict | None = None,
+                 pictures: dict | None = None, teacher: dict | None = None, collapsed: list[str] | None = None
+                 ) -> dict:
+    """The record of a run, from its checkpoint (name, configuration, metrics, source) and what was
+    measured on it (`analysis`: section 7 metrics; None: not analysed yet)."""
+    cfg = RunConfig.from_dict(ckpt["config"])
+    m = ckpt.get("metrics") or {}
+    acc = {k: m.get(k) for k in ACCURACY_KEYS}
+    if acc["train_test_gap"] is None and acc["test_acc"] is not None and acc["train_acc"] is not None:
+        acc["train_test_gap"] = acc["train_acc"] - acc["test_acc"]
+    two_stage = "two_stage" in ckpt["config"]
+    method = "teacher" if kind == "teacher" else "two-stage" if two_stage else cfg.method.method
+    record = {"run": name or ckpt["name"], "kind": kind, "method": method, "seed": cfg.optim.seed,
+              "protocol": protocol_of(cfg), "source": (ckpt.get("source") or {}).get("kind", "trained"),
+              "teacher": teacher or {"fingerprint": ckpt.get("teacher_fingerprint"), "source": None},
+              "config": cfg.to_dict(), "accuracy": acc, "seconds": m.get("seconds"),
+              "metrics": analysis or {}}
+    if two_stage:  # a two-stage run (two_stage.py): its own settings beside its phase-1 method's
+        record["config"]["two_stage"] = ckpt["config"]["two_stage"]
+    if pictures is not None:
+        record["plots"] = pictures
+    if collapsed is not None:
+        record["collapsed"] = collapsed
+    return record
+
+
+def write_record(cfg: RunConfig, name: str, record: dict, root=None) -> None:
+    """Write the record of run `name`, keeping its probe results (measured separately)."""
+    def replace(old: dict | None) -> dict:
+        if old and old.get("probes"):
+            return {**record, "probes": old["probes"]}
+        return record
+    change_json_record(records_path_of(cfg, root), name, replace)
+
+
+def add_probe_result(ckpt: dict, kind: str, entry: dict, root) -> dict:
+    """Add `entry` as `record["probes"][kind]` of the run's record (created from its checkpoint when
+    the run has none yet), under the records file's lock; the rest of the record stays as it is."""
+    cfg = RunConfig.from_dict(ckpt["config"])
+
+    def add(record: dict | None) -> dict:
+        record = record or build_record(ckpt)
+        record.setdefault("probes", {})[kind] = entry
+        return record
+    return change_json_record(records_path_of(cfg, root), ckpt["name"], add)[ckpt["name"]]
+
+
+def records_under(root: Path) -> dict[str, dict]:
+    """Every record of an output folder, and one (`build_record`, not written) for every
+    student checkpoint that has none yet: the report's one source."""
+    root = Path(root)
+    records: dict[str, dict] = {}
+    for path in sorted((root / "json_results").glob("comprehensive_results_*.json")):
+        records.update(read_json(path))
+    models = root / "pth_models"
+    for path in sorted([*models.glob("*.pth"), *models.glob("imported/*.pth")]):
+        if path.stem in records:
+            continue
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError:
+            import logging
+            logging.getLogger("desupcon").info(
+                f"report: skipping {path}: not a desupcon checkpoint (a published file is imported when its "
+                "run is trained or analysed: desupcon analyze FILE)")
+            continue
+        if ckpt.get("kind") == "student":
+            records[path.stem] = build_record(ckpt)
+    return records
+
+
+# -- the teacher's test embeddings (the students' analysis compares with them) ------------------
+
+def teacher_embeddings_path(root, teacher_fingerprint: str, data_identity: dict) -> Path:
+    """Where the test embeddings of one teacher (by content) on one test set are kept."""
+    data = hashlib.sha1(json.dumps(data_identity, sort_keys=True).encode()).hexdigest()[:8]
+    return OutputPaths(root).models / "teacher_embeddings" / f"{teacher_fingerprint}_{data}.pth"
+
+
+def save_teacher_embeddings(root, teacher_fingerprint: str | None, data_identity: dict,
+                            embeddings: torch.Tensor) -> None:
+    if teacher_fingerprint is None:
+        return
+    path = teacher_embeddings_path(root, teacher_fingerprint, data_identity)
+    if not path.is_file():  # written once: the same teacher gives the same embeddings
+        atomic_torch_save(path, {"format": "desupcon-checkpoint-v1", "kind": "teacher_embeddings",
+                                 "fingerprint": teacher_fingerprint, "embeddings": embeddings.cpu()})
+
+
+def load_teacher_embeddings(roots, teacher_fingerprint: str | None, data_identity: dict) -> torch.Tensor | None:
+    """The teacher's stored test embeddings from the first of `roots` that has them (None: none)."""
+    if teacher_fingerprint is None:
+        return None
+    for root in roots:
+        path = teacher_embeddings_path(root, teacher_fingerprint, data_identity)
+        if path.is_file():
+            return load_checkpoint(path, "teacher_embeddings")["embeddings"]
+    return None
