@@ -13,7 +13,6 @@ from pathlib import Path
 from desupcon.analysis import plots
 from desupcon.config import bank_protocol, dataset_tag, default_bank_size, run_name, RunConfig
 from desupcon.engine import distributed
-from desupcon.engine.build import lockstep_key
 from desupcon.engine.run import RunResult
 from desupcon.methods import method_label
 from desupcon.report import LOGIT_TABLE_METHODS, write_report
@@ -107,7 +106,7 @@ def shard_plan(experiments: list[Experiment], shard: tuple[int, int] | None,
     if lockstep:
         groups: dict = {}
         for e in experiments:
-            members = groups.setdefault(lockstep_key(e.cfg), [])
+            members = groups.setdefault(e.cfg.lockstep_key(), [])
             if run_name(e.cfg) not in members:
                 members.append(run_name(e.cfg))
         size = lockstep_size or (max(len(m) for m in groups.values()) if len(groups) >= count

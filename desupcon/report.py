@@ -115,11 +115,7 @@ def _seedless_key(record: dict) -> str:
     source. Runtime settings (device, precision, --save-every, trackers) never split a row."""
     cfg = RunConfig.from_dict(record["config"])
     teacher = (record.get("teacher") or {}).get("fingerprint")
-    if record["kind"] == "student":
-        identity = cfg.identity(teacher)
-        identity["optim"] = {k: v for k, v in identity["optim"].items() if k != "seed"}
-    else:
-        identity = cfg.teacher_identity()
+    identity = cfg.seedless_identity(teacher) if record["kind"] == "student" else cfg.teacher_identity()
     extra = {"kind": record["kind"], "recorded_method": record.get("method"),
              "two_stage": record["config"].get("two_stage"), "source": record.get("source"),
              "teacher_fingerprint": teacher}

@@ -15,7 +15,6 @@ from desupcon.config import default_bank_size, preset, run_name, RunConfig, teac
 from desupcon.config.validation import validate_config
 from desupcon.data import ImageDataset
 from desupcon.engine import distributed
-from desupcon.engine.build import lockstep_key
 from desupcon.engine.dataset import prepare_dataset
 from desupcon.engine.devices import DevicePolicy, select_device
 from desupcon.engine.run import RunResult
@@ -117,7 +116,7 @@ class Session:
         results: dict[int, RunResult] = {}
         groups: dict[tuple, list[int]] = {}
         for i, cfg in enumerate(cfgs):
-            key = (lockstep_key(cfg), forced[i]) if lockstep else (i,)
+            key = (cfg.lockstep_key(), forced[i]) if lockstep else (i,)
             groups.setdefault(key, []).append(i)
         for members in groups.values():
             group = train_students([cfgs[i] for i in members], self.dataset, teacher,

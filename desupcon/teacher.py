@@ -26,8 +26,8 @@ from desupcon.engine.devices import as_policy
 from desupcon.engine.loop import train_group
 from desupcon.methods import build_method
 from desupcon.models import Student, Teacher, build_encoder, load_matching_state_dict
-from desupcon.store.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint,
-                                       remove_partial)
+from desupcon.store.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, remove_partial
+from desupcon.store.schemas import teacher_checkpoint
 from desupcon.store.paths import OutputPaths, check_output_dirs
 from desupcon.store.published import PUBLISHED_SOURCE, file_sha256, imported_path
 from desupcon.store.weights import (fingerprint, is_plain_state_dict_file, load_encoder_weights, read_state_dict,
@@ -123,14 +123,8 @@ def train_projection_probe(teacher: Teacher, cfg: RunConfig, dataset: data_mod.I
 
 def _teacher_checkpoint(kind: str, name: str, identity: dict, cfg: RunConfig, teacher: Teacher,
                         metrics: dict, entries: list[dict], source: dict) -> dict:
-    ckpt = {"format": CHECKPOINT_FORMAT, "kind": kind, "name": name, "identity": identity,
-            "config": cfg.to_dict(), "arch": cfg.model.teacher_arch,
-            "num_classes": teacher.encoder.fc.out_features,
-            "encoder": {k: v.cpu() for k, v in teacher.encoder.state_dict().items()},
-            "metrics": metrics, "log": entries, "source": source}
-    if kind == "teacher_projection":
-        ckpt["head"] = {k: v.cpu() for k, v in teacher.head.state_dict().items()}
-    return ckpt
+    return teacher_checkpoint(kind, name, identity, cfg.to_dict(), teacher.encoder, teacher.head, metrics, entries,
+                              source)
 
 
 def _finish(teacher: Teacher, metrics: dict, policy) -> tuple[Teacher, dict]:

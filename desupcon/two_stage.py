@@ -42,8 +42,8 @@ from desupcon.methods import build_method, Method, StepOutputs
 from desupcon.models import load_matching_state_dict, Student
 from desupcon.probes import fit_probe, FrozenEncoderProbe, knn_probe, ProbeConfig
 from desupcon.store.cache import load_cached_student
-from desupcon.store.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint,
-                                       remove_partial)
+from desupcon.store.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, remove_partial
+from desupcon.store.schemas import student_checkpoint
 from desupcon.store.paths import check_output_dirs, OutputPaths
 from desupcon.store.records import read_record, save_log
 from desupcon.store.weights import fingerprint
@@ -375,16 +375,11 @@ def train_two_stage(cfg: RunConfig, two_stage_cfg: TwoStageConfig | None, datase
                     "phase2_seconds": metrics["seconds"], "phase1_epochs": p1ckpt["metrics"]["epochs"],
                     "phase1_knn_top1": p1ckpt["metrics"]["knn"]["top1"]})
     metrics["seconds"] = metrics["phase1_seconds"] + metrics["phase2_seconds"]
-    ckpt = {"format": CHECKPOINT_FORMAT, "kind": "student", "name": name, "identity": identity,
-            "config": {**p1cfg.to_dict(), "two_stage": ts.to_dict()},
-            "teacher_fingerprint": fp, "student_arch": p1cfg.model.student_arch,
-            "num_classes": student.classifier.out_features,
-            "student": {k: v.detach().cpu() for k, v in student.state_dict().items()},
-            "teacher_head": p1ckpt.get("teacher_head"), "method_state": p1ckpt.get("method_state"),
-            "metrics": metrics, "log": p2log,
-            "two_stage": {"config": ts.to_dict(), "phase2": dataclasses.asdict(p2cfg),
-                          "phase1": {"name": p1ckpt["name"], "log": p1ckpt["log"], "metrics": p1ckpt["metrics"],
-                                     "config": p1cfg.to_dict()}}}
+    ckpt = student_checkpoint(name, identity, {**p1cfg.to_dict(), "two_stage": ts.to_dict()}, student, metrics,
+                              p2log, fp, p1ckpt.get("teacher_head"), p1ckpt.get("method_state"),
+                              two_stage={"config": ts.to_dict(), "phase2": dataclasses.asdict(p2cfg),
+                                         "phase1": {"name": p1ckpt["name"], "log": p1ckpt["log"],
+                                                    "metrics": p1ckpt["metrics"], "config": p1cfg.to_dict()}})
     if dist.is_main():
         atomic_torch_save(final_path, ckpt)
         save_log(paths, name, p2log)

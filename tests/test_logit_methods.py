@@ -15,10 +15,12 @@ from desupcon.engine.step import train_step
 from desupcon.store import weights as tw
 from desupcon.store.checkpoint import load_checkpoint
 from desupcon.config import preset, run_name
-from desupcon.methods import LOGIT_METHODS
+from desupcon.methods import METHODS
+from desupcon.methods.logit import LogitDistillationMethod
 from desupcon.models import build_encoder
 from desupcon.session import Session
 
+LOGIT_METHODS = [n for n, c in METHODS.items() if issubclass(c, LogitDistillationMethod)]
 NEW_METHODS = [*LOGIT_METHODS, "crd-nce"]
 
 

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from desupcon import plan as experiments
-from desupcon.engine.build import lockstep_key
 from desupcon.store.checkpoint import load_checkpoint
 from desupcon.cli import main
 from desupcon.config import preset, run_name
@@ -21,8 +20,8 @@ def test_shards_are_disjoint_cover_the_plan_and_keep_lockstep_groups(lockstep):
     assert sum(len(p) for p in part_names) == len(names), "a run is in two shards"
     if lockstep:
         for p in parts:  # every lockstep group lies in one shard
-            keys = {lockstep_key(e.cfg) for e in p}
-            others = [lockstep_key(e.cfg) for q in parts if q is not p for e in q]
+            keys = {e.cfg.lockstep_key() for e in p}
+            others = [e.cfg.lockstep_key() for q in parts if q is not p for e in q]
             assert not keys & set(others)
     else:
         assert all(part_names), "each shard has work"
@@ -34,7 +33,7 @@ def test_lockstep_shards_give_every_process_work(size):
     runs, by pieces of groups (`lockstep_size`), each run in exactly one shard."""
     planned = experiments.plan(preset("paper"), "all")
     names = {run_name(e.cfg) for e in planned}
-    assert len({lockstep_key(e.cfg) for e in planned}) == 2
+    assert len({e.cfg.lockstep_key() for e in planned}) == 2
     parts = [experiments.shard_plan(planned, (i, 4), lockstep=True, lockstep_size=size) for i in (1, 2, 3, 4)]
     part_names = [{run_name(e.cfg) for e in p} for p in parts]
     assert set().union(*part_names) == names and sum(map(len, part_names)) == len(names)

@@ -179,14 +179,16 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
                         "source": getattr(teacher, "source", None)}
         records.save_teacher_embeddings(paths.root, teacher_info["fingerprint"], data_identity, teacher_z)
     else:
-        fp = ckpt.get("teacher_fingerprint")
+        # the teacher it was analysed with before (an imported published file names none itself)
+        old = (records.read_record(cfg, ckpt["name"], paths.root)
+               or records.read_record(cfg, ckpt["name"], own_root) or {})
+        fp = ckpt.get("teacher_fingerprint") or (old.get("teacher") or {}).get("fingerprint")
         teacher_z = records.load_teacher_embeddings([paths.root, own_root], fp, data_identity)
         if teacher_z is None:  # a checkpoint of an older version kept them inside
             teacher_z = (ckpt.get("analysis") or {}).get("teacher_test_embeddings")
         if teacher_z is None and fp is not None:
             log.info(f"[{ckpt['name']}] no stored test embeddings of its teacher ({fp}): the semantic-agreement "
                      "metrics are left out (copy pth_models/teacher_embeddings/ with the checkpoint)")
-        old = records.read_record(cfg, ckpt["name"], own_root) or {}
         teacher_info = old.get("teacher") or {"fingerprint": fp, "source": None}
     metrics, z, predictions = compute_metrics(student_spaces(student), dataset, device, teacher_z)
     pics = draw_pictures(ckpt["name"], z, dataset, ckpt["log"], paths) if pictures else {}

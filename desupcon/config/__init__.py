@@ -280,6 +280,22 @@ class RunConfig:
             out["teacher"] = {"arch": self.model.teacher_arch, "fingerprint": teacher_fingerprint}
         return out
 
+    # "The same configuration", derived from `identity` (the run cache's test) and nothing else:
+    def seedless_identity(self, teacher_fingerprint: str | None = None) -> dict:
+        """The identity without the seed: runs equal in it are seeds of one configuration (the
+        report's rows). Runtime settings (RUNTIME_FIELDS) are in no identity, so never split one."""
+        out = self.identity(teacher_fingerprint)
+        out["optim"] = {k: v for k, v in out["optim"].items() if k != "seed"}
+        return out
+
+    def lockstep_key(self) -> str:
+        """Runs that can share batches (train in lockstep): the same data, data order (seed),
+        batch size, epochs and teacher (with its probe)."""
+        identity = self.identity()
+        order = {k: identity["optim"][k] for k in ("seed", "batch_size", "drop_last", "epochs")}
+        return json.dumps({"data": identity["data"], "order": order, "teacher": self.teacher_identity()},
+                          sort_keys=True)
+
 
 def _paper() -> RunConfig:
     return RunConfig(preset="paper")

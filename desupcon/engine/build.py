@@ -99,9 +99,3 @@ def build_run(cfg: RunConfig, name: str, identity: dict, method: Method, model: 
     return Run(cfg, name, identity, method, model, teacher_head, optimizer, scheduler, policy, o, bank,
                torch.Generator().manual_seed(o.seed + 1), data_views=data_views, kind=kind,
                teacher_fingerprint=teacher_fingerprint)
-
-
-def lockstep_key(cfg: RunConfig) -> tuple:
-    """Runs that can share batches: same data, data order, batch size, epochs and teacher."""
-    return (repr(cfg.data_identity()), cfg.optim.seed, cfg.optim.batch_size, cfg.optim.drop_last,
-            cfg.optim.epochs, repr(cfg.teacher_identity()))

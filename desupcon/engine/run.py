@@ -21,7 +21,7 @@ from desupcon.engine.finite import check_finite, grads_finite, non_finite_error,
 from desupcon.engine.rng import global_rng_state, set_global_rng_state
 from desupcon.memory_bank import MomentumMemoryBank
 from desupcon.methods import Method, StepOutputs
-from desupcon.store.checkpoint import CHECKPOINT_FORMAT
+from desupcon.store.schemas import in_progress_checkpoint, student_checkpoint
 
 log = logging.getLogger("desupcon")
 
@@ -182,16 +182,13 @@ class Run:
     # -- checkpoints ----------------------------------------------------------------------
     def training_state(self, data_generator: torch.Generator) -> dict:
         """Everything needed to continue bit-identically from the end of `self.epoch`."""
-        return {"format": CHECKPOINT_FORMAT, "kind": "in_progress", "name": self.name,
-                "identity": self.identity, "config": self.cfg.to_dict(), "epoch": self.epoch, "log": self.log,
-                "model": self.model.state_dict(),
-                "teacher_head": self.teacher_head.state_dict() if self.teacher_head is not None else None,
-                "method_state": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "bank": self.bank.state_dict() if self.bank is not None else None,
-                "rng": {"data": data_generator.get_state(), "bank": self.bank_generator.get_state(),
-                        **global_rng_state()}}
+        return in_progress_checkpoint(
+            self.name, self.identity, self.cfg.to_dict(), self.epoch, self.log, model=self.model.state_dict(),
+            teacher_head=self.teacher_head.state_dict() if self.teacher_head is not None else None,
+            method_state=self.method.state_dict(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+            bank=self.bank.state_dict() if self.bank is not None else None,
+            rng={"data": data_generator.get_state(), "bank": self.bank_generator.get_state(), **global_rng_state()})
 
     def load_training_state(self, state: dict, data_generator: torch.Generator) -> None:
         self.epoch = state["epoch"]
@@ -212,17 +209,8 @@ class Run:
 
     def final_checkpoint(self, metrics: dict) -> dict:
         """A student's final checkpoint (the teacher writes its own format from `model`)."""
-        student = self.model
-        return {"format": CHECKPOINT_FORMAT, "kind": "student", "name": self.name,
-                "identity": self.identity, "config": self.cfg.to_dict(),
-                "teacher_fingerprint": self.teacher_fingerprint,
-                "student_arch": self.cfg.model.student_arch,
-                "num_classes": student.classifier.out_features,
-                "student": {k: v.cpu() for k, v in student.state_dict().items()},
-                "teacher_head": ({k: v.cpu() for k, v in self.teacher_head.state_dict().items()}
-                                 if self.teacher_head is not None else None),
-                "method_state": self.method.state_dict(),
-                "metrics": metrics, "log": self.log}
+        return student_checkpoint(self.name, self.identity, self.cfg.to_dict(), self.model, metrics, self.log,
+                                  self.teacher_fingerprint, self.teacher_head, self.method.state_dict())
 
 
 @dataclass

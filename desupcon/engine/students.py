@@ -9,7 +9,7 @@ from desupcon import data as data_mod
 from desupcon.config import run_name, RunConfig
 from desupcon.config.validation import validate_config
 from desupcon.engine import distributed as dist
-from desupcon.engine.build import lockstep_key, make_student_run
+from desupcon.engine.build import make_student_run
 from desupcon.engine.devices import as_policy
 from desupcon.engine.finite import NonFiniteLossError
 from desupcon.engine.loop import train_group
@@ -35,7 +35,7 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
     if not cfgs:
         return []
     policy = as_policy(policy)
-    keys = {lockstep_key(c) for c in cfgs}
+    keys = {c.lockstep_key() for c in cfgs}
     if len(keys) != 1:
         raise ValueError("lockstep training needs the same dataset, seed, batch size, epochs and "
                          "teacher for every run; train such groups separately")

@@ -23,11 +23,7 @@ for _module in (*BUILT_IN, *sorted(m.name for m in pkgutil.iter_modules(__path__
                                    if m.name not in (*BUILT_IN, "base"))):
     importlib.import_module(f"{__name__}.{_module}")
 
-from desupcon.methods.logit import LogitDistillationMethod  # noqa: E402  (after the registry is filled)
-
-LOGIT_METHODS = tuple(name for name, cls in METHODS.items() if issubclass(cls, LogitDistillationMethod))
-
-__all__ = ["METHODS", "LOGIT_METHODS", "Method", "StepOutputs", "build_method", "declared_settings",
+__all__ = ["METHODS", "Method", "StepOutputs", "build_method", "declared_settings",
            "logit_term", "method_label", "register_method", "warmup_factor"]
 
 

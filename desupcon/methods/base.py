@@ -108,8 +108,8 @@ class Method(abc.ABC):
     `settings` (the settings it reads, each with flag, tag, help, range and default: they make its
     run name and cache identity), `defaults` (its own defaults where they differ from the
     settings', applied when it is chosen, under any flag given) and its losses; and what the
-    training loop must provide: `views` (augmented views per image the model sees), `uses_teacher` (teacher features and logits of the same views),
-    `uses_teacher_head` (a trainable copy of the teacher's projection head), `gathers_batch` (the
+    training loop must provide: `views` (augmented views per image the model sees),
+    `uses_teacher` (teacher features and logits of the same views), `uses_teacher_head` (a trainable copy of the teacher's projection head), `gathers_batch` (the
     loss couples samples, so on several GPUs it needs the global batch), `needs_feature_maps` and
     `uses_every_parameter` (False when some model parameters get no gradient, e.g. CE's projector).
     """

@@ -13,9 +13,9 @@ from desupcon.engine.dataset import evaluate_accuracy
 from desupcon.engine.devices import as_policy, DevicePolicy
 from desupcon.engine.run import RunResult
 from desupcon.models import load_matching_state_dict, Student
-from desupcon.store.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, identity_diff,
-                                       load_checkpoint)
+from desupcon.store.checkpoint import CheckpointError, atomic_torch_save, identity_diff, load_checkpoint
 from desupcon.store.paths import OutputPaths
+from desupcon.store.schemas import student_checkpoint
 from desupcon.store.published import (PUBLISHED_SOURCE, file_sha256, imported_path, load_plain_state,
                                       published_config, published_names, student_state_from_published)
 from desupcon.store.records import read_record
@@ -118,14 +118,10 @@ def import_published_student(original: Path, cfg: RunConfig | None, identity: di
                                  dataset, policy)
     metrics = {"test_acc": test_acc, "train_acc": None, "train_test_gap": None, "best_test_acc": None,
                "best_epoch": None, "seconds": None, "epochs": cfg.optim.epochs}
-    ckpt = {"format": CHECKPOINT_FORMAT, "kind": "student", "name": name,
-            "identity": identity if identity is not None else {"unnamed": name},
-            "config": cfg.to_dict(), "student_arch": arch, "num_classes": classifier.shape[0],
-            "teacher_fingerprint": (identity or {}).get("teacher", {}).get("fingerprint"),
-            "student": {k: v.cpu() for k, v in student.state_dict().items()},
-            "teacher_head": None, "metrics": metrics, "log": [],
-            "source": {"kind": PUBLISHED_SOURCE, "file": str(original), "sha256": sha,
-                       "described_run": published_config(name) is not None}}
+    ckpt = student_checkpoint(name, identity if identity is not None else {"unnamed": name}, cfg.to_dict(), student,
+                              metrics, [], (identity or {}).get("teacher", {}).get("fingerprint"),
+                              source={"kind": PUBLISHED_SOURCE, "file": str(original), "sha256": sha,
+                                      "described_run": published_config(name) is not None})
     atomic_torch_save(target, ckpt)
     log.info(f"[{name}] imported the {PUBLISHED_SOURCE} {original} -> {target} (test acc {test_acc:.2f}%)")
     return target, ckpt
