@@ -101,3 +101,27 @@ def test_teacher_logits_are_float32_under_bf16(teacher_root, tiny_config, tmp_pa
     assert features.dtype == torch.bfloat16 and logits.dtype == torch.float32
     expected = teacher.encoder.fc(features.float())
     assert torch.allclose(logits, expected)
+
+
+def test_true_float32_turns_autocast_and_tf32_off_and_restores_them():
+    """The losses and the teacher's classifier run in IEEE float32: autocast off and, on CUDA, TF32
+    matmuls off inside the region, the caller's settings back afterwards (even after an error)."""
+    from desupcon.precision import true_float32
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with true_float32("cuda"):
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        with pytest.raises(RuntimeError), true_float32("cuda"):
+            raise RuntimeError("inside")
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    a = torch.randn(8, 8)
+    policy = DevicePolicy(torch.device("cpu"), "bf16")
+    with policy.autocast():
+        assert (a @ a).dtype == torch.bfloat16
+        with policy.full_precision():
+            assert (a @ a).dtype == torch.float32
+            assert torch.allclose(a @ a, (a.double() @ a.double()).float(), atol=1e-5)  # (bf16: ~1e-2 off)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from desupcon.errors import DesupconError
+from desupcon.precision import true_float32
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -94,8 +95,9 @@ class DevicePolicy:
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
     def full_precision(self):
-        """float32 inside an autocast region (losses, the teacher's classifier)."""
-        return torch.autocast(self.device.type, enabled=False)
+        """True float32 inside an autocast region (the losses): autocast off, and TF32 off for
+        their matrix products on CUDA (`precision.true_float32`)."""
+        return true_float32(self.device.type)
 
     @property
     def memory_format(self):

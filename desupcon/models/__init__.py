@@ -17,6 +17,7 @@ import torchvision
 
 from desupcon.errors import DesupconError
 from desupcon.models.zoo import ORIGINAL_CLASSIFIER, ZOO, ZooEncoder
+from desupcon.precision import true_float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,10 +211,10 @@ class Teacher(nn.Module):
     def forward(self, x: torch.Tensor, feature_map: bool = False):
         """One backbone pass giving (features, logits), plus the final feature map with
         `feature_map`, all detached; the classifier runs in float32 even inside an autocast region
-        (its logits set LW-SupCRD's weights and every logit distiller's targets)."""
+        (its logits set LW-SupCRD's weights and every logit distiller's targets), with TF32 off."""
         fmap = self.encoder.forward_feature_map(x)
         features = self.encoder.pool_features(fmap)
-        with torch.autocast(features.device.type, enabled=False):
+        with true_float32(features.device.type):
             logits = self.encoder.fc(features.float())
         return (features, logits, fmap) if feature_map else (features, logits)
 
