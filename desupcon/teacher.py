@@ -131,7 +131,11 @@ def _finish(teacher: Teacher, metrics: dict, policy) -> tuple[Teacher, dict]:
     """The teacher on the policy's device in eval mode, with its content fingerprint and source."""
     teacher.fingerprint = metrics["fingerprint"] = fingerprint(teacher.encoder, teacher.head)
     teacher.source = metrics.get("source", "")
-    return policy.prepare(teacher).eval(), metrics
+    teacher = policy.prepare(teacher).eval()
+    if policy.fold_teacher_batchnorm:  # (a fixed example: the global random generators stay untouched)
+        example = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        teacher.fold_batchnorm(policy.inputs(example.to(policy.device)))
+    return teacher, metrics
 
 
 def _published_teacher_files(cfg: RunConfig, paths: OutputPaths) -> tuple[Path | None, Path | None]:

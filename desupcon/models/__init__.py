@@ -207,13 +207,29 @@ class Teacher(nn.Module):
         self.encoder.eval()
         return self
 
+    def fold_batchnorm(self, example: torch.Tensor) -> int:
+        """Run every later forward on a copy of the encoder whose BatchNorms are folded into the
+        convolutions before them (`folding.py`: the same function, fewer kernels); the encoder
+        itself (saved, fingerprinted) stays as it is. Returns the number of BatchNorms folded."""
+        from desupcon.models.folding import fold_batchnorm
+        folded, count = fold_batchnorm(self.encoder, _features_and_logits, example)
+        self.__dict__["inference_encoder"] = folded if count else None  # not a submodule: not saved
+        return count
+
+    def _inference_encoder(self, x: torch.Tensor) -> nn.Module:
+        folded = self.__dict__.get("inference_encoder")
+        if folded is None or folded.fc.weight.device != x.device:  # (moved since: the encoder itself)
+            return self.encoder
+        return folded
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, feature_map: bool = False):
         """One backbone pass giving (features, logits), plus the final feature map with
         `feature_map`, all detached; the classifier runs in float32 even inside an autocast region
         (its logits set LW-SupCRD's weights and every logit distiller's targets), with TF32 off."""
-        fmap = self.encoder.forward_feature_map(x)
-        features = self.encoder.pool_features(fmap)
+        encoder = self._inference_encoder(x)
+        fmap = encoder.forward_feature_map(x)
+        features = encoder.pool_features(fmap)
         with true_float32(features.device.type):
             logits = self.encoder.fc(features.float())
         return (features, logits, fmap) if feature_map else (features, logits)
@@ -226,6 +242,11 @@ class Teacher(nn.Module):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Normalised head output; gradients reach the head only."""
         return F.normalize(self.head(features.detach()), dim=1)
+
+
+def _features_and_logits(encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    features = encoder.pool_features(encoder.forward_feature_map(x))
+    return features, encoder.fc(features)
 
 
 # ----------------------------------------------------------------------------------------------
