@@ -22,7 +22,7 @@ from desupcon.config import pairs
 # The published CIFAR-100 ResNet-50 teacher (SPEC 6), a timm-format state dict on the model hub.
 HUB_TEACHER = "hf-hub:edadaltocg/resnet50_cifar100"
 
-# The methods are declared by their classes in methods.py (the settings each reads, its own
+# The methods are declared by their classes in methods/ (the settings each reads, its own
 # defaults, its label, what it needs, its losses); these look them up.
 def method_class(name: str):
     """The class declaring method `name` (None for an unknown name)."""

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 
 import torch
 
 from desupcon.config import RunConfig, dataset_tag, protocol_of
-from desupcon.store.checkpoint import (CheckpointError, atomic_torch_save, atomic_write_json, change_json_record,
-                                       load_checkpoint, read_json)
+from desupcon.store.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, atomic_write_json,
+                                       change_json_record, load_checkpoint, read_json)
 from desupcon.store.paths import OutputPaths
+
+log = logging.getLogger("desupcon")
 
 ACCURACY_KEYS = ("test_acc", "train_acc", "train_test_gap", "best_test_acc", "best_epoch")
 COLLAPSE_UNIFORMITY = -0.05  # backbone uniformity above this: the test embeddings nearly coincide
@@ -137,8 +140,7 @@ def records_under(root: Path) -> dict[str, dict]:
         try:
             ckpt = load_checkpoint(path)
         except CheckpointError:
-            import logging
-            logging.getLogger("desupcon").info(
+            log.info(
                 f"report: skipping {path}: not a desupcon checkpoint (a published file is imported when its "
                 "run is trained or analysed: desupcon analyze FILE)")
             continue
@@ -161,7 +163,7 @@ def save_teacher_embeddings(root, teacher_fingerprint: str | None, data_identity
         return
     path = teacher_embeddings_path(root, teacher_fingerprint, data_identity)
     if not path.is_file():  # written once: the same teacher gives the same embeddings
-        atomic_torch_save(path, {"format": "desupcon-checkpoint-v1", "kind": "teacher_embeddings",
+        atomic_torch_save(path, {"format": CHECKPOINT_FORMAT, "kind": "teacher_embeddings",
                                  "fingerprint": teacher_fingerprint, "embeddings": embeddings.cpu()})
 
 
