@@ -11,6 +11,7 @@ reproduces the recorded numbers without the teacher.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -25,7 +26,6 @@ from desupcon.store import records
 from desupcon.store.cache import load_student
 from desupcon.store.checkpoint import load_checkpoint
 from desupcon.store.paths import OutputPaths
-from desupcon.store.records import collapse_reasons
 
 
 log = logging.getLogger("desupcon")
@@ -139,6 +139,32 @@ def draw_pictures(name: str, z: torch.Tensor, dataset: ImageDataset, log_entries
     return {k: str(Path(v).relative_to(paths.root)) for k, v in out.items()}
 
 
+COLLAPSE_UNIFORMITY = -0.05  # backbone uniformity above this: the test embeddings nearly coincide
+CHANCE_SDS = 3.0  # accuracy within this many binomial sd of guessing counts as chance
+
+
+def collapse_reasons(accuracy: dict, num_classes: int, n_test: int, metrics: dict) -> list[str]:
+    """Why a finished run counts as collapsed (empty: it does not): its best test accuracy within
+    3 sd of guessing on `n_test` images, or its backbone embeddings without direction or nearly
+    coinciding (uniformity near 0) while the loss stayed finite."""
+    reasons = []
+    best = accuracy.get("best_test_acc")
+    best = accuracy.get("test_acc") if best is None else best
+    p = 1.0 / num_classes
+    ceiling = 100 * (p + CHANCE_SDS * math.sqrt(p * (1 - p) / max(n_test, 1)))
+    if best is not None and best <= ceiling:
+        reasons.append(f"accuracy at chance (best {best:.2f} % vs chance {100 * p:.2f} %, within "
+                       f"{CHANCE_SDS:g} sd of guessing on {n_test} test images)")
+    for space, m in (("projection", metrics), ("backbone", metrics.get("backbone") or {})):
+        if m.get("zero_vectors"):
+            reasons.append(f"{space}: {100 * m['zero_vectors']:.0f} % of the test embeddings are zero vectors")
+    uniformity = (metrics.get("backbone") or {}).get("uniformity")
+    if uniformity is not None and uniformity > COLLAPSE_UNIFORMITY:
+        reasons.append(f"backbone embeddings collapsed (uniformity {uniformity:.4f}, near 0: the test "
+                       "images' features nearly coincide)")
+    return reasons
+
+
 def _warn_if_collapsed(record: dict) -> None:
     if record["collapsed"]:
         log.warning(f"[{record['run']}] COLLAPSED: {'; '.join(record['collapsed'])} (the run is kept and "
@@ -147,10 +173,9 @@ def _warn_if_collapsed(record: dict) -> None:
 
 def _analysed_record(ckpt: dict, kind: str, metrics: dict, pictures: dict, teacher_info: dict,
                      predictions: list[int], dataset: ImageDataset) -> dict:
-    acc = records.build_record(ckpt, kind)["accuracy"]
-    record = records.build_record(ckpt, kind, analysis=metrics, pictures=pictures, teacher=teacher_info,
-                                  collapsed=collapse_reasons(acc, dataset.num_classes, len(dataset.test_labels),
-                                                             metrics))
+    record = records.build_record(ckpt, kind, analysis=metrics, pictures=pictures, teacher=teacher_info)
+    record["collapsed"] = collapse_reasons(record["accuracy"], dataset.num_classes, len(dataset.test_labels),
+                                           metrics)
     _warn_if_collapsed(record)
     # per-image predictions (and the labels, in the dataset's order): the report's agreement with the
     # teacher and McNemar tests between runs come from them

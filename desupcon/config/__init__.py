@@ -395,11 +395,6 @@ def config_json(cfgs) -> str:
     return json.dumps([c.to_dict() for c in cfgs], indent=2)
 
 
-# ----------------------------------------------------------------------------------------------
-# Run names (SPEC sections 8 and 11)
-# ----------------------------------------------------------------------------------------------
-
-
 # Run names: after everything above (naming.py reads the presets).
 from desupcon.config.naming import dataset_tag, run_name, teacher_run_name  # noqa: E402
 

@@ -20,11 +20,9 @@ def _fmt(value) -> str:
     return str(value)
 
 
-# Short tags for settings that differ from the reference protocol and are not in the base name
-# (declared with each setting in settings.py).
+# The settings of each section that are tagged when they differ from the reference protocol (their
+# tags are declared with them, settings.py).
 _DATA_TAGGED = ("train_subset", "test_subset", "image_size", "color_jitter")
-
-
 _TEACHER_TRAINING = ("epochs", "optimizer", "lr", "batch_size", "weight_decay", "schedule", "seed")
 
 

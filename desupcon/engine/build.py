@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn as nn
 
 from desupcon import data as data_mod
 from desupcon.config import OptimConfig, run_name, RunConfig
@@ -14,7 +15,6 @@ from desupcon.engine.run import Run
 from desupcon.memory_bank import MomentumMemoryBank
 from desupcon.methods import build_method, Method
 from desupcon.models import build_encoder, Student, Teacher
-import torch.nn as nn
 
 
 def build_student(arch: str, num_classes: int, init: str = "kaiming") -> Student:

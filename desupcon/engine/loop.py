@@ -132,11 +132,6 @@ def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Te
     return active, failures
 
 
-# ----------------------------------------------------------------------------------------------
-# Students: cache, published checkpoints, training
-# ----------------------------------------------------------------------------------------------
-
-
 def summary_line(name: str, entry: dict, epochs: int) -> str:
     test = f" test {entry['test_acc']:.2f}%" if entry.get("test_acc") is not None else ""
     return (f"[{name}] epoch {entry['epoch']}/{epochs} loss {entry['loss']:.4f} "

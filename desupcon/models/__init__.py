@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 
 from desupcon.errors import DesupconError
+from desupcon.models.folding import fold_batchnorm
 from desupcon.models.zoo import ORIGINAL_CLASSIFIER, ZOO, ZooEncoder
 from desupcon.precision import true_float32
 
@@ -211,7 +212,6 @@ class Teacher(nn.Module):
         """Run every later forward on a copy of the encoder whose BatchNorms are folded into the
         convolutions before them (`folding.py`: the same function, fewer kernels); the encoder
         itself (saved, fingerprinted) stays as it is. Returns the number of BatchNorms folded."""
-        from desupcon.models.folding import fold_batchnorm
         folded, count = fold_batchnorm(self.encoder, _features_and_logits, example)
         self.__dict__["inference_encoder"] = folded if count else None  # not a submodule: not saved
         return count

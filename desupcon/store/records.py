@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -25,8 +24,6 @@ from desupcon.store.paths import OutputPaths
 log = logging.getLogger("desupcon")
 
 ACCURACY_KEYS = ("test_acc", "train_acc", "train_test_gap", "best_test_acc", "best_epoch")
-COLLAPSE_UNIFORMITY = -0.05  # backbone uniformity above this: the test embeddings nearly coincide
-CHANCE_SDS = 3.0  # accuracy within this many binomial sd of guessing counts as chance
 
 
 def save_log(paths: OutputPaths, name: str, entries: list[dict]) -> None:
@@ -57,31 +54,8 @@ def has_record(cfg: RunConfig, name: str) -> bool:
     return read_record(cfg, name) is not None
 
 
-def collapse_reasons(accuracy: dict, num_classes: int, n_test: int, metrics: dict) -> list[str]:
-    """Why a finished run counts as collapsed (empty: it does not): its best test accuracy within
-    3 sd of guessing on `n_test` images, or its backbone embeddings without direction or nearly
-    coinciding (uniformity near 0) while the loss stayed finite."""
-    reasons = []
-    best = accuracy.get("best_test_acc")
-    best = accuracy.get("test_acc") if best is None else best
-    p = 1.0 / num_classes
-    ceiling = 100 * (p + CHANCE_SDS * math.sqrt(p * (1 - p) / max(n_test, 1)))
-    if best is not None and best <= ceiling:
-        reasons.append(f"accuracy at chance (best {best:.2f} % vs chance {100 * p:.2f} %, within "
-                       f"{CHANCE_SDS:g} sd of guessing on {n_test} test images)")
-    for space, m in (("projection", metrics), ("backbone", metrics.get("backbone") or {})):
-        if m.get("zero_vectors"):
-            reasons.append(f"{space}: {100 * m['zero_vectors']:.0f} % of the test embeddings are zero vectors")
-    uniformity = (metrics.get("backbone") or {}).get("uniformity")
-    if uniformity is not None and uniformity > COLLAPSE_UNIFORMITY:
-        reasons.append(f"backbone embeddings collapsed (uniformity {uniformity:.4f}, near 0: the test "
-                       "images' features nearly coincide)")
-    return reasons
-
-
-def build_record(ckpt: dict, kind: str = "student", name: str | None = None, analysis: dict | None = None,
-                 pictures: dict | None = None, teacher: dict | None = None, collapsed: list[str] | None = None
-                 ) -> dict:
+def build_record(ckpt: dict, kind: str = "student", analysis: dict | None = None, pictures: dict | None = None,
+                 teacher: dict | None = None) -> dict:
     """The record of a run, from its checkpoint (name, configuration, metrics, source) and what was
     measured on it (`analysis`: section 7 metrics; None: not analysed yet)."""
     cfg = RunConfig.from_dict(ckpt["config"])
@@ -91,7 +65,7 @@ def build_record(ckpt: dict, kind: str = "student", name: str | None = None, ana
         acc["train_test_gap"] = acc["train_acc"] - acc["test_acc"]
     two_stage = "two_stage" in ckpt["config"]
     method = "teacher" if kind == "teacher" else "two-stage" if two_stage else cfg.method.method
-    record = {"run": name or ckpt["name"], "kind": kind, "method": method, "seed": cfg.optim.seed,
+    record = {"run": ckpt["name"], "kind": kind, "method": method, "seed": cfg.optim.seed,
               "protocol": protocol_of(cfg), "source": (ckpt.get("source") or {}).get("kind", "trained"),
               "teacher": teacher or {"fingerprint": ckpt.get("teacher_fingerprint"), "source": None},
               "config": cfg.to_dict(), "accuracy": acc, "seconds": m.get("seconds"),
@@ -100,8 +74,6 @@ def build_record(ckpt: dict, kind: str = "student", name: str | None = None, ana
         record["config"]["two_stage"] = ckpt["config"]["two_stage"]
     if pictures is not None:
         record["plots"] = pictures
-    if collapsed is not None:
-        record["collapsed"] = collapsed
     return record
 
 
