@@ -483,27 +483,70 @@ def cmd_similarity(args) -> None:
 
 def cmd_data_subset(args) -> None:
     from desupcon import data as data_mod
-    source = args.source
-    if not source.startswith("npz:") and source not in ("cifar100", "cifar10", "digits"):
-        if not (Path(source) / "train.npz").is_file():
-            raise ConfigError(f"{source!r} is neither a dataset name (cifar100, cifar10, digits, npz:<folder>) "
-                              "nor a folder holding train.npz and test.npz")
-        source = f"npz:{source}"
-    out = Path(args.out)
+    source, out = _data_source(args.source), Path(args.out)
     if source.startswith("npz:") and out.resolve() == Path(source[len("npz:"):]).resolve():
         raise ConfigError(f"the subset would overwrite its source {out}; choose another OUT folder")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
+    _writable_folder(out, args.overwrite)
     dataset = data_mod.load_dataset(source, args.data_root, download=not args.no_download)
     try:
         subset = data_mod.per_class_subset(dataset, args.train_per_class, args.test_per_class, seed=args.seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     data_mod.write_npz_dataset(subset, out)
-    size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{out}: {len(subset.train_labels)} training and {len(subset.test_labels)} test images of "
           f"{subset.num_classes} classes (seed {args.seed}{', with superclasses' if subset.coarse_classes else ''}), "
-          f"{size / 2**20:.1f} MiB; use it as --dataset npz:{out}")
+          f"{_folder_mib(out):.1f} MiB; use it as --dataset npz:{out}")
+
+
+def _data_source(source: str) -> str:
+    """A dataset name for `load_dataset`: a name, npz:<folder>, or a folder holding train.npz."""
+    if not source.startswith("npz:") and source not in ("cifar100", "cifar10", "digits"):
+        if not (Path(source) / "train.npz").is_file():
+            raise ConfigError(f"{source!r} is neither a dataset name (cifar100, cifar10, digits, npz:<folder>) "
+                              "nor a folder holding train.npz and test.npz")
+        source = f"npz:{source}"
+    return source
+
+
+def _writable_folder(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
+
+
+def _folder_mib(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def cmd_data_split(args) -> None:
+    from desupcon import data as data_mod
+    from desupcon.data_parts import DatasetPartsError, write_parts
+    source, out = _data_source(args.source), Path(args.out)
+    _writable_folder(out, args.overwrite)
+    dataset = data_mod.load_dataset(source, args.data_root, download=not args.no_download)
+    try:
+        folders = write_parts(dataset, out, args.parts)
+    except DatasetPartsError as exc:
+        raise ConfigError(str(exc)) from None
+    for folder in folders:
+        print(f"{folder}: {_folder_mib(folder):.1f} MiB")
+    print(f"{len(folders)} parts of {len(dataset.train_labels)} training and {len(dataset.test_labels)} test "
+          f"images; join them with `desupcon data join OUT {out}`")
+
+
+def cmd_data_join(args) -> None:
+    from desupcon import data as data_mod
+    from desupcon.data_parts import DatasetPartsError, join_parts
+    out = Path(args.out)
+    if (out / "part.json").is_file() or any(Path(p).resolve() == out.resolve() for p in args.parts):
+        raise ConfigError(f"{out} is one of the parts; join into another folder")
+    _writable_folder(out, args.overwrite)
+    try:
+        dataset = join_parts(args.parts)
+    except DatasetPartsError as exc:
+        raise ConfigError(str(exc)) from None
+    data_mod.write_npz_dataset(dataset, out)
+    print(f"{out}: {len(dataset.train_labels)} training and {len(dataset.test_labels)} test images, "
+          f"equal to the split source; use it as --dataset npz:{out}")
 
 
 def cmd_teachers_fetch(args) -> None:
@@ -630,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="RBF CKA bandwidth as a multiple of the median pairwise distance")
         p.set_defaults(func=cmd_compare if name == "compare" else cmd_similarity)
 
-    p = sub.add_parser("data", help="dataset utilities: write a seeded, stratified subset as an npz folder")
+    p = sub.add_parser("data", help="dataset utilities: a seeded, stratified subset as an npz folder; a "
+                                    "dataset split into parts to carry and joined back")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("subset", help="write N training and M test images of every class, seeded, "
                                            "as an npz folder (e.g. a small copy to carry to a GPU machine)")
@@ -643,6 +687,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-download", action="store_true", help="never download a torchvision dataset")
     q.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty OUT folder")
     q.set_defaults(func=cmd_data_subset)
+    q = data_sub.add_parser("split", help="cut a dataset into K npz folders (slices of both splits) to carry "
+                                          "one at a time; `data join` puts them back together exactly")
+    q.add_argument("source", help="cifar100, cifar10, digits, npz:<folder> or a folder with train.npz/test.npz")
+    q.add_argument("out", help="the folder receiving part-1-of-K/ ... part-K-of-K/")
+    q.add_argument("--parts", type=int, required=True, help="number of parts K")
+    q.add_argument("--data-root", default="data", help="torchvision root for cifar100/cifar10")
+    q.add_argument("--no-download", action="store_true", help="never download a torchvision dataset")
+    q.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty OUT folder")
+    q.set_defaults(func=cmd_data_split)
+    q = data_sub.add_parser("join", help="join the parts written by `data split` into one npz folder, checked "
+                                         "against the digest of the source")
+    q.add_argument("out", help="the npz folder to write")
+    q.add_argument("parts", nargs="+", help="part folders, or folders holding them")
+    q.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty OUT folder")
+    q.set_defaults(func=cmd_data_join)
 
     from desupcon.store.released import DEFAULT_DEST
     p = sub.add_parser("teachers", help="mdistiller's released CIFAR-100 teachers")
