@@ -156,6 +156,46 @@ def test_crd_nce_banks_stay_identical_across_ranks(tmp_path):
         assert torch.allclose(banks[0][name], alone[name], atol=1e-6), f"{name} bank differs from one process"
 
 
+N_EVAL = 21  # test images: uneven slices over the 2 ranks
+
+
+def _eval_setup():
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (N_EVAL, 3, 4, 4), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 3, (N_EVAL,), generator=g)
+    dataset = data.ImageDataset("toy", images, labels, images, labels, ["a", "b", "c"])
+    weight = torch.randn(48, 3, generator=g)
+    return dataset, weight
+
+
+def _eval_worker(rank, port, result_path):
+    from desupcon.engine.dataset import evaluate_accuracy
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dataset, weight = _eval_setup()
+    seen = []
+
+    def logits(x):
+        seen.append(x.shape[0])
+        return x.flatten(1) @ weight
+    acc = evaluate_accuracy(logits, dataset.test_images, dataset.test_labels, dataset, "cpu", shared=True)
+    torch.save({"acc": acc, "seen": sum(seen)}, f"{result_path}.{rank}")
+    _leave_group()
+
+
+def test_shared_evaluation_splits_the_test_set_over_ranks_and_equals_one_process(tmp_path):
+    from desupcon.engine.dataset import evaluate_accuracy
+    result_path = tmp_path / "ranks"
+    mp.spawn(_eval_worker, args=(_free_port(), str(result_path)), nprocs=WORLD, join=True)
+    per_rank = [torch.load(f"{result_path}.{r}") for r in range(WORLD)]
+    dataset, weight = _eval_setup()
+    alone = evaluate_accuracy(lambda x: x.flatten(1) @ weight, dataset.test_images, dataset.test_labels,
+                              dataset, "cpu", shared=True)
+    assert 0 < alone < 100
+    assert [r["acc"] for r in per_rank] == [alone, alone]
+    assert [r["seen"] for r in per_rank] == [10, 11]  # each rank its own slice, not the whole set
+
+
 def test_sharded_batches_are_the_global_batch():
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(40) % 4
@@ -193,8 +233,8 @@ KILLER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 from desupcon import cli
-from desupcon.engine import loop  # the loop writes the epoch checkpoints
-real_save = loop.atomic_torch_save
+from desupcon.store import checkpoint  # the loop's background writer writes the epoch checkpoints
+real_save = checkpoint.atomic_torch_save
 
 
 def save_then_die(path, obj, *args, **kwargs):
@@ -203,7 +243,7 @@ def save_then_die(path, obj, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)  # rank 0, right after the epoch-1 checkpoint
 
 
-loop.atomic_torch_save = save_then_die
+checkpoint.atomic_torch_save = save_then_die
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -260,18 +300,18 @@ NODE_LOCAL = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 from desupcon import cli
-from desupcon.engine import loop  # the loop writes the epoch checkpoints
+from desupcon.store import checkpoint  # the loop's background writer writes the epoch checkpoints
 # every rank its own output folder: node-local disks (only rank 0 writes, so rank 1's stays empty)
 argv = sys.argv[1:]
 argv[argv.index("--output-dir") + 1] += "/rank" + os.environ["RANK"]
 if {kill}:
-    real_save = loop.atomic_torch_save
+    real_save = checkpoint.atomic_torch_save
 
     def save_then_die(path, obj, *args, **kwargs):
         real_save(path, obj, *args, **kwargs)
         if obj.get("kind") == "in_progress" and obj.get("epoch") == 1 and obj["name"].startswith("student"):
             os.kill(os.getpid(), signal.SIGKILL)
-    loop.atomic_torch_save = save_then_die
+    checkpoint.atomic_torch_save = save_then_die
 sys.exit(cli.main(argv))
 """
 

@@ -8,12 +8,13 @@ import torch
 
 from desupcon import data as data_mod
 from desupcon.config import RunConfig
+from desupcon.engine import distributed as dist
 from desupcon.engine.devices import as_policy
 
 log = logging.getLogger("desupcon")
 
 
-EVAL_BATCH = 512
+EVAL_BATCH = 512  # the analysis' batch (features kept per layer); training's evaluation uses the policy's
 
 
 def prepare_dataset(cfg: RunConfig, device: torch.device) -> data_mod.ImageDataset:
@@ -39,12 +40,24 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
 
 @torch.no_grad()
 def evaluate_accuracy(logits_fn, images: torch.Tensor, labels: torch.Tensor,
-                      dataset: data_mod.ImageDataset, policy) -> float:
-    """Top-1 accuracy in percent; `logits_fn(normalised_batch) -> logits`."""
+                      dataset: data_mod.ImageDataset, policy, shared: bool = False) -> float:
+    """Top-1 accuracy in percent; `logits_fn(normalised_batch) -> logits`, in batches of the
+    policy's `eval_batch`.
+
+    `shared=True` (called by every process of a torchrun job at once): each process evaluates its
+    own contiguous slice of the test images and the counts are summed, instead of every process
+    evaluating them all; one process alone evaluates everything either way."""
     policy = as_policy(policy)
+    n = labels.shape[0]
+    part = slice(None)
+    if shared and dist.world_size() > 1:
+        r, w = dist.rank(), dist.world_size()
+        part = slice(r * n // w, (r + 1) * n // w)
     correct = torch.zeros((), dtype=torch.long, device=policy.device)
-    for x, y in data_mod.eval_batches(images, labels, EVAL_BATCH, dataset.mean, dataset.std):
+    for x, y in data_mod.eval_batches(images[part], labels[part], policy.eval_batch, dataset.mean, dataset.std):
         with policy.autocast():
             logits = logits_fn(policy.inputs(x))
         correct += (logits.argmax(1) == y).sum()
-    return 100.0 * correct.item() / max(labels.shape[0], 1)
+    if shared:
+        correct = dist.sum_over_ranks([correct])[0]
+    return 100.0 * float(correct) / max(n, 1)

@@ -27,7 +27,7 @@ from desupcon.engine.finite import NonFiniteLossError, with_kept_state
 from desupcon.engine.run import Run
 from desupcon.engine.step import train_step, views_the_teacher_sees
 from desupcon.models import Teacher
-from desupcon.store.checkpoint import atomic_torch_save, load_partial
+from desupcon.store.checkpoint import BackgroundCheckpointWriter, load_partial
 from desupcon.store.paths import OutputPaths
 from desupcon.store.records import save_log
 
@@ -63,8 +63,9 @@ def train_group(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teache
             if state is not None:
                 run.load_training_state(state, generator)
                 log.info(f"[{run.name}] resuming after epoch {run.epoch}")
-        done, failed = _train_lockstep([r for r, _ in members], dataset, teacher, generator, paths,
-                                       save_every)
+        with BackgroundCheckpointWriter() as writer:  # every epoch checkpoint on disk when it closes
+            done, failed = _train_lockstep([r for r, _ in members], dataset, teacher, generator, paths,
+                                           writer, save_every)
         finished += done
         failures += failed
     for run in runs:
@@ -74,10 +75,11 @@ def train_group(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teache
 
 
 def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teacher | None,
-                    generator: torch.Generator, paths: OutputPaths, save_every: int = 1
-                    ) -> tuple[list[Run], list[NonFiniteLossError]]:
+                    generator: torch.Generator, paths: OutputPaths, writer: BackgroundCheckpointWriter,
+                    save_every: int = 1) -> tuple[list[Run], list[NonFiniteLossError]]:
     """Train `runs` over the same batches to their last epoch, writing logs and epoch checkpoints
-    (every `save_every` epochs; not fsync'd: the final checkpoint is).
+    (every `save_every` epochs, by `writer` in the background while the next epoch trains; not
+    fsync'd: the final checkpoint is).
 
     A run whose loss, gradients or weights become non-finite stops there (its last good epoch
     checkpoint stays on disk); the others go on. Returns (finished runs, errors of stopped runs).
@@ -126,8 +128,7 @@ def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Te
                 if run.tracker is not None:
                     run.tracker.epoch(entry)
                 if epoch < epochs and (epoch % save_every == 0):
-                    atomic_torch_save(paths.partial_checkpoint(run.name), run.training_state(generator),
-                                      durable=False)
+                    writer.save(paths.partial_checkpoint(run.name), run.training_state(generator))
                 log.info(summary_line(run.name, entry, epochs))
     return active, failures
 

@@ -168,7 +168,7 @@ class Run:
         for module in self.modules:
             module.eval()
         test_acc = evaluate_accuracy(lambda x: self.model(x)[2], dataset.test_images,
-                                     dataset.test_labels, dataset, self.policy)
+                                     dataset.test_labels, dataset, self.policy, shared=True)
         seen = seen.item()
         entry = {"epoch": self.epoch, "loss": total.item() / seen,
                  "losses": {k: v.item() / seen for k, v in zip(self._loss_sums, loss_sums)},

@@ -214,6 +214,61 @@ def atomic_torch_save(path: str | Path, obj, durable: bool = True) -> None:
     atomic_write_bytes(path, buffer.getvalue(), durable=durable)
 
 
+def host_copy(obj):
+    """`obj` with every tensor copied to host memory (a snapshot: training may change the originals
+    in place right after)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundCheckpointWriter:
+    """Epoch checkpoints written by one background thread while training goes on: `save` takes a
+    host snapshot (the only part that waits for the device) and queues the write; writes land in
+    the order they were queued, each atomic. `flush` waits for them and raises the first failure;
+    call it before anything reads, replaces or removes those files (the loop flushes when its
+    epochs end, on success or failure)."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="desupcon-checkpoint")
+        self._pending = []
+
+    def save(self, path: str | Path, obj, durable: bool = False) -> None:
+        snapshot = host_copy(obj)
+        # the module's function looked up at write time (tests replace it to kill mid-run)
+        self._pending.append(self._pool.submit(lambda: atomic_torch_save(path, snapshot, durable=durable)))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        errors = [e for e in errors if e is not None]
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # already failing: write what is queued, and let the first error be the one raised
+            self.close()
+        except Exception as write_error:
+            log.warning(f"an epoch checkpoint could not be written: {write_error}")
+
+
 def read_json(path: str | Path):
     """Parse a JSON file; a corrupted one is a `CheckpointError` naming it (never silently replaced)."""
     path = Path(path)
