@@ -2,10 +2,11 @@
 trained one after another.
 
 Prints the cost of one teacher forward against one student step, then the seconds of 4 runs
-(LW-SupCRD alpha 1, 2, 5 and CRD) trained through `train_students` one after another and
-together in lockstep (checkpoints written, a test evaluation at the end), their ratio, the ideal
-ratio implied by the per-step costs, and whether the final weights of both ways are identical
-(torch.equal on every tensor of the student and teacher head).
+(LW-SupCRD alpha 1, 2, 5 and CRD) trained through `train_students` one after another, together
+in lockstep, and in fused lockstep (`--fused-lockstep`: the four students as one vmapped model;
+checkpoints written, a test evaluation at the end), their ratios, the ideal lockstep ratio
+implied by the per-step costs, whether lockstep's final weights equal the solo runs' (torch.equal
+on every tensor of the student and teacher head) and the largest difference of fused lockstep's.
 
     python benchmarks/bench_lockstep.py [--teacher-arch resnet32x4 --student-arch resnet8x4]
 """
@@ -92,15 +93,18 @@ def main() -> None:
         for i, c in enumerate(cfgs):
             if i == 2:
                 lockstep, lock_results = train_group(cfgs, "lockstep")
+                fused, fused_results = train_group([c.replace(fused_lockstep=True) for c in cfgs], "fused")
             seconds, res = train_group([c], f"solo{i}")
             solo_seconds.append(seconds)
             solo_results += res
-        identical = True
-        for a, b in zip(solo_results, lock_results):
-            sa, sb = torch.load(a.checkpoint, weights_only=True), torch.load(b.checkpoint, weights_only=True)
+        identical, fused_diff = True, 0.0
+        for a, b, f in zip(solo_results, lock_results, fused_results):
+            sa, sb, sf = (torch.load(r.checkpoint, weights_only=True) for r in (a, b, f))
             for part in ("student", "teacher_head"):
                 for key in sa[part]:
                     identical &= torch.equal(sa[part][key], sb[part][key])
+                    if sa[part][key].is_floating_point():
+                        fused_diff = max(fused_diff, float((sa[part][key] - sf[part][key]).abs().max()))
     sequential = sum(solo_seconds)
     ratio = lockstep / sequential
     print(f"setting: {args.teacher_arch} teacher -> {len(cfgs)} x {args.student_arch} students (lw-supcrd "
@@ -111,11 +115,13 @@ def main() -> None:
     print(table(["", "seconds", "ratio"],
                 [[f"{len(cfgs)} runs one after another (" + " + ".join(f"{x:.1f}" for x in solo_seconds) + ")",
                   f"{sequential:.1f}", "1.00"],
-                 [f"{len(cfgs)} runs in lockstep", f"{lockstep:.1f}", f"{ratio:.2f}"]]))
+                 [f"{len(cfgs)} runs in lockstep", f"{lockstep:.1f}", f"{ratio:.2f}"],
+                 [f"{len(cfgs)} runs in fused lockstep", f"{fused:.1f}", f"{fused / sequential:.2f}"]]))
     n = len(cfgs)
     ideal = (t_cost + n * s_cost) / (n * (t_cost + s_cost))
     print(f"lockstep / sequential = {ratio:.2f} (from the per-step costs above the ideal is {ideal:.2f}); "
-          f"final weights (student + teacher head) identical: {'yes' if identical else 'NO'}")
+          f"final weights (student + teacher head) identical: {'yes' if identical else 'NO'}; fused lockstep's "
+          f"largest difference from the solo weights {fused_diff:.2e}")
     footer(began)
 
 

@@ -13,7 +13,7 @@ import traceback
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from desupcon import session as pipeline
-from desupcon.config import config_json, HUB_TEACHER, method_names, preset, PRESET_HELP, PRESETS, run_name, RunConfig
+from desupcon.config import config_json, method_names, preset, PRESET_HELP, PRESETS, run_name, RunConfig
 from desupcon.config.settings import flagged, switches
 from desupcon.config.validation import checked_config_dict, ConfigError, validate_config
 from desupcon.engine.devices import PRECISIONS
@@ -53,6 +53,9 @@ def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) ->
                    help="retrain (or re-probe) the teacher even when cached")
     p.add_argument("--no-resume", action="store_true", help="ignore epoch checkpoints, start over")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (GPU)")
+    p.add_argument("--fused-lockstep", action="store_true",
+                   help="train the students of one architecture in a lockstep group as one batched model "
+                        "(torch.func.vmap; one process, not with --compile); the same mathematics as solo runs")
     p.add_argument("--print-config", action="store_true",
                    help="print the fully resolved configuration(s) as JSON and exit")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -176,6 +179,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         cfg = cfg.with_method(method)  # the method's own defaults (SPEC 13), then every flag given
     cfg = cfg.replace(**changes)
     return cfg.replace(device=args.device, output_dir=str(args.output_dir), compile=args.compile,
+                       fused_lockstep=getattr(args, "fused_lockstep", False),
                        precision=getattr(args, "precision", "auto"),
                        deterministic=getattr(args, "deterministic", False),
                        save_every=getattr(args, "save_every", 1),

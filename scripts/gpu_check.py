@@ -1,6 +1,6 @@
 """Short `paper`-shaped runs on a GPU (ResNet-50 -> ResNet-18, 32x32, 100 classes, synthetic data):
-eager and with --compile, and one lockstep group; prints images/s, seconds per epoch and peak GPU
-memory as a table. Run through scripts/gpu_check.sh on a machine with CUDA."""
+eager and with --compile, and one lockstep group (the Python loop, then --fused-lockstep); prints
+images/s, seconds per epoch and peak GPU memory as a table. Run through scripts/gpu_check.sh on a machine with CUDA."""
 
 from __future__ import annotations
 
@@ -72,6 +72,10 @@ def main() -> None:
         # alpha 1.0 is the eager run above, which `force` retrains only once per session
         group = [lw.replace(method={"alpha": a}) for a in (0.5, 2.0, 5.0, 10.0)]
         rows.append(measure("alpha sweep, 4 in lockstep", session, group, args.train_images))
+        fused = Session(lw.replace(fused_lockstep=True), analyze=False)
+        fused._dataset, fused._teacher = session._dataset, session._teacher
+        rows.append(measure("alpha sweep, 4 in fused lockstep", fused,
+                            [c.replace(fused_lockstep=True) for c in group], args.train_images))
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from desupcon import data as data_mod
 from desupcon.engine import distributed as dist
+from desupcon.engine.fused import FusedStudents, fusable_groups
 from desupcon.engine.finite import NonFiniteLossError, with_kept_state
 from desupcon.engine.run import Run
 from desupcon.engine.step import train_step, views_the_teacher_sees
@@ -111,10 +112,16 @@ def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Te
         batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels, batch_size,
                                          augment, generator, drop_last=o.drop_last, views=data_views,
                                          shard=(rank, world))
-        for indices, view1, view2, labels in tqdm(batches, total=n_steps, leave=False,
-                                                  desc=f"{label} {epoch}/{epochs}",
-                                                  **({"disable": True} if rank else {})):
-            train_step(active, (indices, view1, view2, labels), teacher, policy, teacher_views)
+        # fused lockstep (--fused-lockstep): each architecture's students as one batched model
+        fused = [FusedStudents(g) for g in fusable_groups(active)] if first.cfg.fused_lockstep else []
+        try:
+            for indices, view1, view2, labels in tqdm(batches, total=n_steps, leave=False,
+                                                      desc=f"{label} {epoch}/{epochs}",
+                                                      **({"disable": True} if rank else {})):
+                train_step(active, (indices, view1, view2, labels), teacher, policy, teacher_views, fused)
+        finally:
+            for group in fused:
+                group.release()
         seconds = time.perf_counter() - started
         group = (seconds, len(active)) if len(runs) > 1 else None
         for run in list(active):

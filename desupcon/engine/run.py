@@ -88,13 +88,33 @@ class Run:
 
     def step(self, indices: torch.Tensor, view1: torch.Tensor, views: torch.Tensor | None,
              labels: torch.Tensor, teacher_out: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """One training step: forward, losses, backward, optimiser (`train_step` splits these
+        phases when students are fused)."""
+        outputs, losses, total = self.losses_of(self.forward(view1, views), indices, labels, teacher_out)
+        self.zero_grad()
+        self.scaler.scale(total).backward()
+        self.finish_step(outputs, losses, total, labels)
+
+    def model_kwargs(self) -> dict:
+        """The keywords of this run's model call."""
+        return {"detach_classifier": self.method.online_classifier,
+                **({"feature_map": True} if self.method.needs_feature_maps else {})}
+
+    def model_input(self, view1: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
+        return views if self.method.views == 2 else view1
+
+    def forward(self, view1: torch.Tensor, views: torch.Tensor | None) -> tuple:
+        with self.policy.autocast():
+            return self.forward_model(self.model_input(view1, views), **self.model_kwargs())
+
+    def losses_of(self, student_out: tuple, indices: torch.Tensor, labels: torch.Tensor,
+                  teacher_out: tuple[torch.Tensor, torch.Tensor] | None
+                  ) -> tuple[StepOutputs, dict[str, torch.Tensor], torch.Tensor]:
+        """The method's losses (float32) on the model's outputs: (outputs, losses, total)."""
         policy, method = self.policy, self.method
         batch = labels.shape[0]
         two_views = method.views == 2
-        maps = {"feature_map": True} if method.needs_feature_maps else {}
-        with policy.autocast():
-            s_features, s_proj, s_logits, *s_map = self.forward_model(
-                views if two_views else view1, detach_classifier=method.online_classifier, **maps)
+        s_features, s_proj, s_logits, *s_map = student_out
         step_labels = torch.cat([labels, labels]) if two_views else labels
         outputs = StepOutputs(step_labels, s_proj.float(), s_logits.float(), epoch=self.epoch + 1,
                               indices=indices, classifier_labels=labels, student_features=s_features.float(),
@@ -119,10 +139,18 @@ class Run:
                 written_only=self.cfg.method.bank_mode == "class-aware")
         with policy.full_precision():
             losses = method.losses(outputs)
-        total = sum(losses.values())
-        self._steps += 1
+        self._step_logits = s_logits[:batch]
+        return outputs, losses, sum(losses.values())
+
+    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
+
+    def finish_step(self, outputs: StepOutputs, losses: dict[str, torch.Tensor], total: torch.Tensor,
+                    labels: torch.Tensor) -> None:
+        """After the backward: gradients averaged over processes, clipped and checked, the
+        optimiser's step, the bank's update and the epoch's sums."""
+        batch = labels.shape[0]
+        self._steps += 1
         dist.average_gradients([m for m in self.modules if m is not self.model])  # DDP does the model's
         self.scaler.unscale_(self.optimizer)
         if self.optim.grad_clip is not None:
@@ -141,12 +169,13 @@ class Run:
         if self.bank is not None:
             self.bank.update(torch.cat([outputs.indices, outputs.indices]),
                              outputs.teacher_projection.detach())
-        method.after_step(outputs)
+        self.method.after_step(outputs)
         for key, value in losses.items():
             self._loss_sums[key] = self._loss_sums.get(key, 0) + value.detach() * batch
         self._total += total.detach() * batch
-        self._correct += (s_logits[:batch].argmax(1) == labels).sum()
+        self._correct += (self._step_logits.argmax(1) == labels).sum()
         self._seen += batch
+        self._step_logits = None
 
     def finish_epoch(self, dataset: data_mod.ImageDataset, seconds: float | None = None,
                      group: tuple[float, int] | None = None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from desupcon.engine.fused import FusedStudents
 from desupcon.engine.run import Run
 from desupcon.models import Teacher
 
@@ -15,11 +16,14 @@ def views_the_teacher_sees(runs: list[Run]) -> int:
 
 
 def train_step(runs: list[Run], batch: tuple, teacher: Teacher | None, policy,
-               teacher_views: int | None = None) -> None:
+               teacher_views: int | None = None, fused: list[FusedStudents] = ()) -> None:
     """One training step of `runs` on one batch `(indices, view1, view2 or None, labels)` of
     `data.epoch_batches`: the inputs moved by the device policy, one teacher forward shared by
     every run that uses the teacher, then each run's step. The loop's body; benchmarks and tests
-    call it rather than a copy."""
+    call it rather than a copy.
+
+    The runs of each `fused` group (`engine.fused`) are computed together: one batched forward,
+    each run's losses, one backward over their sum, then each run's optimiser step."""
     indices, view1, view2, labels = batch
     view1 = policy.inputs(view1)
     views = policy.inputs(torch.cat([view1, view2])) if view2 is not None else None
@@ -29,5 +33,18 @@ def train_step(runs: list[Run], batch: tuple, teacher: Teacher | None, policy,
         teacher_out = teacher.features_and_logits(
             views if teacher_views == 2 and views is not None else view1, policy,
             feature_map=any(r.method.needs_feature_maps for r in runs))
+    fused_runs = {id(r) for group in fused for r in group.runs}
+    for group in fused:
+        first = group.runs[0]
+        with policy.autocast():
+            outs = group.forward(first.model_input(view1, views), **first.model_kwargs())
+        steps = [run.losses_of(out, indices, labels, teacher_out) for run, out in zip(group.runs, outs)]
+        for run in group.runs:
+            run.zero_grad()
+        sum(run.scaler.scale(total) for run, (_, _, total) in zip(group.runs, steps)).backward()
+        group.hand_gradients_to_runs()
+        for run, (outputs, losses, total) in zip(group.runs, steps):
+            run.finish_step(outputs, losses, total, labels)
     for run in runs:
-        run.step(indices, view1, views, labels, teacher_out)
+        if id(run) not in fused_runs:
+            run.step(indices, view1, views, labels, teacher_out)
