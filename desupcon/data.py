@@ -628,9 +628,11 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
 
     With `views=1` (teacher training, probes) view2 is None and not computed.
     The order and the augmentation parameters come from the CPU `generator`, so the same seed
-    yields the same batches on any device. A dataset smaller than one batch gives one batch.
-    Batches are computed on the device of the normalisation statistics (`augment.mean`); images
-    kept on the host (too large for the GPU) are copied there batch by batch.
+    yields the same batches on any device. They are drawn for the whole epoch before the first
+    batch, in the order the batches use them (the same draws as batch by batch), and reach the
+    device in one copy each rather than several copies per step. A dataset smaller than one batch
+    gives one batch. Batches are computed on the device of the normalisation statistics
+    (`augment.mean`); images kept on the host (too large for the GPU) are copied there batch by batch.
 
     `shard=(rank, world)`: this process's contiguous slice of every global batch (several GPUs).
     Every rank draws the global batch's order and augmentation parameters, so the slices together
@@ -641,6 +643,7 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
     rank, world = shard
     order = torch.randperm(n, generator=generator)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
+    plan: list[tuple[torch.Tensor, list[AugmentParams]]] = []
     for start in range(0, stop, batch_size):
         idx = order[start:start + batch_size]
         params = [augment.sample_params(idx.shape[0], generator) for _ in range(views)]
@@ -649,13 +652,24 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
             if per_rank == 0:
                 continue
             part = slice(rank * per_rank, (rank + 1) * per_rank)
-            idx = idx[part]
-            params = [p.slice(part) for p in params]
-        idx_src = to_device(idx, images.device)
-        batch = to_device(images[idx_src], device)
-        view1 = augment.apply(batch, params[0])
-        view2 = augment.apply(batch, params[1]) if views == 2 else None
-        yield idx, view1, view2, to_device(labels[idx_src], device)
+            idx, params = idx[part], [p.slice(part) for p in params]
+        plan.append((idx, params))
+    if not plan:
+        return
+    indices = torch.cat([idx for idx, _ in plan])
+    on_images = to_device(indices, images.device)  # gathers images and labels where they live
+    epoch_labels = to_device(labels[on_images], device)
+    epoch_params = [AugmentParams(*(to_device(torch.cat([getattr(p[v], key) for _, p in plan]), device)
+                                    for key in ("offsets", "flip", "jitter")))
+                    for v in range(views)]
+    start = 0
+    for idx, _ in plan:
+        rows = slice(start, start + idx.shape[0])
+        start = rows.stop
+        batch = to_device(images[on_images[rows]], device)
+        view1 = augment.apply(batch, epoch_params[0].slice(rows))
+        view2 = augment.apply(batch, epoch_params[1].slice(rows)) if views == 2 else None
+        yield idx, view1, view2, epoch_labels[rows]
 
 
 def batches_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:

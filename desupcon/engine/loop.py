@@ -64,9 +64,7 @@ def train_group(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teache
             if state is not None:
                 run.load_training_state(state, generator)
                 log.info(f"[{run.name}] resuming after epoch {run.epoch}")
-        with BackgroundCheckpointWriter() as writer:  # every epoch checkpoint on disk when it closes
-            done, failed = _train_lockstep([r for r, _ in members], dataset, teacher, generator, paths,
-                                           writer, save_every)
+        done, failed = _train_lockstep([r for r, _ in members], dataset, teacher, generator, paths, save_every)
         finished += done
         failures += failed
     for run in runs:
@@ -76,11 +74,19 @@ def train_group(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teache
 
 
 def _train_lockstep(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teacher | None,
-                    generator: torch.Generator, paths: OutputPaths, writer: BackgroundCheckpointWriter,
-                    save_every: int = 1) -> tuple[list[Run], list[NonFiniteLossError]]:
+                    generator: torch.Generator, paths: OutputPaths, save_every: int = 1
+                    ) -> tuple[list[Run], list[NonFiniteLossError]]:
     """Train `runs` over the same batches to their last epoch, writing logs and epoch checkpoints
-    (every `save_every` epochs, by `writer` in the background while the next epoch trains; not
-    fsync'd: the final checkpoint is).
+    (every `save_every` epochs, in the background while the next epoch trains; not fsync'd: the
+    final checkpoint is). Every epoch checkpoint is on disk when this returns or raises."""
+    with BackgroundCheckpointWriter() as writer:
+        return _train_epochs(runs, dataset, teacher, generator, paths, writer, save_every)
+
+
+def _train_epochs(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teacher | None,
+                  generator: torch.Generator, paths: OutputPaths, writer: BackgroundCheckpointWriter,
+                  save_every: int) -> tuple[list[Run], list[NonFiniteLossError]]:
+    """The epochs of `_train_lockstep`, epoch checkpoints queued on `writer`.
 
     A run whose loss, gradients or weights become non-finite stops there (its last good epoch
     checkpoint stays on disk); the others go on. Returns (finished runs, errors of stopped runs).
