@@ -14,7 +14,12 @@ uint8 tensors (100 classes): the timing does not depend on their content. On a G
 On the CPU the same script runs for development: "kernels" are then the operators torch.profiler
 records, device time is wall time and memory the process's peak resident size.
 
+With `--students N` the step is a lockstep group's: N students (seeds 0..N-1) on the shared
+batch and teacher forward, as the training loop's Python loop over them or, with `--fused`, as one
+vmapped model (`--fused-lockstep`); images/s then counts every student's images.
+
     python benchmarks/bench_gpu_step.py --device cuda --batch-size 128 --steps 50
+    python benchmarks/bench_gpu_step.py --device cuda --students 8 [--fused]
     python benchmarks/bench_gpu_step.py --device cpu --preset quick --batch-size 32 --steps 5
 """
 
@@ -32,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import PeakRSS, banner, make_teacher, sync, table
 from desupcon import data as data_mod
 from desupcon.engine.build import make_student_run
+from desupcon.engine.fused import FusedStudents, fusable_groups
 from desupcon.engine.step import train_step
 from desupcon.config import preset
 from desupcon.engine.devices import DevicePolicy, select_device
@@ -58,6 +64,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--students", type=int, default=1, help="students in one lockstep group")
+    p.add_argument("--fused", action="store_true", help="the group's students as one vmapped model")
     args = p.parse_args()
 
     policy = DevicePolicy.choose(select_device(args.device), args.precision)
@@ -72,26 +80,32 @@ def main() -> None:
                               "student_arch": args.student_arch or base.model.student_arch},
                        optim={"batch_size": args.batch_size, "epochs": 1}, device=str(device))
     cfg = cfg.with_method(args.method)
+    group = f", {args.students} students in lockstep" + (" (fused)" if args.fused else "") if args.students > 1 else ""
     banner(f"one {args.preset} step: {cfg.model.teacher_arch} -> {cfg.model.student_arch}, {args.method}, "
-           f"batch {args.batch_size}", policy)
+           f"batch {args.batch_size}{group}", policy)
     teacher = make_teacher(cfg.model.teacher_arch, args.classes, policy)
-    run = make_student_run(cfg, dataset, teacher, policy)
-    run.start_epoch()
+    runs = [make_student_run(cfg.replace(optim={"seed": k}), dataset, teacher, policy) for k in range(args.students)]
+    for run in runs:
+        run.start_epoch()
+    fused = [FusedStudents(g) for g in fusable_groups(runs)] if args.fused else []
+    if args.fused and not fused:
+        raise SystemExit("--fused: these students cannot be fused (see engine/fused.fusable)")
     augment = data_mod.TwoViewAugment.for_size(dataset.mean, dataset.std, dataset.image_size)
     batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels, args.batch_size, augment,
-                                     torch.Generator().manual_seed(0), views=run.data_views)
+                                     torch.Generator().manual_seed(0), views=runs[0].data_views)
 
     def step():
-        train_step([run], next(batches), teacher, policy)
+        train_step(runs, next(batches), teacher, policy, fused=fused)
 
     for _ in range(args.warmup):
         step()
     sync(device)
 
-    # FLOPs of one step (counted, not timed)
+    # FLOPs of one step (counted, not timed), on the unfused step: the same arithmetic, and
+    # FlopCounterMode counts a grouped convolution's backward (vmap's form) twice over
     counter = FlopCounterMode(display=False)
     with counter:
-        step()
+        train_step(runs, next(batches), teacher, policy)
     flops = counter.get_total_flops()
     sync(device)
 
@@ -131,7 +145,7 @@ def main() -> None:
              f"{launches_per_step:.0f}"],
             ["host time per step (ms, median)", f"{host_ms:.2f}"],
             ["device time per step (ms, median)", f"{device_ms:.2f}"],
-            ["images/s (device time)", f"{args.batch_size / (device_ms / 1000):.0f}"],
+            ["images/s (device time, every student's)", f"{args.students * args.batch_size / (device_ms / 1000):.0f}"],
             ["peak memory (MB)" if cuda else "peak resident memory above the start (MB)", f"{peak_mb:.0f}"],
             ["FLOPs per step (counted)", f"{flops / 1e9:.1f} G"],
             ["achieved TFLOP/s", f"{flops / (device_ms / 1000) / 1e12:.3f}"]]
