@@ -120,6 +120,10 @@ def _train_epochs(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teac
                                          shard=(rank, world))
         # fused lockstep (--fused-lockstep): each architecture's students as one batched model
         fused = [FusedStudents(g) for g in fusable_groups(active)] if first.cfg.fused_lockstep else []
+        if first.cfg.fused_lockstep and len(active) > 1 and epoch == first.epoch + 1:
+            sizes = ", ".join(str(len(g.runs)) for g in fused) or "none"
+            log.info(f"[{label}] fused lockstep: groups of {sizes} students computed as one model "
+                     "(the others step alone: see engine/fused.fusable)")
         try:
             for indices, view1, view2, labels in tqdm(batches, total=n_steps, leave=False,
                                                       desc=f"{label} {epoch}/{epochs}",
