@@ -135,6 +135,8 @@ def _finish(teacher: Teacher, metrics: dict, policy) -> tuple[Teacher, dict]:
     if policy.fold_teacher_batchnorm:  # (a fixed example: the global random generators stay untouched)
         example = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         teacher.fold_batchnorm(policy.inputs(example.to(policy.device)))
+    if policy.cast_teacher_weights and policy.autocast_dtype is not None:
+        teacher.cast_weights_once(policy.autocast_dtype)
     return teacher, metrics
 
 

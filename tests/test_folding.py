@@ -89,3 +89,38 @@ def test_no_fold_where_the_convolution_output_is_used_again():
     model = _random_statistics(SharedOutput())
     folded, count = fold_batchnorm(model, lambda m, x: m(x), torch.randn(2, 3, 8, 8))
     assert count == 0 and folded is model
+
+
+def _cast_calls(teacher, x) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            teacher(x)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_weights_cast_once_give_autocasts_outputs_without_its_casts(fold):
+    """bf16 weights kept (cast once): under bf16 autocast the same features and logits bit for bit
+    as autocast casting them on every call, and one cast fewer per weight; outside that autocast
+    region the float32 encoder runs; the saved state stays float32."""
+    torch.manual_seed(0)
+    teacher = Teacher(_random_statistics(build_encoder("resnet8", 10))).eval()
+    if fold:
+        teacher.fold_batchnorm(torch.randn(2, 3, 32, 32))
+    x = torch.randn(8, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features, logits = teacher(x)
+    casts_before = _cast_calls(teacher, x)
+    cast = teacher.cast_weights_once(torch.bfloat16)
+    convolutions = sum(isinstance(m, nn.Conv2d) for m in teacher.encoder.modules())
+    assert cast == convolutions > 0  # resnet8's convolutions (its one Linear, the classifier, stays float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features_cast, logits_cast = teacher(x)
+    assert torch.equal(features_cast, features) and torch.equal(logits_cast, logits)
+    assert logits_cast.dtype == torch.float32
+    assert _cast_calls(teacher, x) <= casts_before - cast
+    # float32 call (and fp16 autocast): the encoder itself, in float32
+    f32_features, f32_logits = teacher(x)
+    assert f32_features.dtype == torch.float32 and teacher._inference_encoder(x) is teacher.encoder
+    assert all(v.dtype == torch.float32 for v in teacher.state_dict().values() if v.is_floating_point())

@@ -68,6 +68,9 @@ class DevicePolicy:
     # the frozen teacher's BatchNorms folded into its convolutions (the same function, fewer
     # kernels; measured no slower on the CPU for every zoo family, README)
     fold_teacher_batchnorm: bool = True
+    # the frozen teacher's convolution weights kept in the autocast dtype (cast once, not on every
+    # forward: the same values, one kernel less per weight per forward)
+    cast_teacher_weights: bool = True
     # test images per forward pass of the per-epoch evaluation: large on a GPU (fewer launches,
     # off the training's critical path sooner), moderate on the CPU (cache-sized)
     eval_batch: int = 512
@@ -95,6 +98,11 @@ class DevicePolicy:
         if self.deterministic:
             torch.backends.cudnn.deterministic = True
             torch.use_deterministic_algorithms(True, warn_only=True)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """bf16 or fp16 under those precisions, None in float32."""
+        return _DTYPES.get(self.precision)
 
     def autocast(self):
         if self.precision == "fp32":

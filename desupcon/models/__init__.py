@@ -7,6 +7,7 @@ checkpoints load directly.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Callable
 
@@ -214,13 +215,38 @@ class Teacher(nn.Module):
         itself (saved, fingerprinted) stays as it is. Returns the number of BatchNorms folded."""
         folded, count = fold_batchnorm(self.encoder, _features_and_logits, example)
         self.__dict__["inference_encoder"] = folded if count else None  # not a submodule: not saved
+        self.__dict__["inference_dtype"] = None
+        return count
+
+    def cast_weights_once(self, dtype: torch.dtype) -> int:
+        """Keep the convolution and linear weights of the encoder copy every later forward runs on
+        in `dtype`, the policy's autocast dtype: autocast re-casts a weight that needs no gradient
+        on every call (its cast cache holds only weights that do), one kernel per weight per
+        forward; cast once, they are the same values. BatchNorms stay float32, and the logits come
+        from the float32 classifier of the encoder itself. That copy runs only inside an autocast
+        region of `dtype`; elsewhere the encoder itself does. Returns the number of modules cast."""
+        inference = self.__dict__.get("inference_encoder")
+        if inference is None:
+            inference = copy.deepcopy(self.encoder)
+        count = 0
+        for module in inference.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module is not inference.fc:
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
+                count += 1
+        self.__dict__["inference_encoder"] = inference
+        self.__dict__["inference_dtype"] = dtype if count else None
         return count
 
     def _inference_encoder(self, x: torch.Tensor) -> nn.Module:
-        folded = self.__dict__.get("inference_encoder")
-        if folded is None or folded.fc.weight.device != x.device:  # (moved since: the encoder itself)
+        inference = self.__dict__.get("inference_encoder")
+        if inference is None or inference.fc.weight.device != x.device:  # (moved since: the encoder itself)
             return self.encoder
-        return folded
+        dtype = self.__dict__.get("inference_dtype")
+        if dtype is not None and not (torch.is_autocast_enabled(x.device.type)
+                                      and torch.get_autocast_dtype(x.device.type) == dtype):
+            return self.encoder  # weights cast for an autocast region that is not this one
+        return inference
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, feature_map: bool = False):
