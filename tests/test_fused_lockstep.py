@@ -110,3 +110,40 @@ def test_fused_lockstep_session_equals_solo_training(tmp_path, tiny_config, monk
     # checkpoints hold each run's own weights only (no stacked storage saved)
     for name, size in sizes[False].items():
         assert abs(sizes[True][name] - size) < 2048, name
+
+
+class Crash(KeyboardInterrupt):
+    pass
+
+
+def test_a_fused_group_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, tiny_config, monkeypatch,
+                                                                             caplog):
+    from desupcon.engine.run import Run
+
+    def configs(root):
+        base = tiny_config(root, epochs=3).replace(fused_lockstep=True)
+        return [base.with_method("lw-supcrd").replace(method={"alpha": a, "bank_size": 32}) for a in (0.5, 2.0)]
+
+    full = Session(configs(tmp_path / "a")[0], analyze=False).run_many(configs(tmp_path / "a"))
+    real = Run.losses_of
+
+    def crashing(self, *args, **kwargs):
+        if self.epoch + 1 == 2 and self._steps + 1 == 3 and self.cfg.method.alpha == 2.0:
+            raise Crash()  # in the middle of the fused step: the first run's losses are computed
+        return real(self, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(Run, "losses_of", crashing)
+        with pytest.raises(Crash):
+            Session(configs(tmp_path / "b")[0], analyze=False).run_many(configs(tmp_path / "b"))
+    partial = sorted((tmp_path / "b" / "pth_models" / "in_progress").glob("student_*.pth"))
+    assert len(partial) == 2 and all(load_checkpoint(p, "in_progress")["epoch"] == 1 for p in partial)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="desupcon"):
+        resumed = Session(configs(tmp_path / "b")[0], analyze=False).run_many(configs(tmp_path / "b"))
+    assert sum("resuming after epoch 1" in r.getMessage() for r in caplog.records) == 2
+    assert any("fused lockstep: groups of 2 students" in r.getMessage() for r in caplog.records)
+    for a, b in zip(full, resumed):
+        ca, cb = load_checkpoint(a.checkpoint), load_checkpoint(b.checkpoint)
+        for part in ("student", "teacher_head"):
+            assert all(torch.equal(ca[part][k], cb[part][k]) for k in ca[part]), f"{a.name} {part}"
+        assert [e["loss"] for e in ca["log"]] == [e["loss"] for e in cb["log"]]
