@@ -31,3 +31,36 @@ def test_compile_trains(tmp_path, tiny_config):
     from desupcon.session import Session
     cfg = tiny_config(tmp_path, epochs=1).replace(device="cuda", compile=True)
     assert Session(cfg, analyze=False).run(cfg.replace(method={"method": "crd"})).metrics["test_acc"] >= 0
+
+
+def test_fused_lockstep_on_the_gpu_trains_like_solo_runs(tmp_path, tiny_config):
+    """The GPU policy's channels_last weights, fused optimiser and autocast under fused lockstep:
+    the weights after 2 epochs stay close to the solo runs' (bf16 tolerance)."""
+    from desupcon.session import Session
+    from desupcon.store.checkpoint import load_checkpoint
+    weights = {}
+    for fused in (False, True):
+        base = tiny_config(tmp_path / str(fused), epochs=2).replace(device="cuda", fused_lockstep=fused,
+                                                                    optim={"optimizer": "sgd", "lr": 0.02})
+        cfgs = [base.with_method("lw-supcrd").replace(method={"alpha": a}) for a in (0.5, 2.0)]
+        weights[fused] = [load_checkpoint(r.checkpoint)["student"]
+                          for r in Session(base, analyze=False).run_many(cfgs)]
+    for solo, fused in zip(weights[False], weights[True]):
+        for key, value in solo.items():
+            if value.is_floating_point():
+                scale = value.abs().max().item() + 1e-6
+                assert (fused[key] - value).abs().max().item() <= 0.05 * scale, key
+
+
+def test_teacher_weights_cast_once_on_the_gpu_give_autocasts_outputs():
+    from desupcon.models import Teacher, build_encoder
+    policy = DevicePolicy.choose("cuda")
+    torch.manual_seed(0)
+    teacher = policy.prepare(Teacher(build_encoder("resnet8", 10))).eval()
+    teacher.fold_batchnorm(policy.inputs(torch.randn(2, 3, 32, 32, device="cuda")))
+    x = policy.inputs(torch.randn(8, 3, 32, 32, device="cuda"))
+    before = teacher.features_and_logits(x, policy)
+    assert teacher.cast_weights_once(policy.autocast_dtype) > 0
+    after = teacher.features_and_logits(x, policy)
+    assert all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3) for a, b in zip(after, before))
+    assert after[1].dtype == torch.float32
