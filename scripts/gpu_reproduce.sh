@@ -3,7 +3,7 @@
 #   1. the ResNet-50 teacher trained with cross-entropy (and its projection head probed),
 #   2. one `paper` LW-SupCRD ResNet-18 student and one cross-entropy student on it,
 #   3. a table of every run: last-epoch test accuracy, best epoch apart, seconds per epoch.
-# Sized for about 10 minutes on an H100 with the 150-per-class subset (README, "GPU sessions").
+# Sized (an estimate from earlier H100 figures) for about 5-10 minutes with the 150-per-class subset.
 #
 # The data, an npz folder, is either a subset carried in the checkout
 #     python desupcon.py data subset npz:../shared/data/cifar100 carry/cifar100-150 \
