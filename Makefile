@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup quickstart test bench cifar100-demo clean-outputs
+.PHONY: setup quickstart test bench cifar100-demo gpu-subset clean-outputs
 
 $(PY): requirements.txt pyproject.toml
 	./scripts/setup.sh
@@ -35,6 +35,11 @@ cifar100-demo: $(PY)
 	$(PY) scripts/cpu_comparison.py --group published --data $(CIFAR100) --data-root $(DATA_ROOT) \
 		--teacher-train-images 10000 --teacher-epochs 3 --train-images 2000 --test-images 1000 \
 		--epochs 4 --seeds 0 --bank-size 1024 --output-dir runs/cifar100_demo
+
+# The CIFAR-100 subset that travels to a lent GPU (150 + 50 images per class, 53.6 MiB) for
+# scripts/gpu_reproduce.sh; carry/ travels with the checkout and is never committed.
+gpu-subset: $(PY)
+	$(PY) desupcon.py data subset $(CIFAR100) carry/cifar100-150 --train-per-class 150 --test-per-class 50 --overwrite
 
 clean-outputs:
 	rm -rf pth_models json_results plots
