@@ -102,6 +102,7 @@ def _train_epochs(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teac
     data_views = first.data_views
     active, failures = list(runs), []
     teacher_views = views_the_teacher_sees(runs)  # fixed for the group (a run that stops changes nothing)
+    first_epoch = first.epoch + 1
 
     def stop(run: Run, exc: NonFiniteLossError) -> None:
         active.remove(run)
@@ -109,7 +110,7 @@ def _train_epochs(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teac
         if active:
             log.warning(f"{failures[-1]} The other runs in lockstep go on.")
 
-    for epoch in range(first.epoch + 1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         if not active:
             break
         started = time.perf_counter()
@@ -120,7 +121,7 @@ def _train_epochs(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teac
                                          shard=(rank, world))
         # fused lockstep (--fused-lockstep): each architecture's students as one batched model
         fused = [FusedStudents(g) for g in fusable_groups(active)] if first.cfg.fused_lockstep else []
-        if first.cfg.fused_lockstep and len(active) > 1 and epoch == first.epoch + 1:
+        if first.cfg.fused_lockstep and len(active) > 1 and epoch == first_epoch:
             sizes = ", ".join(str(len(g.runs)) for g in fused) or "none"
             log.info(f"[{label}] fused lockstep: groups of {sizes} students computed as one model "
                      "(the others step alone: see engine/fused.fusable)")

@@ -90,10 +90,11 @@ class Run:
              labels: torch.Tensor, teacher_out: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """One training step: forward, losses, backward, optimiser (`train_step` splits these
         phases when students are fused)."""
-        outputs, losses, total = self.losses_of(self.forward(view1, views), indices, labels, teacher_out)
+        student_out = self.forward(view1, views)
+        outputs, losses, total = self.losses_of(student_out, indices, labels, teacher_out)
         self.zero_grad()
         self.scaler.scale(total).backward()
-        self.finish_step(outputs, losses, total, labels)
+        self.finish_step(outputs, losses, total, labels, student_out[2])
 
     def model_kwargs(self) -> dict:
         """The keywords of this run's model call."""
@@ -139,16 +140,16 @@ class Run:
                 written_only=self.cfg.method.bank_mode == "class-aware")
         with policy.full_precision():
             losses = method.losses(outputs)
-        self._step_logits = s_logits[:batch]
         return outputs, losses, sum(losses.values())
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def finish_step(self, outputs: StepOutputs, losses: dict[str, torch.Tensor], total: torch.Tensor,
-                    labels: torch.Tensor) -> None:
+                    labels: torch.Tensor, logits: torch.Tensor) -> None:
         """After the backward: gradients averaged over processes, clipped and checked, the
-        optimiser's step, the bank's update and the epoch's sums."""
+        optimiser's step, the bank's update and the epoch's sums (`logits`: this process's model
+        logits, the first view's rows counted for the training accuracy)."""
         batch = labels.shape[0]
         self._steps += 1
         dist.average_gradients([m for m in self.modules if m is not self.model])  # DDP does the model's
@@ -173,9 +174,8 @@ class Run:
         for key, value in losses.items():
             self._loss_sums[key] = self._loss_sums.get(key, 0) + value.detach() * batch
         self._total += total.detach() * batch
-        self._correct += (self._step_logits.argmax(1) == labels).sum()
+        self._correct += (logits[:batch].argmax(1) == labels).sum()
         self._seen += batch
-        self._step_logits = None
 
     def finish_epoch(self, dataset: data_mod.ImageDataset, seconds: float | None = None,
                      group: tuple[float, int] | None = None) -> dict:

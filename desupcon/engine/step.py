@@ -43,8 +43,8 @@ def train_step(runs: list[Run], batch: tuple, teacher: Teacher | None, policy,
             run.zero_grad()
         sum(run.scaler.scale(total) for run, (_, _, total) in zip(group.runs, steps)).backward()
         group.hand_gradients_to_runs()
-        for run, (outputs, losses, total) in zip(group.runs, steps):
-            run.finish_step(outputs, losses, total, labels)
+        for run, out, (outputs, losses, total) in zip(group.runs, outs, steps):
+            run.finish_step(outputs, losses, total, labels, out[2])
     for run in runs:
         if id(run) not in fused_runs:
             run.step(indices, view1, views, labels, teacher_out)
