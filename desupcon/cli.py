@@ -56,6 +56,10 @@ def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) ->
     p.add_argument("--fused-lockstep", action="store_true",
                    help="train the students of one architecture in a lockstep group as one batched model "
                         "(torch.func.vmap; one process, not with --compile); the same mathematics as solo runs")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: capture each epoch's training step once and replay it as a CUDA graph (one "
+                        "process; not for memory banks, crd-nce, the hybrid, fp16 or --compile: those step "
+                        "eagerly); the same arithmetic as the eager step")
     p.add_argument("--print-config", action="store_true",
                    help="print the fully resolved configuration(s) as JSON and exit")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -180,6 +184,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = cfg.replace(**changes)
     return cfg.replace(device=args.device, output_dir=str(args.output_dir), compile=args.compile,
                        fused_lockstep=getattr(args, "fused_lockstep", False),
+                       cuda_graphs=getattr(args, "cuda_graphs", False),
                        precision=getattr(args, "precision", "auto"),
                        deterministic=getattr(args, "deterministic", False),
                        save_every=getattr(args, "save_every", 1),

@@ -53,8 +53,8 @@ def method_defaults(name: str) -> dict:
     return dict(cls.defaults) if cls is not None else {}
 
 
-RUNTIME_FIELDS = ("device", "output_dir", "compile", "fused_lockstep", "precision", "deterministic",
-                  "save_every", "sync_batchnorm", "tensorboard", "wandb")
+RUNTIME_FIELDS = ("device", "output_dir", "compile", "fused_lockstep", "cuda_graphs", "precision",
+                  "deterministic", "save_every", "sync_batchnorm", "tensorboard", "wandb")
 
 
 @dataclass
@@ -173,6 +173,7 @@ class RunConfig:
     output_dir: str = "."
     compile: bool = False
     fused_lockstep: bool = False  # a lockstep group's students of one architecture as one vmapped model
+    cuda_graphs: bool = False  # each epoch's training step captured once and replayed as a CUDA graph
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on GPUs that have it natively)
     deterministic: bool = False
     save_every: int = 1  # epochs between in-progress checkpoints

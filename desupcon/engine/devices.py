@@ -107,7 +107,9 @@ class DevicePolicy:
     def autocast(self):
         if self.precision == "fp32":
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+        # No weight-cast cache: every weight is used once per region here (so it saves nothing),
+        # and a CUDA graph's capture must not keep casts made outside it (engine/graphs.py).
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision], cache_enabled=False)
 
     def full_precision(self):
         """True float32 inside an autocast region (the losses): autocast off, and TF32 off for

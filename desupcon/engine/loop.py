@@ -25,8 +25,9 @@ from desupcon import data as data_mod
 from desupcon.engine import distributed as dist
 from desupcon.engine.fused import FusedStudents, fusable_groups
 from desupcon.engine.finite import NonFiniteLossError, with_kept_state
+from desupcon.engine.graphs import capture_blocker, epoch_step
 from desupcon.engine.run import Run
-from desupcon.engine.step import train_step, views_the_teacher_sees
+from desupcon.engine.step import views_the_teacher_sees
 from desupcon.models import Teacher
 from desupcon.store.checkpoint import BackgroundCheckpointWriter, load_partial
 from desupcon.store.paths import OutputPaths
@@ -125,11 +126,16 @@ def _train_epochs(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teac
             sizes = ", ".join(str(len(g.runs)) for g in fused) or "none"
             log.info(f"[{label}] fused lockstep: groups of {sizes} students computed as one model "
                      "(the others step alone: see engine/fused.fusable)")
+        # CUDA graphs (--cuda-graphs): the epoch's step captured once and replayed (engine/graphs.py)
+        blocker = capture_blocker(active, policy) if first.cfg.cuda_graphs else None
+        if blocker and epoch == first_epoch:
+            log.info(f"[{label}] --cuda-graphs: stepping eagerly, {blocker}")
         try:
-            for indices, view1, view2, labels in tqdm(batches, total=n_steps, leave=False,
-                                                      desc=f"{label} {epoch}/{epochs}",
-                                                      **({"disable": True} if rank else {})):
-                train_step(active, (indices, view1, view2, labels), teacher, policy, teacher_views, fused)
+            with epoch_step(active, teacher, policy, teacher_views, fused,
+                            graphs=first.cfg.cuda_graphs and blocker is None) as step:
+                for batch in tqdm(batches, total=n_steps, leave=False, desc=f"{label} {epoch}/{epochs}",
+                                  **({"disable": True} if rank else {})):
+                    step(batch)
         finally:
             for group in fused:
                 group.release()

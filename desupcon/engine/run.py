@@ -71,7 +71,8 @@ class Run:
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.model, self.teacher_head, *self.method.trainable_modules()) if m is not None]
 
-    # Per-epoch accumulators, kept on the device (no host sync inside the step).
+    # Per-epoch accumulators, kept on the device and updated in place (no host sync inside the
+    # step, and the same tensors at every step, so a CUDA graph of the step keeps them: graphs.py).
     def start_epoch(self) -> None:
         for module in self.modules:
             module.train()
@@ -80,7 +81,8 @@ class Run:
         self._total = torch.zeros((), device=device)
         self._correct = torch.zeros((), dtype=torch.long, device=device)
         self._seen = torch.zeros((), dtype=torch.long, device=device)
-        self._steps = 0
+        self._steps = 0  # steps taken, on the host (the failure-injecting tests read it)
+        self._step_number = torch.zeros((), dtype=torch.long, device=device)  # the same, on the device
         self._first_bad = torch.zeros((), dtype=torch.long, device=device)  # step, 0 = none
         self._bad_loss = torch.zeros((), dtype=torch.bool, device=device)  # the loss itself was bad
         self._bad_value = torch.zeros((), device=device)
@@ -152,6 +154,7 @@ class Run:
         logits, the first view's rows counted for the training accuracy)."""
         batch = labels.shape[0]
         self._steps += 1
+        self._step_number += 1
         dist.average_gradients([m for m in self.modules if m is not self.model])  # DDP does the model's
         self.scaler.unscale_(self.optimizer)
         if self.optim.grad_clip is not None:
@@ -162,9 +165,9 @@ class Run:
         loss_finite = torch.isfinite(total.detach())
         finite = loss_finite if self.scaler.is_enabled() else loss_finite & grads_finite(self.optimizer)
         first = ~finite & (self._first_bad == 0)
-        self._first_bad = torch.where(first, self._steps, self._first_bad)
-        self._bad_loss = torch.where(first, ~loss_finite, self._bad_loss)
-        self._bad_value = torch.where(first, total.detach().float(), self._bad_value)
+        self._first_bad.copy_(torch.where(first, self._step_number, self._first_bad))
+        self._bad_loss.copy_(torch.where(first, ~loss_finite, self._bad_loss))
+        self._bad_value.copy_(torch.where(first, total.detach().float(), self._bad_value))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.bank is not None:
@@ -172,7 +175,9 @@ class Run:
                              outputs.teacher_projection.detach())
         self.method.after_step(outputs)
         for key, value in losses.items():
-            self._loss_sums[key] = self._loss_sums.get(key, 0) + value.detach() * batch
+            if key not in self._loss_sums:
+                self._loss_sums[key] = torch.zeros((), device=value.device)
+            self._loss_sums[key] += value.detach() * batch
         self._total += total.detach() * batch
         self._correct += (logits[:batch].argmax(1) == labels).sum()
         self._seen += batch

@@ -111,7 +111,9 @@ class Method(abc.ABC):
     training loop must provide: `views` (augmented views per image the model sees),
     `uses_teacher` (teacher features and logits of the same views), `uses_teacher_head` (a trainable copy of the teacher's projection head), `gathers_batch` (the
     loss couples samples, so on several GPUs it needs the global batch), `needs_feature_maps` and
-    `uses_every_parameter` (False when some model parameters get no gradient, e.g. CE's projector).
+    `uses_every_parameter` (False when some model parameters get no gradient, e.g. CE's projector)
+    and `graph_capturable` (its step does no host work and changes no Python state, so the step
+    can be replayed as a CUDA graph: engine/graphs.py).
     """
 
     name: str = ""
@@ -125,6 +127,7 @@ class Method(abc.ABC):
     gathers_batch = True
     uses_every_parameter = True
     needs_feature_maps = False
+    graph_capturable = True
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

@@ -31,6 +31,7 @@ class CRDNCEMethod(Method):
     views = 1
     online_classifier = False
     gathers_batch = False
+    graph_capturable = False  # negatives drawn on the host, the normalisers fixed from the first batch
     uses_every_parameter = False
 
     def setup(self, dataset, student, teacher, policy) -> None:

@@ -34,6 +34,7 @@ class HybridMethod(LWSupCRDMethod):
         *LW, *BANK, *COMBO)
 
     SCALE_MOMENTUM = 0.9
+    graph_capturable = False  # the running scales are Python state updated by the step
 
     def __init__(self, cfg: MethodConfig):
         super().__init__(cfg)

@@ -1,0 +1,189 @@
+"""The graphed step (`--cuda-graphs`, engine/graphs.py), checked on the CPU by its emulation: the
+same schedule of eager steps, capture and replays gives the eager step's weights bitwise, counts
+steps and reports a bad step like the eager loop, and refuses a step a graph could not replay."""
+
+import math
+
+import pytest
+import torch
+
+from desupcon import data
+from desupcon.engine import graphs, loop
+from desupcon.engine.build import make_student_run
+from desupcon.engine.devices import DevicePolicy
+from desupcon.engine.finite import NonFiniteLossError
+from desupcon.engine.fused import FusedStudents, fusable_groups
+from desupcon.engine.graphs import capture_blocker, GraphCaptureError, StepGraph
+from desupcon.engine.step import train_step
+from desupcon.models import Teacher, build_encoder
+from desupcon.session import Session
+from desupcon.store.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_config, tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("graph"), train_images=72)
+    session = Session(cfg, analyze=False)
+    torch.manual_seed(0)
+    teacher = Teacher(build_encoder("resnet8", session.dataset.num_classes)).eval()
+    return cfg, session.dataset, teacher
+
+
+def _batches(ds, seed=0, batch=16):  # 72 images: 4 full batches of 16 and a partial one of 8
+    return list(data.epoch_batches(ds.train_images, ds.train_labels, batch, data.TwoViewAugment(ds.mean, ds.std),
+                                   torch.Generator().manual_seed(seed), drop_last=False))
+
+
+def _runs(cfg, ds, teacher, methods=("lw-supcrd", "ce"), optimizer="sgd"):
+    runs = [make_student_run(cfg.with_method(m).replace(optim={"optimizer": optimizer, "lr": 0.05}), ds, teacher,
+                             "cpu") for m in methods]
+    for run in runs:
+        run.start_epoch()
+    return runs
+
+
+def _state(run):
+    return {**{f"model.{k}": v for k, v in run.model.state_dict().items()},
+            **{f"head.{k}": v for k, v in run.teacher_head.state_dict().items()}} if run.teacher_head is not None \
+        else dict(run.model.state_dict())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_graphed_epoch_equals_the_eager_epoch_bitwise(setup, optimizer):
+    cfg, ds, teacher = setup
+    batches = _batches(ds)
+    assert [b[3].shape[0] for b in batches] == [16, 16, 16, 16, 8]
+    eager, graphed = _runs(cfg, ds, teacher, optimizer=optimizer), _runs(cfg, ds, teacher, optimizer=optimizer)
+    policy = eager[0].policy
+    for batch in batches:
+        train_step(eager, batch, teacher, policy)
+    step = StepGraph(graphed, teacher, policy, teacher_views=2, warmup=2)
+    for batch in batches:
+        step(batch)
+    # 2 eager warm-up steps, the capture's step and one replay; the partial batch eagerly
+    assert (step.eager_steps, step.replays) == (2, 2)
+    step.release()
+    for a, b in zip(eager, graphed):
+        assert b._steps == a._steps == 5 and int(b._step_number) == 5
+        for (k, x), (_, y) in zip(_state(a).items(), _state(b).items()):
+            assert torch.equal(x, y), f"{a.name} {k}"
+        for key in ("_total", "_correct", "_seen"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
+        assert a._loss_sums.keys() == b._loss_sums.keys()
+        for key in a._loss_sums:
+            assert torch.equal(a._loss_sums[key], b._loss_sums[key]), key
+
+
+def test_graphed_fused_students_equal_the_eager_fused_students_bitwise(setup):
+    cfg, ds, teacher = setup
+    batches = _batches(ds)
+    results = []
+    for graphed in (False, True):
+        runs = _runs(cfg, ds, teacher, methods=("lw-supcrd", "supcon", "crd"))
+        [group] = fusable_groups(runs)
+        fused = [FusedStudents(group)]
+        if graphed:
+            step = StepGraph(runs, teacher, runs[0].policy, teacher_views=2, fused=fused, warmup=1)
+        for batch in batches:
+            step(batch) if graphed else train_step(runs, batch, teacher, runs[0].policy, fused=fused)
+        fused[0].release()
+        results.append([_state(r) for r in runs])
+    assert step.replays == 3
+    for eager, graphed in zip(*results):
+        for k, v in eager.items():
+            assert torch.equal(graphed[k], v), k
+
+
+def test_a_step_that_changes_python_state_is_refused(setup, monkeypatch):
+    """What a replay would silently skip: a Python counter, or state rebound to a new tensor."""
+    cfg, ds, teacher = setup
+    batches = _batches(ds)
+    runs = _runs(cfg, ds, teacher, methods=("lw-supcrd",))
+    method = runs[0].method
+    method.seen = 0
+
+    def counting_after_step(out):
+        method.seen += 1
+    monkeypatch.setattr(method, "after_step", counting_after_step)
+    step = StepGraph(runs, teacher, runs[0].policy, teacher_views=2, warmup=1)
+    step(batches[0])
+    with pytest.raises(GraphCaptureError, match="seen"):
+        step(batches[1])
+
+    runs = _runs(cfg, ds, teacher, methods=("lw-supcrd",))
+    real = runs[0].finish_step
+
+    def rebinding(*args):
+        real(*args)
+        runs[0]._total = runs[0]._total + 0  # a new tensor: a graph would keep adding to the old one
+    monkeypatch.setattr(runs[0], "finish_step", rebinding)
+    step = StepGraph(runs, teacher, runs[0].policy, teacher_views=2, warmup=1)
+    step(batches[0])
+    with pytest.raises(GraphCaptureError, match="_total"):
+        step(batches[1])
+
+
+def test_steps_that_cannot_be_captured_are_named(setup):
+    cfg, ds, teacher = setup
+    cuda = DevicePolicy(torch.device("cuda"), "bf16")
+    ok = _runs(cfg, ds, teacher, methods=("lw-supcrd", "kd", "sdd-lskd"))
+    assert capture_blocker(ok, cuda) is None
+    assert "CUDA device" in capture_blocker(ok, DevicePolicy(torch.device("cpu")))
+    assert "fp16" in capture_blocker(ok, DevicePolicy(torch.device("cuda"), "fp16"))
+    bank = make_student_run(cfg.with_method("lw-supcrd").replace(method={"bank_size": 8}), ds, teacher, "cpu")
+    assert "memory bank" in capture_blocker(ok + [bank], cuda)
+    for method in ("crd-nce", "hybrid"):
+        run = make_student_run(cfg.with_method(method), ds, teacher, "cpu")
+        assert f"method {method}" in capture_blocker([run], cuda)
+    with pytest.raises(ValueError, match="warmup"):
+        StepGraph(ok, teacher, ok[0].policy, teacher_views=2, warmup=0)
+
+
+def _graphs_on_the_cpu(monkeypatch):
+    """The loop takes the graphed path on the CPU (emulated); returns the StepGraphs it made."""
+    made = []
+    real = graphs.StepGraph.__init__
+
+    def recording(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(loop, "capture_blocker", lambda runs, policy: None)
+    monkeypatch.setattr(graphs.StepGraph, "__init__", recording)
+    return made
+
+
+def test_graphed_session_equals_the_eager_session(tmp_path, tiny_config, monkeypatch):
+    weights = {}
+    for graphed in (False, True):
+        made = _graphs_on_the_cpu(monkeypatch) if graphed else []
+        base = tiny_config(tmp_path / str(graphed), epochs=2, train_images=72).replace(
+            cuda_graphs=graphed, optim={"batch_size": 16})
+        cfgs = [base.with_method("lw-supcrd"), base.with_method("dkd").replace(method={"warmup": 2})]
+        results = Session(base, analyze=False).run_many(cfgs)
+        weights[graphed] = {r.name: (load_checkpoint(r.checkpoint)["student"], r.log) for r in results}
+    students = [s for s in made if s.runs[0].kind == "student"]  # the teacher's training is graphed too
+    assert len(students) == 2 and all(s.replays > 0 for s in students)  # one graph per epoch of the group
+    for name, (solo, log) in weights[False].items():
+        other, other_log = weights[True][name]
+        for key, value in solo.items():
+            assert torch.equal(other[key], value), f"{name} {key}"
+        assert [e["loss"] for e in other_log] == [e["loss"] for e in log]
+        assert [e["test_acc"] for e in other_log] == [e["test_acc"] for e in log]
+
+
+def test_a_bad_step_in_a_replay_is_reported_with_its_step(tmp_path, tiny_config, monkeypatch):
+    """The first bad step is counted on the device, so a replayed step reports its own number."""
+    from desupcon.engine.run import Run
+    _graphs_on_the_cpu(monkeypatch)
+    real = Run.losses_of
+    calls = {"n": 0}
+
+    def poisoned(self, student_out, *args):
+        calls["n"] += self.kind == "student"
+        if self.kind == "student" and calls["n"] == 4:  # step 4: a replay (2 warm-up steps, the capture at step 3)
+            student_out = (student_out[0], student_out[1] * math.nan, *student_out[2:])
+        return real(self, student_out, *args)
+    monkeypatch.setattr(Run, "losses_of", poisoned)
+    cfg = tiny_config(tmp_path, epochs=1, train_images=72).replace(cuda_graphs=True, optim={"batch_size": 16})
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step 4"):
+        Session(cfg.with_method("lw-supcrd"), analyze=False).run_many([cfg.with_method("lw-supcrd")])
