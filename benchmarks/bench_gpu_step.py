@@ -16,10 +16,12 @@ records, device time is wall time and memory the process's peak resident size.
 
 With `--students N` the step is a lockstep group's: N students (seeds 0..N-1) on the shared
 batch and teacher forward, as the training loop's Python loop over them or, with `--fused`, as one
-vmapped model (`--fused-lockstep`); images/s then counts every student's images.
+vmapped model (`--fused-lockstep`); images/s then counts every student's images. With
+`--cuda-graphs` every measured step is a replay of the step captured as a CUDA graph
+(engine/graphs.py; on the CPU its eager emulation).
 
     python benchmarks/bench_gpu_step.py --device cuda --batch-size 128 --steps 50
-    python benchmarks/bench_gpu_step.py --device cuda --students 8 [--fused]
+    python benchmarks/bench_gpu_step.py --device cuda --students 8 [--fused] [--cuda-graphs]
     python benchmarks/bench_gpu_step.py --device cpu --preset quick --batch-size 32 --steps 5
 """
 
@@ -38,6 +40,7 @@ from common import PeakRSS, banner, make_teacher, sync, table
 from desupcon import data as data_mod
 from desupcon.engine.build import make_student_run
 from desupcon.engine.fused import FusedStudents, fusable_groups
+from desupcon.engine.graphs import StepGraph
 from desupcon.engine.step import train_step
 from desupcon.config import preset
 from desupcon.engine.devices import DevicePolicy, select_device
@@ -66,6 +69,7 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--students", type=int, default=1, help="students in one lockstep group")
     p.add_argument("--fused", action="store_true", help="the group's students as one vmapped model")
+    p.add_argument("--cuda-graphs", action="store_true", help="the step captured once and replayed as a CUDA graph")
     args = p.parse_args()
 
     policy = DevicePolicy.choose(select_device(args.device), args.precision)
@@ -81,6 +85,7 @@ def main() -> None:
                        optim={"batch_size": args.batch_size, "epochs": 1}, device=str(device))
     cfg = cfg.with_method(args.method)
     group = f", {args.students} students in lockstep" + (" (fused)" if args.fused else "") if args.students > 1 else ""
+    group += ", CUDA graph replays" if args.cuda_graphs else ""
     banner(f"one {args.preset} step: {cfg.model.teacher_arch} -> {cfg.model.student_arch}, {args.method}, "
            f"batch {args.batch_size}{group}", policy)
     teacher = make_teacher(cfg.model.teacher_arch, args.classes, policy)
@@ -94,8 +99,15 @@ def main() -> None:
     batches = data_mod.epoch_batches(dataset.train_images, dataset.train_labels, args.batch_size, augment,
                                      torch.Generator().manual_seed(0), views=runs[0].data_views)
 
-    def step():
-        train_step(runs, next(batches), teacher, policy, fused=fused)
+    if args.cuda_graphs:  # its 2 eager steps and the capture within the warm-up: every timed step a replay
+        graph = StepGraph(runs, teacher, policy, teacher_views=2, fused=fused, warmup=2)
+        args.warmup = max(args.warmup, 3)
+
+        def step():
+            graph(next(batches))
+    else:
+        def step():
+            train_step(runs, next(batches), teacher, policy, fused=fused)
 
     for _ in range(args.warmup):
         step()

@@ -1,5 +1,6 @@
 """Short `paper`-shaped runs on a GPU (ResNet-50 -> ResNet-18, 32x32, 100 classes, synthetic data):
-eager and with --compile, and one lockstep group (the Python loop, then --fused-lockstep); prints
+eager, with --cuda-graphs and with --compile, and one lockstep group (the Python loop, then
+--fused-lockstep, then both with --cuda-graphs); prints
 images/s, seconds per epoch and peak GPU memory as a table. Run through scripts/gpu_check.sh on a machine with CUDA."""
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def main() -> None:
         session.teacher()
         lw = base.replace(method={"method": "lw-supcrd"})
         rows.append(measure("LW-SupCRD eager", session, [lw], args.train_images))
+        graphed = Session(lw.replace(cuda_graphs=True), analyze=False)
+        graphed._dataset, graphed._teacher = session._dataset, session._teacher
+        rows.append(measure("LW-SupCRD --cuda-graphs", graphed, [lw.replace(cuda_graphs=True)], args.train_images))
         if not args.no_compile:
             compiled = Session(lw.replace(compile=True), analyze=False)
             compiled._dataset, compiled._teacher = session._dataset, session._teacher
@@ -76,6 +80,10 @@ def main() -> None:
         fused._dataset, fused._teacher = session._dataset, session._teacher
         rows.append(measure("alpha sweep, 4 in fused lockstep", fused,
                             [c.replace(fused_lockstep=True) for c in group], args.train_images))
+        both = Session(lw.replace(fused_lockstep=True, cuda_graphs=True), analyze=False)
+        both._dataset, both._teacher = session._dataset, session._teacher
+        rows.append(measure("alpha sweep, 4 fused, --cuda-graphs", both,
+                            [c.replace(fused_lockstep=True, cuda_graphs=True) for c in group], args.train_images))
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:

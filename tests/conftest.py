@@ -26,6 +26,23 @@ def tiny_config():
 
 
 @pytest.fixture
+def nan_batch_at(monkeypatch):
+    """`nan_batch_at(step)`: from now on, the training loop's two-view batches (the students') are
+    NaN at 1-based `step` of every epoch."""
+    from desupcon import data
+    real = data.epoch_batches
+
+    def poison(step: int):
+        def batches(*args, **kwargs):
+            for k, (indices, view1, view2, labels) in enumerate(real(*args, **kwargs), start=1):
+                if view2 is not None and k == step:
+                    view1, view2 = view1 * float("nan"), view2 * float("nan")
+                yield indices, view1, view2, labels
+        monkeypatch.setattr(data, "epoch_batches", batches)
+    return poison
+
+
+@pytest.fixture
 def trained_students(monkeypatch):
     """The names of the student runs the training loop trains from now on, in order (cached runs
     and teachers are not counted)."""

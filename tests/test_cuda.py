@@ -64,3 +64,44 @@ def test_teacher_weights_cast_once_on_the_gpu_give_autocasts_outputs():
     after = teacher.features_and_logits(x, policy)
     assert all(torch.allclose(a.float(), b.float(), rtol=1e-2, atol=1e-3) for a, b in zip(after, before))
     assert after[1].dtype == torch.float32
+
+
+def test_cuda_graph_replays_give_the_eager_steps_weights(tmp_path, tiny_config, monkeypatch):
+    """--cuda-graphs on the GPU: the same 2 epochs as the eager loop (bitwise where cuDNN picks the
+    same kernels; bf16 tolerance otherwise), with replays actually made."""
+    from desupcon.engine import graphs
+    from desupcon.session import Session
+    from desupcon.store.checkpoint import load_checkpoint
+    made = []
+    real_init = graphs.StepGraph.__init__
+
+    def recording(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(graphs.StepGraph, "__init__", recording)
+    weights = {}
+    for graphed in (False, True):
+        base = tiny_config(tmp_path / str(graphed), epochs=2, train_images=160).replace(
+            device="cuda", cuda_graphs=graphed, optim={"batch_size": 16})
+        cfgs = [base.with_method("lw-supcrd"), base.with_method("ce"), base.with_method("kd")]
+        weights[graphed] = [load_checkpoint(r.checkpoint)["student"]
+                            for r in Session(base, analyze=False).run_many(cfgs)]
+    assert any(s.replays > 0 and s.runs[0].kind == "student" for s in made)
+    for eager, graphed in zip(weights[False], weights[True]):
+        for key, value in eager.items():
+            if value.is_floating_point():
+                scale = value.abs().max().item() + 1e-6
+                assert (graphed[key] - value).abs().max().item() <= 0.05 * scale, key
+
+
+def test_a_nan_batch_in_a_cuda_graph_replay_is_reported_at_its_step(tmp_path, tiny_config, nan_batch_at):
+    """The step counter lives on the device: a NaN batch replayed at step 6 says step 6 (a number
+    baked into the graph at its capture, step 3, would say 3)."""
+    from desupcon.engine.finite import NonFiniteLossError
+    from desupcon.session import Session
+    nan_batch_at(6)
+    cfg = tiny_config(tmp_path, epochs=1, train_images=160).replace(
+        device="cuda", cuda_graphs=True, optim={"batch_size": 16})
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step 6"):
+        Session(cfg, analyze=False).run(cfg.with_method("lw-supcrd"))
+
