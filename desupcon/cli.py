@@ -58,8 +58,8 @@ def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) ->
                         "(torch.func.vmap; one process, not with --compile); the same mathematics as solo runs")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA: capture each epoch's training step once and replay it as a CUDA graph (one "
-                        "process; not for memory banks, crd-nce, the hybrid, fp16 or --compile: those step "
-                        "eagerly); the same arithmetic as the eager step")
+                        "process; crd-nce, the hybrid, fp16 and --compile step eagerly); the same arithmetic as "
+                        "the eager step")
     p.add_argument("--print-config", action="store_true",
                    help="print the fully resolved configuration(s) as JSON and exit")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -11,15 +11,31 @@ uniformly without replacement from the slots written at least once, excluding th
 
 The bookkeeping (which slots are written, which are drawn) lives on the CPU with a CPU generator, so
 sampling never waits for the GPU and is identical on every device; the embeddings stay on the
-training device.
+training device. For a step replayed as a CUDA graph the host work is done before the step
+(`stage_step`) and the step itself only gathers and writes on the device (`gather`, `write`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from desupcon.engine.devices import to_device
+
+
+@dataclass
+class BankStep:
+    """One step's bank work decided on the host (`MomentumMemoryBank.stage_step`), on the device."""
+
+    chosen: torch.Tensor  # (K,) slots drawn for the step's loss
+    slots: torch.Tensor  # (U,) slots the step's update writes
+    inverse: torch.Tensor  # (R,) the update's rows -> position in `slots`
+    counts: torch.Tensor  # (U,) rows averaged into each slot
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.chosen, self.slots, self.inverse, self.counts
 
 
 class MomentumMemoryBank:
@@ -47,19 +63,30 @@ class MomentumMemoryBank:
     @torch.no_grad()
     def update(self, indices: torch.Tensor, embeddings: torch.Tensor) -> None:
         """Momentum-update the slots of `indices`; repeated indices (two views) are averaged."""
-        device = self.embeddings.device
-        # Group repeated indices on the CPU: torch.unique on the GPU would wait for the device.
+        slots, inverse, counts = self.grouping(indices)
+        self.write(slots, inverse, counts, embeddings)
+        self.written[slots] = True
+
+    @staticmethod
+    def grouping(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slots, row -> slot position, rows per slot) of an update, found on the host (torch.unique
+        on the GPU would wait for the device)."""
         unique, inverse = torch.unique(indices.cpu(), return_inverse=True)
-        counts = torch.bincount(inverse, minlength=unique.shape[0]).to(self.embeddings.dtype)
-        unique_dev = to_device(unique, device)
+        return unique, inverse, torch.bincount(inverse, minlength=unique.shape[0])
+
+    @torch.no_grad()
+    def write(self, slots: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor,
+              embeddings: torch.Tensor) -> None:
+        """The update's arithmetic, given its `grouping` (on any device: with the grouping already
+        on the bank's device this is device work alone, so a CUDA graph can replay it)."""
+        device = self.embeddings.device
         emb = embeddings.detach().to(device=device, dtype=self.embeddings.dtype)
-        sums = torch.zeros(unique.shape[0], emb.shape[1], device=device, dtype=emb.dtype)
-        sums.index_add_(0, to_device(inverse, device), emb)
-        counts = to_device(counts, device)
-        mean = sums / counts[:, None]
+        slots_dev, inverse = to_device(slots, device), to_device(inverse, device)
+        sums = torch.zeros(slots.shape[0], emb.shape[1], device=device, dtype=emb.dtype)
+        sums.index_add_(0, inverse, emb)
+        mean = sums / to_device(counts, device).to(emb.dtype)[:, None]
         m = self.momentum
-        self.embeddings[unique_dev] = F.normalize(m * self.embeddings[unique_dev] + (1 - m) * mean, dim=1)
-        self.written[unique] = True
+        self.embeddings[slots_dev] = F.normalize(m * self.embeddings[slots_dev] + (1 - m) * mean, dim=1)
 
     def sample(self, k: int, exclude: torch.Tensor | None = None,
                generator: torch.Generator | None = None,
@@ -68,6 +95,11 @@ class MomentumMemoryBank:
 
         Eligible are the slots written at least once (SPEC 5), or with `written_only=False` every
         slot (the published README's reading: unwritten slots are zero vectors)."""
+        return self.gather(self.draw(k, exclude, generator, written_only))
+
+    def draw(self, k: int, exclude: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             written_only: bool = True) -> torch.Tensor:
+        """The slots `sample` reads (on the host, from the CPU generator)."""
         eligible = self.written.clone() if written_only else torch.ones_like(self.written)
         if exclude is not None:
             eligible[exclude.cpu()] = False
@@ -75,8 +107,23 @@ class MomentumMemoryBank:
         order = torch.randperm(candidates.shape[0], generator=generator)[:k]
         chosen = candidates[order]
         self.last_sampled_indices = chosen
-        chosen_dev = to_device(chosen, self.embeddings.device)
-        return self.embeddings[chosen_dev], self.labels[chosen_dev]
+        return chosen
+
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, labels) of `slots` (device work alone when `slots` is on the bank's device)."""
+        slots = to_device(slots, self.embeddings.device)
+        return self.embeddings[slots], self.labels[slots]
+
+    def stage_step(self, k: int, batch_indices: torch.Tensor, views: int, generator: torch.Generator,
+                   written_only: bool = True) -> "BankStep":
+        """One training step's host work, done before the step (a replayed CUDA graph cannot do
+        it): the slots it draws and the grouping of its update, on the bank's device, with the batch
+        marked written. The same draws, in the same generator order, as `sample` then `update`."""
+        chosen = self.draw(k, batch_indices, generator, written_only)
+        slots, inverse, counts = self.grouping(torch.cat([batch_indices] * views))
+        self.written[slots] = True
+        device = self.embeddings.device
+        return BankStep(*(to_device(t, device) for t in (chosen, slots, inverse, counts)))
 
     def state_dict(self) -> dict:
         return {"embeddings": self.embeddings.detach().cpu().clone(),

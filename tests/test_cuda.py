@@ -83,7 +83,8 @@ def test_cuda_graph_replays_give_the_eager_steps_weights(tmp_path, tiny_config, 
     for graphed in (False, True):
         base = tiny_config(tmp_path / str(graphed), epochs=2, train_images=160).replace(
             device="cuda", cuda_graphs=graphed, optim={"batch_size": 16})
-        cfgs = [base.with_method("lw-supcrd"), base.with_method("ce"), base.with_method("kd")]
+        cfgs = [base.with_method("lw-supcrd"), base.with_method("ce"), base.with_method("kd"),
+                base.with_method("lw-supcrd").replace(method={"bank_size": 32})]
         weights[graphed] = [load_checkpoint(r.checkpoint)["student"]
                             for r in Session(base, analyze=False).run_many(cfgs)]
     assert any(s.replays > 0 and s.runs[0].kind == "student" for s in made)

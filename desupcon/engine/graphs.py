@@ -12,9 +12,13 @@ schedules) enter the step as Python numbers, constant within an epoch.
 
 What makes the step capturable is kept so on every device: no host synchronisation, every
 accumulator the epoch's end reads updated in place, the step counter a device tensor, autocast
-without its weight-cast cache, Adam's `capturable` flag set for the epoch. The CPU has no graphs:
-`StepGraph` there (or with `emulate=True`) runs the same schedule of eager steps, capture and
-replays, each replay executed eagerly, and checks what a real replay needs: after every replay no
+without its weight-cast cache, Adam's `capturable` flag set for the epoch, and a memory bank's
+host work (its draw from the CPU generator, the grouping of its update) done before each step
+and handed to the step as device tensors (`Run.stage_bank_step`: the same draws as eager steps);
+a step whose bank draws fewer slots than its size (while few slots are written) steps eagerly.
+The CPU has no graphs: `StepGraph` there (or with `emulate=True`) runs the same schedule of eager
+steps, capture and replays, each replay executed eagerly, and checks what a real replay needs:
+after every replay no
 Python state of a run or its method has changed and every tensor the epoch's end or a checkpoint
 reads is still the same tensor (a graph would keep writing the old one).
 """
@@ -28,6 +32,7 @@ import torch
 
 from desupcon.engine import distributed as dist
 from desupcon.engine.step import train_step
+from desupcon.memory_bank import BankStep
 
 CAPTURABLE_WARNING = "This instance was constructed with capturable=True"
 
@@ -47,8 +52,6 @@ def capture_blocker(runs: list, policy) -> str | None:
     for run in runs:
         if run.cfg.compile:
             return f"{run.name} is compiled (--compile)"
-        if run.bank is not None:
-            return f"{run.name} has a memory bank (its draws and bookkeeping run on the host)"
         if not run.method.graph_capturable:
             return f"{run.name}: method {run.method.name} does host work in its step"
     return None
@@ -95,6 +98,7 @@ class StepGraph:
         self.replays = 0
         self.graph = None
         self.static: tuple | None = None
+        self.static_banks: dict[int, BankStep] = {}  # id(run) -> its bank's staged step, static
         self._host_before: list | None = None
         self._capturable_before = [[g.get("capturable") for g in r.optimizer.param_groups] for r in self.runs]
         if not emulate:
@@ -121,22 +125,35 @@ class StepGraph:
     def __call__(self, batch: tuple) -> None:
         size = batch[3].shape[0]
         self.full_size = self.full_size or size
-        full = size == self.full_size
+        # the banks' host work first (their draws, as the eager step would make them), on the host
+        staged = {id(run): run.stage_bank_step(batch[0]) for run in self.runs if run.bank is not None}
+        full = size == self.full_size and all(  # a bank draws fewer slots while few are eligible
+            staged[id(run)].chosen.shape[0] == run.cfg.method.bank_size for run in self.runs if id(run) in staged)
         if not full or (self.graph is None and self.eager_steps < self.warmup):
             self._eager(batch)
             self.eager_steps += full
             return
         if self.graph is None:
-            self._capture(batch)
+            self._capture(batch, staged)
             return
         for static, value in zip(self.static, batch):
             if static is not None:
                 static.copy_(value)
+        for run in self.runs:
+            if id(run) in staged:
+                for target, value in zip(self.static_banks[id(run)].tensors(), staged[id(run)].tensors()):
+                    target.copy_(value)
+                run.bank_step = self.static_banks[id(run)]
         self._replay()
 
-    def _capture(self, batch: tuple) -> None:
-        """Static copies of `batch`, the step captured on them, and this batch's step executed."""
+    def _capture(self, batch: tuple, staged: dict) -> None:
+        """Static copies of `batch` (and of the banks' staged work), the step captured on them,
+        and this batch's step executed."""
         self.static = tuple(None if t is None else t.clone() for t in batch)
+        self.static_banks = {key: BankStep(*(t.clone() for t in step.tensors())) for key, step in staged.items()}
+        for run in self.runs:
+            if id(run) in staged:
+                run.bank_step = self.static_banks[id(run)]
         if self.emulate:  # the capture's Python runs once, as on a GPU; here its kernels run too
             self._host_before = _host_state(self.runs)
             self.graph = "emulated"
@@ -181,7 +198,9 @@ class StepGraph:
             torch.cuda.current_stream().synchronize()
             for run in self.runs:
                 run.zero_grad()
-        self.graph, self.static, self._host_before = None, None, None
+        self.graph, self.static, self.static_banks, self._host_before = None, None, {}, None
+        for run in self.runs:
+            run.bank_step = None
         for run, flags in zip(self.runs, self._capturable_before):
             for group, flag in zip(run.optimizer.param_groups, flags):
                 if flag is not None:

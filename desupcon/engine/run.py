@@ -19,7 +19,7 @@ from desupcon.engine.dataset import evaluate_accuracy
 from desupcon.engine.devices import DevicePolicy
 from desupcon.engine.finite import check_finite, grads_finite, non_finite_error, params_finite
 from desupcon.engine.rng import global_rng_state, set_global_rng_state
-from desupcon.memory_bank import MomentumMemoryBank
+from desupcon.memory_bank import BankStep, MomentumMemoryBank
 from desupcon.methods import Method, StepOutputs
 from desupcon.store.schemas import in_progress_checkpoint, student_checkpoint
 
@@ -55,6 +55,8 @@ class Run:
 
     def __post_init__(self):
         self.scaler = self.policy.grad_scaler()
+        # the bank's host work for the coming step, when done before it (`stage_bank_step`)
+        self.bank_step: BankStep | None = None
         self.tracker = None
         if (self.cfg.tensorboard or self.cfg.wandb) and dist.is_main():
             from desupcon.engine.tracking import RunTracker
@@ -98,6 +100,14 @@ class Run:
         self.scaler.scale(total).backward()
         self.finish_step(outputs, losses, total, labels, student_out[2])
 
+    def stage_bank_step(self, indices: torch.Tensor) -> BankStep:
+        """The bank's host work for the next step on the batch `indices`, done now (the draw, from the
+        run's bank generator, and the update's grouping; the same draws as in the step), so that
+        the step itself only reads and writes the bank on the device (`bank_step`, graphs.py)."""
+        self.bank_step = self.bank.stage_step(self.cfg.method.bank_size, indices, 2, self.bank_generator,
+                                              written_only=self.cfg.method.bank_mode == "class-aware")
+        return self.bank_step
+
     def model_kwargs(self) -> dict:
         """The keywords of this run's model call."""
         return {"detach_classifier": self.method.online_classifier,
@@ -136,7 +146,9 @@ class Run:
             if t_map:
                 outputs.teacher_feature_map = t_map[0][rows].float()
         outputs = dist.gather_step_outputs(outputs, method)
-        if self.bank is not None:
+        if self.bank is not None and self.bank_step is not None:  # staged before the step (graphs.py)
+            outputs.bank_embeddings, outputs.bank_labels = self.bank.gather(self.bank_step.chosen)
+        elif self.bank is not None:
             outputs.bank_embeddings, outputs.bank_labels = self.bank.sample(
                 self.cfg.method.bank_size, exclude=outputs.indices, generator=self.bank_generator,
                 written_only=self.cfg.method.bank_mode == "class-aware")
@@ -170,7 +182,10 @@ class Run:
         self._bad_value.copy_(torch.where(first, total.detach().float(), self._bad_value))
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.bank is not None:
+        if self.bank is not None and self.bank_step is not None:
+            staged = self.bank_step
+            self.bank.write(staged.slots, staged.inverse, staged.counts, outputs.teacher_projection.detach())
+        elif self.bank is not None:
             self.bank.update(torch.cat([outputs.indices, outputs.indices]),
                              outputs.teacher_projection.detach())
         self.method.after_step(outputs)
