@@ -200,7 +200,9 @@ def test_graphed_session_equals_the_eager_session(tmp_path, tiny_config, monkeyp
         results = Session(base, analyze=False).run_many(cfgs)
         weights[graphed] = {r.name: (load_checkpoint(r.checkpoint)["student"], r.log) for r in results}
     students = [s for s in made if s.runs[0].kind == "student"]  # the teacher's training is graphed too
-    assert len(students) == 2 and all(s.replays > 0 for s in students)  # one graph per epoch of the group
+    # one graph per epoch of the group; in epoch 1 the bank draws too few slots until step 3, so
+    # its 2 eager warm-up steps are steps 3 and 4; in epoch 2 the capture is step 3, then a replay
+    assert [s.replays for s in students] == [0, 2]
     for name, (solo, log) in weights[False].items():
         other, other_log = weights[True][name]
         for key, value in solo.items():
