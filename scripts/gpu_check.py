@@ -9,6 +9,7 @@ import argparse
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,18 @@ def measure(label: str, session: Session, cfgs, images_per_epoch: int) -> dict:
     return {"run": label, "students": len(trained), "seconds (all epochs)": total,
             "seconds/epoch (last)": last_epoch,
             "images/s (last epoch, all students)": images_per_epoch / last_epoch * len(trained),
-            "peak GPU MB": torch.cuda.max_memory_allocated() / 2**20}
+            "peak GPU MB": torch.cuda.max_memory_allocated() / 2**20,
+            # the same seeds in every row: graphed and fused rows should land where the eager ones do
+            "last-epoch test acc (mean)": sum(r.log[-1]["test_acc"] for r in trained) / len(trained)}
+
+
+def measured(label: str, session: Session, cfgs, images_per_epoch: int) -> dict:
+    """`measure`, or a row saying why it failed (the other rows of a short GPU session still count)."""
+    try:
+        return measure(label, session, cfgs, images_per_epoch)
+    except Exception as exc:  # noqa: BLE001  (any failure is the row's finding)
+        traceback.print_exc()
+        return {"run": label, "students": len(cfgs), "seconds (all epochs)": f"FAILED: {type(exc).__name__}: {exc}"}
 
 
 def main() -> None:
@@ -65,29 +77,32 @@ def main() -> None:
         print(f"GPU: {torch.cuda.get_device_name()}  policy: {session.policy.describe()}")
         session.teacher()
         lw = base.replace(method={"method": "lw-supcrd"})
-        rows.append(measure("LW-SupCRD eager", session, [lw], args.train_images))
+        rows.append(measured("LW-SupCRD eager", session, [lw], args.train_images))
         graphed = Session(lw.replace(cuda_graphs=True), analyze=False)
         graphed._dataset, graphed._teacher = session._dataset, session._teacher
-        rows.append(measure("LW-SupCRD --cuda-graphs", graphed, [lw.replace(cuda_graphs=True)], args.train_images))
+        rows.append(measured("LW-SupCRD --cuda-graphs", graphed, [lw.replace(cuda_graphs=True)], args.train_images))
         if not args.no_compile:
             compiled = Session(lw.replace(compile=True), analyze=False)
             compiled._dataset, compiled._teacher = session._dataset, session._teacher
-            rows.append(measure("LW-SupCRD --compile", compiled, [lw.replace(compile=True)], args.train_images))
+            rows.append(measured("LW-SupCRD --compile", compiled, [lw.replace(compile=True)], args.train_images))
         # alpha 1.0 is the eager run above, which `force` retrains only once per session
         group = [lw.replace(method={"alpha": a}) for a in (0.5, 2.0, 5.0, 10.0)]
-        rows.append(measure("alpha sweep, 4 in lockstep", session, group, args.train_images))
+        rows.append(measured("alpha sweep, 4 in lockstep", session, group, args.train_images))
         fused = Session(lw.replace(fused_lockstep=True), analyze=False)
         fused._dataset, fused._teacher = session._dataset, session._teacher
-        rows.append(measure("alpha sweep, 4 in fused lockstep", fused,
+        rows.append(measured("alpha sweep, 4 in fused lockstep", fused,
                             [c.replace(fused_lockstep=True) for c in group], args.train_images))
         both = Session(lw.replace(fused_lockstep=True, cuda_graphs=True), analyze=False)
         both._dataset, both._teacher = session._dataset, session._teacher
-        rows.append(measure("alpha sweep, 4 fused, --cuda-graphs", both,
+        rows.append(measured("alpha sweep, 4 fused, --cuda-graphs", both,
                             [c.replace(fused_lockstep=True, cuda_graphs=True) for c in group], args.train_images))
-    keys = list(rows[0])
+    keys = max((list(r) for r in rows), key=len)
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
-        print("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+        print("| " + " | ".join(f"{r[k]:.1f}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+                                for k in keys) + " |")
+    if any(isinstance(r["seconds (all epochs)"], str) for r in rows):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,20 +2,34 @@
 # The GPU checks, one call of a lent GPU: the tests marked `cuda` (skipped without a GPU), the
 # profile of the `paper` step (one student eager and as CUDA graph replays; 8 students in lockstep,
 # looped, fused, fused and graphed), then short `paper`-shaped runs (eager, --cuda-graphs,
-# --compile, one lockstep group looped, fused, fused and graphed) printing images/s,
-# seconds per epoch and peak memory. Everything printed is also kept in $OUT/gpu_check.log.
-set -euo pipefail
+# --compile, one lockstep group looped, fused, fused and graphed) printing images/s, seconds per
+# epoch and peak memory. Each check runs whatever happened to the one before (a failing test or a
+# failed capture must not cost the session's other figures); the script fails at the end if any
+# did. Everything printed is also kept in $OUT/gpu_check.log.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
-"$PY" -m pytest -q -m cuda tests/
-"$PY" benchmarks/bench_gpu_step.py --device cuda --batch-size 128 --steps 50
-"$PY" benchmarks/bench_gpu_step.py --device cuda --batch-size 128 --steps 50 --cuda-graphs
-"$PY" benchmarks/bench_gpu_step.py --device cuda --batch-size 128 --steps 20 --students 8
-"$PY" benchmarks/bench_gpu_step.py --device cuda --batch-size 128 --steps 20 --students 8 --fused
-"$PY" benchmarks/bench_gpu_step.py --device cuda --batch-size 128 --steps 20 --students 8 --fused --cuda-graphs
-"$PY" scripts/gpu_check.py "$@"
+failed=()
+check() {  # check NAME COMMAND...: run it, note a failure, go on
+    local name=$1; shift
+    echo "== $name: $*"
+    "$@" || { echo "== $name FAILED (exit $?)"; failed+=("$name"); }
+}
+check versions "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+check cuda-tests "$PY" -m pytest -q -m cuda tests/
+STEP=(benchmarks/bench_gpu_step.py --device cuda --batch-size 128)
+check step "$PY" "${STEP[@]}" --steps 50
+check step-graphs "$PY" "${STEP[@]}" --steps 50 --cuda-graphs
+check lockstep-8 "$PY" "${STEP[@]}" --steps 20 --students 8
+check lockstep-8-fused "$PY" "${STEP[@]}" --steps 20 --students 8 --fused
+check lockstep-8-fused-graphs "$PY" "${STEP[@]}" --steps 20 --students 8 --fused --cuda-graphs
+check runs "$PY" scripts/gpu_check.py "$@"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "gpu_check: failed: ${failed[*]}"
+    exit 1
+fi
+echo "gpu_check: every check passed"

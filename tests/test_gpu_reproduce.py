@@ -46,3 +46,16 @@ def test_reproduction_script_trains_teacher_and_both_students_from_parts(tmp_pat
     assert any(n.startswith("teacher_") and "with_projection" not in n for n in table), out
     assert "(80 training images), teacher 1 epochs, students 1 epochs" in out
     assert len(list((tmp_path / "out" / "pth_models").glob("student_*.pth"))) == 2
+
+
+def test_gpu_check_runs_every_check_after_a_failure_and_fails_at_the_end(tmp_path):
+    """A lent GPU's 15 minutes: a failing check (here the `cuda` tests) must not cost the others."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "ran: $*"\n[[ "$*" == *pytest* ]] && exit 3\nexit 0\n')
+    fake.chmod(0o755)
+    done = subprocess.run([str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PY": str(fake), "OUT": str(tmp_path / "out")})
+    ran = [line for line in done.stdout.splitlines() if line.startswith("ran: ")]
+    assert done.returncode == 1 and "failed: cuda-tests" in done.stdout
+    assert len(ran) == 8 and ran[-1] == "ran: scripts/gpu_check.py"  # every check after the failing one
+    assert (tmp_path / "out" / "gpu_check.log").read_text().count("ran: ") == 8
