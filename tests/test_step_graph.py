@@ -189,7 +189,8 @@ def _graphs_on_the_cpu(monkeypatch):
     return made
 
 
-def test_graphed_session_equals_the_eager_session(tmp_path, tiny_config, monkeypatch):
+def test_graphed_session_equals_the_eager_session(tmp_path, tiny_config, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="desupcon")
     weights = {}
     for graphed in (False, True):
         made = _graphs_on_the_cpu(monkeypatch) if graphed else []
@@ -203,6 +204,7 @@ def test_graphed_session_equals_the_eager_session(tmp_path, tiny_config, monkeyp
     # one graph per epoch of the group; in epoch 1 the bank draws too few slots until step 3, so
     # its 2 eager warm-up steps are steps 3 and 4; in epoch 2 the capture is step 3, then a replay
     assert [s.replays for s in students] == [0, 2]
+    assert "--cuda-graphs: 0 of 4 steps of epoch 1 replayed" in caplog.text
     for name, (solo, log) in weights[False].items():
         other, other_log = weights[True][name]
         for key, value in solo.items():

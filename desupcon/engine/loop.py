@@ -25,7 +25,7 @@ from desupcon import data as data_mod
 from desupcon.engine import distributed as dist
 from desupcon.engine.fused import FusedStudents, fusable_groups
 from desupcon.engine.finite import NonFiniteLossError, with_kept_state
-from desupcon.engine.graphs import capture_blocker, epoch_step
+from desupcon.engine.graphs import capture_blocker, epoch_step, StepGraph
 from desupcon.engine.run import Run
 from desupcon.engine.step import views_the_teacher_sees
 from desupcon.models import Teacher
@@ -136,6 +136,9 @@ def _train_epochs(runs: list[Run], dataset: data_mod.ImageDataset, teacher: Teac
                 for batch in tqdm(batches, total=n_steps, leave=False, desc=f"{label} {epoch}/{epochs}",
                                   **({"disable": True} if rank else {})):
                     step(batch)
+                if epoch == first_epoch and isinstance(step, StepGraph):
+                    log.info(f"[{label}] --cuda-graphs: {step.replays} of {n_steps} steps of epoch {epoch} "
+                             "replayed as a CUDA graph (the capture's included), the others eager")
         finally:
             for group in fused:
                 group.release()
