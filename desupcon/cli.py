@@ -13,7 +13,7 @@ import traceback
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from desupcon import session as pipeline
-from desupcon.config import config_json, method_names, preset, PRESET_HELP, PRESETS, run_name, RunConfig
+from desupcon.config import COMPILE_MODES, config_json, method_names, preset, PRESET_HELP, PRESETS, run_name, RunConfig
 from desupcon.config.settings import flagged, switches
 from desupcon.config.validation import checked_config_dict, ConfigError, validate_config
 from desupcon.engine.devices import PRECISIONS
@@ -53,6 +53,10 @@ def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) ->
                    help="retrain (or re-probe) the teacher even when cached")
     p.add_argument("--no-resume", action="store_true", help="ignore epoch checkpoints, start over")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (GPU)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                   help="torch.compile's mode (implies --compile): default, reduce-overhead (its CUDA graphs, "
+                        "the student's forward and backward only; --cuda-graphs captures the whole step) or "
+                        "max-autotune")
     p.add_argument("--fused-lockstep", action="store_true",
                    help="train the students of one architecture in a lockstep group as one batched model "
                         "(torch.func.vmap; one process, not with --compile); the same mathematics as solo runs")
@@ -182,7 +186,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if method is not None and method != "two-stage":
         cfg = cfg.with_method(method)  # the method's own defaults (SPEC 13), then every flag given
     cfg = cfg.replace(**changes)
-    return cfg.replace(device=args.device, output_dir=str(args.output_dir), compile=args.compile,
+    compile_mode = getattr(args, "compile_mode", None)
+    return cfg.replace(device=args.device, output_dir=str(args.output_dir),
+                       compile=args.compile or compile_mode is not None, compile_mode=compile_mode or "default",
                        fused_lockstep=getattr(args, "fused_lockstep", False),
                        cuda_graphs=getattr(args, "cuda_graphs", False),
                        precision=getattr(args, "precision", "auto"),

@@ -248,3 +248,23 @@ def test_no_resume_reaches_every_run(tmp_path, monkeypatch, command, no_resume):
         args.func(args)
     assert RecordingSession.calls == [("teacher", not no_resume), ("runs", not no_resume)]
     assert not any(tmp_path.iterdir()), "nothing may be written"
+
+
+def test_compile_mode_implies_compile_and_reaches_torch_compile(tmp_path, monkeypatch, tiny_config):
+    from desupcon.config.validation import ConfigError, validate_config
+    from desupcon.engine import build
+    args = cli.build_parser().parse_args(["train", "--preset", "quick", "--compile-mode", "reduce-overhead",
+                                          "--output-dir", str(tmp_path)])
+    cfg = cli.config_from_args(args)
+    assert (cfg.compile, cfg.compile_mode) == (True, "reduce-overhead")
+    plain = cli.config_from_args(cli.build_parser().parse_args(["train", "--preset", "quick"]))
+    assert (plain.compile, plain.compile_mode) == (False, "default")
+    with pytest.raises(ConfigError, match="--compile-mode 'fastest' is unknown"):
+        validate_config(plain.replace(compile_mode="fastest"))
+    modes = []
+    monkeypatch.setattr(build.torch, "compile", lambda fn, mode=None: modes.append(mode) or fn)
+    session = pipeline.Session(tiny_config(tmp_path), analyze=False)
+    teacher, _ = session.teacher()
+    build.make_student_run(tiny_config(tmp_path).replace(compile=True, compile_mode="max-autotune"),
+                           session.dataset, teacher, "cpu")
+    assert modes == ["max-autotune"]

@@ -53,8 +53,9 @@ def method_defaults(name: str) -> dict:
     return dict(cls.defaults) if cls is not None else {}
 
 
-RUNTIME_FIELDS = ("device", "output_dir", "compile", "fused_lockstep", "cuda_graphs", "precision",
-                  "deterministic", "save_every", "sync_batchnorm", "tensorboard", "wandb")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+RUNTIME_FIELDS = ("device", "output_dir", "compile", "compile_mode", "fused_lockstep", "cuda_graphs",
+                  "precision", "deterministic", "save_every", "sync_batchnorm", "tensorboard", "wandb")
 
 
 @dataclass
@@ -172,6 +173,7 @@ class RunConfig:
     device: str = "auto"
     output_dir: str = "."
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune
     fused_lockstep: bool = False  # a lockstep group's students of one architecture as one vmapped model
     cuda_graphs: bool = False  # each epoch's training step captured once and replayed as a CUDA graph
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on GPUs that have it natively)
@@ -401,6 +403,6 @@ def config_json(cfgs) -> str:
 from desupcon.config.naming import dataset_tag, run_name, teacher_run_name  # noqa: E402
 
 __all__ = ["HUB_TEACHER", "PRESETS", "PRESET_HELP", "DataConfig", "MethodConfig", "ModelConfig", "OptimConfig",
-           "RunConfig", "TeacherConfig", "bank_protocol", "config_json", "dataset_tag", "default_bank_size",
-           "method_class", "method_defaults", "method_fields", "method_names", "method_settings", "preset",
-           "protocol_of", "run_name", "teacher_run_name"]
+           "COMPILE_MODES", "RunConfig", "TeacherConfig", "bank_protocol", "config_json", "dataset_tag",
+           "default_bank_size", "method_class", "method_defaults", "method_fields", "method_names", "method_settings",
+           "preset", "protocol_of", "run_name", "teacher_run_name"]

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from desupcon.config import RunConfig
+from desupcon.config import COMPILE_MODES, RunConfig
 from desupcon.engine.devices import PRECISIONS
 from desupcon.data import DATASETS
 from desupcon.errors import DesupconError
@@ -72,6 +72,8 @@ def validate_config(cfg: RunConfig, dataset=None) -> None:
     # how to run (not part of a run's identity)
     _require(cfg.precision in PRECISIONS, f"--precision {cfg.precision!r} is unknown; known: {', '.join(PRECISIONS)}")
     _require(cfg.save_every >= 1, f"--save-every must be >= 1, got {cfg.save_every}")
+    _require(cfg.compile_mode in COMPILE_MODES,
+             f"--compile-mode {cfg.compile_mode!r} is unknown; known: {', '.join(COMPILE_MODES)}")
     if dataset is not None:
         n_train = len(dataset.train_labels)
         _require(m.bank_size <= n_train,

@@ -77,7 +77,7 @@ def assemble_run(cfg: RunConfig, name: str, identity: dict | None, method: Metho
         bank = MomentumMemoryBank(len(dataset.train_labels), teacher_head[-1].out_features,
                                   dataset.train_labels, cfg.method.bank_momentum, device=policy.device)
     if cfg.compile:
-        student.forward = torch.compile(student.forward)
+        student.forward = torch.compile(student.forward, mode=cfg.compile_mode)
     fp = getattr(teacher, "fingerprint", None) if method.uses_teacher else None
     return build_run(cfg, name, identity if identity is not None else cfg.identity(fp), method, student, groups,
                      schedules, policy, kind=kind, teacher_head=teacher_head, bank=bank, teacher_fingerprint=fp)
