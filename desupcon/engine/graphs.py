@@ -18,9 +18,8 @@ and handed to the step as device tensors (`Run.stage_bank_step`: the same draws 
 a step whose bank draws fewer slots than its size (while few slots are written) steps eagerly.
 The CPU has no graphs: `StepGraph` there (or with `emulate=True`) runs the same schedule of eager
 steps, capture and replays, each replay executed eagerly, and checks what a real replay needs:
-after every replay no
-Python state of a run or its method has changed and every tensor the epoch's end or a checkpoint
-reads is still the same tensor (a graph would keep writing the old one).
+after every replay no Python state of a run or its method has changed and every tensor the
+epoch's end or a checkpoint reads is still the same tensor (a graph would keep writing the old one).
 """
 
 from __future__ import annotations
