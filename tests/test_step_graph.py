@@ -215,7 +215,8 @@ def test_graphed_session_equals_the_eager_session(tmp_path, tiny_config, monkeyp
 
 def test_a_bad_batch_in_a_replay_is_reported_with_its_step(tmp_path, tiny_config, monkeypatch, nan_batch_at):
     """A NaN batch at step 4 (a replay: 2 warm-up steps, the capture at step 3) is reported at
-    step 4 by the graphed loop, as by the eager one."""
+    step 4 by the graphed loop, as by the eager one: the first bad step comes from the device
+    counter (a replay sees the capture's host count, 2, so one read from it would say step 3)."""
     _graphs_on_the_cpu(monkeypatch)
     nan_batch_at(4)
     cfg = tiny_config(tmp_path, epochs=1, train_images=72).replace(cuda_graphs=True, optim={"batch_size": 16})

@@ -19,7 +19,9 @@ a step whose bank draws fewer slots than its size (while few slots are written) 
 The CPU has no graphs: `StepGraph` there (or with `emulate=True`) runs the same schedule of eager
 steps, capture and replays, each replay executed eagerly, and checks what a real replay needs:
 after every replay no Python state of a run or its method has changed and every tensor the
-epoch's end or a checkpoint reads is still the same tensor (a graph would keep writing the old one).
+epoch's end or a checkpoint reads is still the same tensor (a graph would keep writing the old one);
+each replay sees the host step count of the capture (the value a graph would have baked in), so a
+result that depended on it would differ from the eager step's.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class StepGraph:
         self.static: tuple | None = None
         self.static_banks: dict[int, BankStep] = {}  # id(run) -> its bank's staged step, static
         self._host_before: list | None = None
+        self._captured_steps: list[int] = []
         self._capturable_before = [[g.get("capturable") for g in r.optimizer.param_groups] for r in self.runs]
         if not emulate:
             for run in self.runs:  # Adam keeps its step count on the device and skips host checks
@@ -155,6 +158,7 @@ class StepGraph:
                 run.bank_step = self.static_banks[id(run)]
         if self.emulate:  # the capture's Python runs once, as on a GPU; here its kernels run too
             self._host_before = _host_state(self.runs)
+            self._captured_steps = [run._steps for run in self.runs]
             self.graph = "emulated"
             self._replay()  # checked like a replay: a capture must not create state either
             return
@@ -175,6 +179,9 @@ class StepGraph:
     def _replay(self) -> None:
         if self.emulate:
             steps = [run._steps for run in self.runs]
+            # every replay sees the host step count of the capture, as a graph would have baked it
+            for run, count in zip(self.runs, self._captured_steps):
+                run._steps = count
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=CAPTURABLE_WARNING)
                 self._device_step(self.static)
