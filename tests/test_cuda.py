@@ -1,5 +1,6 @@
 """GPU paths (run by scripts/gpu_check.sh; skipped without CUDA): the automatic policy, a training
-step under it, the float32 teacher classifier and --compile."""
+step under it, the float32 teacher classifier, --compile, fused lockstep, the teacher's cast
+weights and --cuda-graphs (replays against the eager step; a NaN replay reported at its step)."""
 
 import pytest
 import torch
