@@ -550,9 +550,9 @@ def cmd_data_split(args) -> None:
 
 def cmd_data_join(args) -> None:
     from desupcon import data as data_mod
-    from desupcon.data_parts import DatasetPartsError, join_parts
+    from desupcon.data_parts import DatasetPartsError, join_parts, PART_FILE
     out = Path(args.out)
-    if (out / "part.json").is_file() or any(Path(p).resolve() == out.resolve() for p in args.parts):
+    if (out / PART_FILE).is_file() or any(Path(p).resolve() == out.resolve() for p in args.parts):
         raise ConfigError(f"{out} is one of the parts; join into another folder")
     _writable_folder(out, args.overwrite)
     try:

@@ -26,6 +26,20 @@ def tiny_config():
 
 
 @pytest.fixture
+def made_step_graphs(monkeypatch):
+    """The `engine.graphs.StepGraph`s made from now on (one per graphed epoch of a group), in order."""
+    from desupcon.engine import graphs
+    made = []
+    real = graphs.StepGraph.__init__
+
+    def recording(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(graphs.StepGraph, "__init__", recording)
+    return made
+
+
+@pytest.fixture
 def nan_batch_at(monkeypatch):
     """`nan_batch_at(step)`: from now on, the training loop's two-view batches (the students') are
     NaN at 1-based `step` of every epoch."""

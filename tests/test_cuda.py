@@ -67,19 +67,12 @@ def test_teacher_weights_cast_once_on_the_gpu_give_autocasts_outputs():
     assert after[1].dtype == torch.float32
 
 
-def test_cuda_graph_replays_give_the_eager_steps_weights(tmp_path, tiny_config, monkeypatch):
+def test_cuda_graph_replays_give_the_eager_steps_weights(tmp_path, tiny_config, made_step_graphs):
     """--cuda-graphs on the GPU: the same 2 epochs as the eager loop (bitwise where cuDNN picks the
     same kernels; bf16 tolerance otherwise), with replays actually made."""
-    from desupcon.engine import graphs
     from desupcon.session import Session
     from desupcon.store.checkpoint import load_checkpoint
-    made = []
-    real_init = graphs.StepGraph.__init__
-
-    def recording(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        made.append(self)
-    monkeypatch.setattr(graphs.StepGraph, "__init__", recording)
+    made = made_step_graphs
     weights = {}
     for graphed in (False, True):
         base = tiny_config(tmp_path / str(graphed), epochs=2, train_images=160).replace(

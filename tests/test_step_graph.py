@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from desupcon import data
-from desupcon.engine import graphs, loop
+from desupcon.engine import loop
 from desupcon.engine.build import make_student_run
 from desupcon.engine.devices import DevicePolicy
 from desupcon.engine.finite import NonFiniteLossError
@@ -177,30 +177,23 @@ def test_steps_that_cannot_be_captured_are_named(setup):
 
 
 def _graphs_on_the_cpu(monkeypatch):
-    """The loop takes the graphed path on the CPU (emulated); returns the StepGraphs it made."""
-    made = []
-    real = graphs.StepGraph.__init__
-
-    def recording(self, *args, **kwargs):
-        real(self, *args, **kwargs)
-        made.append(self)
+    """The loop takes the graphed path on the CPU (emulated)."""
     monkeypatch.setattr(loop, "capture_blocker", lambda runs, policy: None)
-    monkeypatch.setattr(graphs.StepGraph, "__init__", recording)
-    return made
 
 
-def test_graphed_session_equals_the_eager_session(tmp_path, tiny_config, monkeypatch, caplog):
+def test_graphed_session_equals_the_eager_session(tmp_path, tiny_config, monkeypatch, caplog, made_step_graphs):
     caplog.set_level("INFO", logger="desupcon")
     weights = {}
     for graphed in (False, True):
-        made = _graphs_on_the_cpu(monkeypatch) if graphed else []
+        if graphed:
+            _graphs_on_the_cpu(monkeypatch)
         base = tiny_config(tmp_path / str(graphed), epochs=2, train_images=72).replace(
             cuda_graphs=graphed, optim={"batch_size": 16})
         cfgs = [base.with_method("lw-supcrd"), base.with_method("dkd").replace(method={"warmup": 2}),
                 base.with_method("crd").replace(method={"bank_size": 24})]
         results = Session(base, analyze=False).run_many(cfgs)
         weights[graphed] = {r.name: (load_checkpoint(r.checkpoint)["student"], r.log) for r in results}
-    students = [s for s in made if s.runs[0].kind == "student"]  # the teacher's training is graphed too
+    students = [s for s in made_step_graphs if s.runs[0].kind == "student"]  # the teacher's training is graphed too
     # one graph per epoch of the group; in epoch 1 the bank draws too few slots until step 3, so
     # its 2 eager warm-up steps are steps 3 and 4; in epoch 2 the capture is step 3, then a replay
     assert [s.replays for s in students] == [0, 2]

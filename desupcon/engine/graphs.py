@@ -58,23 +58,25 @@ def capture_blocker(runs: list, policy) -> str | None:
     return None
 
 
-def _host_state(runs: list) -> list:
-    """What a replay must leave unchanged: each run's and method's plain Python values, and the
-    identity of every tensor the epoch's end, a checkpoint or the next step reads."""
-    state = []
-    for run in runs:
-        for owner in (run, run.method):
-            for key, value in sorted(vars(owner).items()):
-                if key == "_steps":  # counted by the StepGraph around each replay
-                    continue
-                if isinstance(value, (bool, int, float, str, type(None))):
-                    state.append((id(owner), key, value))
+# set by the StepGraph around every step: the host step count, the bank's staged work
+_MANAGED = ("_steps", "bank_step")
+
+
+def _host_state(runs: list) -> dict:
+    """What a replay must leave unchanged, by name: each run's and method's plain Python values,
+    and the identity of every tensor the epoch's end, a checkpoint or the next step reads."""
+    state = {}
+    for k, run in enumerate(runs):
+        for owner, where in ((run, "run"), (run.method, "method")):
+            for key, value in vars(owner).items():
+                if isinstance(value, (bool, int, float, str, type(None))) and key not in _MANAGED:
+                    state[(k, where, key)] = value
                 elif isinstance(value, torch.Tensor):
-                    state.append((id(owner), key, id(value)))
-        state += [(run.name, key, id(value)) for key, value in run._loss_sums.items()]
-        state += [(run.name, id(p), id(t)) for p, s in run.optimizer.state.items()
-                  for t in s.values() if isinstance(t, torch.Tensor)]
-        state += [(run.name, "lr", g["lr"]) for g in run.optimizer.param_groups]
+                    state[(k, where, key)] = id(value)
+        state.update({(k, "loss sum", key): id(value) for key, value in run._loss_sums.items()})
+        state.update({(k, "optimiser state", f"{id(p)}.{name}"): id(t) for p, st in run.optimizer.state.items()
+                      for name, t in st.items() if isinstance(t, torch.Tensor)})
+        state.update({(k, "lr", str(g)): group["lr"] for g, group in enumerate(run.optimizer.param_groups)})
     return state
 
 
@@ -100,7 +102,7 @@ class StepGraph:
         self.graph = None
         self.static: tuple | None = None
         self.static_banks: dict[int, BankStep] = {}  # id(run) -> its bank's staged step, static
-        self._host_before: list | None = None
+        self._host_before: dict | None = None
         self._captured_steps: list[int] = []
         self._capturable_before = [[g.get("capturable") for g in r.optimizer.param_groups] for r in self.runs]
         if not emulate:
@@ -187,9 +189,10 @@ class StepGraph:
                 self._device_step(self.static)
             for run, count in zip(self.runs, steps):
                 run._steps = count
-            after = _host_state(self.runs)
-            if after != self._host_before:
-                changed = sorted({str(a[1]) for a, b in zip(after, self._host_before) if a != b}) or ["state"]
+            after, before = _host_state(self.runs), self._host_before
+            changed = sorted({key[2] if key[1] in ("run", "method") else key[1]
+                              for key in after.keys() | before.keys() if after.get(key) != before.get(key)})
+            if changed:
                 raise GraphCaptureError("the step is not capturable: a replay would not update "
                                         f"{', '.join(changed)} (keep step state in device tensors, in place)")
         else:

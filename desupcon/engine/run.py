@@ -55,7 +55,7 @@ class Run:
 
     def __post_init__(self):
         self.scaler = self.policy.grad_scaler()
-        # the bank's host work for the coming step, when done before it (`stage_bank_step`)
+        # the bank's host work for the coming step (`stage_bank_step`), consumed by the step
         self.bank_step: BankStep | None = None
         self.tracker = None
         if (self.cfg.tensorboard or self.cfg.wandb) and dist.is_main():
@@ -101,9 +101,10 @@ class Run:
         self.finish_step(outputs, losses, total, labels, student_out[2])
 
     def stage_bank_step(self, indices: torch.Tensor) -> BankStep:
-        """The bank's host work for the next step on the batch `indices`, done now (the draw, from the
-        run's bank generator, and the update's grouping; the same draws as in the step), so that
-        the step itself only reads and writes the bank on the device (`bank_step`, graphs.py)."""
+        """The bank's host work for the step on the batch `indices` (all processes' under torchrun):
+        the draw from the run's bank generator and the update's grouping, so that the step itself
+        only reads and writes the bank on the device. The step does it itself before its losses;
+        a CUDA graph's caller does it before each replay (graphs.py), with the same draws."""
         self.bank_step = self.bank.stage_step(self.cfg.method.bank_size, indices, 2, self.bank_generator,
                                               written_only=self.cfg.method.bank_mode == "class-aware")
         return self.bank_step
@@ -146,12 +147,10 @@ class Run:
             if t_map:
                 outputs.teacher_feature_map = t_map[0][rows].float()
         outputs = dist.gather_step_outputs(outputs, method)
-        if self.bank is not None and self.bank_step is not None:  # staged before the step (graphs.py)
+        if self.bank is not None:
+            if self.bank_step is None:  # staged here, unless the step's caller staged it (graphs.py)
+                self.stage_bank_step(outputs.indices)
             outputs.bank_embeddings, outputs.bank_labels = self.bank.gather(self.bank_step.chosen)
-        elif self.bank is not None:
-            outputs.bank_embeddings, outputs.bank_labels = self.bank.sample(
-                self.cfg.method.bank_size, exclude=outputs.indices, generator=self.bank_generator,
-                written_only=self.cfg.method.bank_mode == "class-aware")
         with policy.full_precision():
             losses = method.losses(outputs)
         return outputs, losses, sum(losses.values())
@@ -182,12 +181,9 @@ class Run:
         self._bad_value.copy_(torch.where(first, total.detach().float(), self._bad_value))
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.bank is not None and self.bank_step is not None:
-            staged = self.bank_step
+        if self.bank is not None:
+            staged, self.bank_step = self.bank_step, None
             self.bank.write(staged.slots, staged.inverse, staged.counts, outputs.teacher_projection.detach())
-        elif self.bank is not None:
-            self.bank.update(torch.cat([outputs.indices, outputs.indices]),
-                             outputs.teacher_projection.detach())
         self.method.after_step(outputs)
         for key, value in losses.items():
             if key not in self._loss_sums:
