@@ -59,3 +59,18 @@ def test_gpu_check_runs_every_check_after_a_failure_and_fails_at_the_end(tmp_pat
     assert done.returncode == 1 and "failed: cuda-tests" in done.stdout
     assert len(ran) == 8 and ran[-1] == "ran: scripts/gpu_check.py"  # every check after the failing one
     assert (tmp_path / "out" / "gpu_check.log").read_text().count("ran: ") == 8
+
+
+def test_gpu_check_stops_a_hanging_check_at_its_limit_and_runs_the_rest(tmp_path):
+    """A check that hangs (here the graphed step profile) is stopped at its limit, named as failed,
+    and the checks after it still run."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "ran: $*"\n[[ "$*" == *--cuda-graphs* ]] && exec sleep 60\nexit 0\n')
+    fake.chmod(0o755)
+    done = subprocess.run([str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True, timeout=50,
+                          env={**os.environ, "PY": str(fake), "OUT": str(tmp_path / "out"), "CHECK_SECONDS": "2"})
+    assert done.returncode == 1, done.stdout
+    assert "== step-graphs FAILED (stopped after its limit of 2 s)" in done.stdout
+    assert "failed: step-graphs lockstep-8-fused-graphs" in done.stdout  # both graphed profiles hang here
+    ran = [line for line in done.stdout.splitlines() if line.startswith("ran: ")]
+    assert len(ran) == 8 and ran[-1] == "ran: scripts/gpu_check.py"
