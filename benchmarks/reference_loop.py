@@ -10,7 +10,7 @@ the engine's (docs: results).
 
     python benchmarks/reference_loop.py --data ../shared/data/cifar100 --train-images 10000 \
         --teacher-arch resnet20 --student-arch resnet8 --epochs 15 --teacher-epochs 15 \
-        --probe-epochs 3 --seed 0 --out runs/reference/seed0.json
+        --probe-epochs 3 --seeds 0 1 2 --out runs/reference/seeds.json
 
 The protocol (`paper-bank` without a bank, as measured; every number a flag):
 - data: a stratified training subset (an equal share of every class), the full test set, images
@@ -77,24 +77,32 @@ def stratified_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.cat([p[torch.randperm(len(p), generator=g)[:per_class]] for p in picked]).sort().values
 
 
+def augment_one(image: torch.Tensor, top: int, left: int, flip: bool, factors: tuple[float, float, float],
+                padding: int = 4) -> torch.Tensor:
+    """One view of one float image (3, H, W) in [0, 1]: the crop at (top, left) of the zero-padded
+    image, the flip, then brightness, contrast (towards the grey mean) and saturation (towards the
+    grey image), each clamped to [0, 1]; grey = 0.299 R + 0.587 G + 0.114 B."""
+    _, h, w = image.shape
+    x = F.pad(image, (padding,) * 4)[:, top:top + h, left:left + w]
+    if flip:
+        x = x.flip(-1)
+    brightness, contrast, saturation = factors
+    x = (x * brightness).clamp(0, 1)
+    grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+    x = (contrast * x + (1 - contrast) * grey.mean()).clamp(0, 1)
+    grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+    return (saturation * x + (1 - saturation) * grey).clamp(0, 1)
+
+
 def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, g: torch.Generator,
             jitter: float = 0.2, padding: int = 4) -> torch.Tensor:
-    """One augmented view of uint8 images (B, 3, H, W): crop, flip, colour jitter, normalise."""
-    b, _, h, w = images.shape
-    padded = F.pad(images.float() / 255, (padding,) * 4)
-    out = torch.empty(b, 3, h, w)
-    for i in range(b):  # written per image for clarity: the oracle is read, not timed
+    """One augmented, normalised view of uint8 images (B, 3, H, W), each image's draws its own."""
+    out = torch.empty(images.shape, dtype=torch.float32)
+    for i in range(images.shape[0]):  # written per image for clarity: the oracle is read, not timed
         top, left = torch.randint(0, 2 * padding + 1, (2,), generator=g).tolist()
-        x = padded[i, :, top:top + h, left:left + w]
-        if torch.rand(1, generator=g).item() < 0.5:
-            x = x.flip(-1)
-        bright, contrast, sat = (1 + jitter * (2 * torch.rand(3, generator=g) - 1)).tolist()
-        x = (x * bright).clamp(0, 1)
-        grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])
-        x = (contrast * x + (1 - contrast) * grey.mean()).clamp(0, 1)
-        grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])
-        x = (sat * x + (1 - sat) * grey).clamp(0, 1)
-        out[i] = x
+        flip = torch.rand(1, generator=g).item() < 0.5
+        factors = tuple((1 + jitter * (2 * torch.rand(3, generator=g) - 1)).tolist())
+        out[i] = augment_one(images[i].float() / 255, top, left, flip, factors, padding)
     return (out - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
@@ -129,35 +137,41 @@ def cosine(epoch: int, epochs: int) -> float:
 # Teacher: cross-entropy training, then the cosine probe of its projection head
 # ----------------------------------------------------------------------------------------------
 
-def train_teacher(data: dict, arch: str, epochs: int, seed: int, classes: int) -> nn.Module:
+def train_teacher(data: dict, arch: str, epochs: int, seed: int, classes: int, batches=None) -> nn.Module:
+    """Cross-entropy training; `batches(epoch)` gives an epoch's batches (default: drawn here)."""
     torch.manual_seed(seed)
     encoder = build_encoder(arch, classes)
     opt = torch.optim.Adam(encoder.parameters(), lr=1e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
+    batches = batches or (lambda epoch: epoch_of_batches(data, 128, 1, g, drop_last=True))
     for epoch in range(epochs):
         for group in opt.param_groups:
             group["lr"] = 1e-3 * cosine(epoch, epochs)
         encoder.train()
-        for _, x, _, y in epoch_of_batches(data, 128, 1, g, drop_last=True):
+        for _, x, _, y in batches(epoch):
             loss = F.cross_entropy(encoder.fc(encoder.forward_features(x)), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
         encoder.eval()
-        print(f"teacher epoch {epoch + 1}/{epochs}: test {test_accuracy(lambda x: encoder.fc(encoder.forward_features(x)), data):.2f}%")
+        if "test_images" in data:
+            accuracy = test_accuracy(lambda x: encoder.fc(encoder.forward_features(x)), data)
+            print(f"teacher epoch {epoch + 1}/{epochs}: test {accuracy:.2f}%", flush=True)
     for p in encoder.parameters():
         p.requires_grad_(False)
     return encoder.eval()
 
 
-def probe_head(teacher: nn.Module, data: dict, epochs: int, seed: int, classes: int) -> nn.Module:
+def probe_head(teacher: nn.Module, head: nn.Module, data: dict, epochs: int, seed: int, classes: int,
+               batches=None) -> nn.Module:
+    """The cosine probe: trains `head` (in place) under a bias-free classifier of unit rows."""
     torch.manual_seed(seed)
-    head = mlp([teacher.feature_dim, 512, 128, 64])
-    weight = nn.Parameter(torch.randn(classes, 64) * 0.01)
+    weight = nn.Parameter(torch.randn(classes, head[-1].out_features) * 0.01)
     opt = torch.optim.Adam([*head.parameters(), weight], lr=1e-3)
     g = torch.Generator().manual_seed(seed + 7)
+    batches = batches or (lambda epoch: epoch_of_batches(data, 128, 1, g, drop_last=True))
     for epoch in range(epochs):
-        for _, x, _, y in epoch_of_batches(data, 128, 1, g, drop_last=True):
+        for _, x, _, y in batches(epoch):
             with torch.no_grad():
                 features = teacher.forward_features(x)
             z = F.normalize(head(features), dim=1)
@@ -165,7 +179,7 @@ def probe_head(teacher: nn.Module, data: dict, epochs: int, seed: int, classes: 
             opt.zero_grad()
             loss.backward()
             opt.step()
-        print(f"probe epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}")
+        print(f"probe epoch {epoch + 1}/{epochs}: last batch's loss {loss.item():.3f}", flush=True)
     return head
 
 
@@ -294,32 +308,11 @@ class ReferenceStudent:
         return test_accuracy(lambda x: self.model(x)[2], data)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, help="an npz folder (train.npz, test.npz)")
-    ap.add_argument("--train-images", type=int, default=10000)
-    ap.add_argument("--teacher-arch", default="resnet20")
-    ap.add_argument("--student-arch", default="resnet8")
-    ap.add_argument("--teacher-epochs", type=int, default=15)
-    ap.add_argument("--probe-epochs", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--seed", type=int, default=0, help="the students' seed (the teacher's: --teacher-seed)")
-    ap.add_argument("--teacher-seed", type=int, default=0)
-    ap.add_argument("--methods", nargs="+", default=["ce", "supcon", "crd", "lw-supcrd"],
-                    choices=["ce", *TWO_VIEW])
-    ap.add_argument("--out", required=True, help="a JSON file for the results")
-    args = ap.parse_args()
-    started = time.time()
-    data = load_npz_folder(args.data)
-    keep = stratified_subset(data["train_labels"], args.train_images, seed=0)
-    data["train_images"], data["train_labels"] = data["train_images"][keep], data["train_labels"][keep]
-    classes = int(data["train_labels"].max()) + 1
-    teacher = train_teacher(data, args.teacher_arch, args.teacher_epochs, args.teacher_seed, classes)
-    teacher_acc = test_accuracy(lambda x: teacher.fc(teacher.forward_features(x)), data)
-    head = probe_head(teacher, data, args.probe_epochs, args.teacher_seed, classes)
-    students = {m: ReferenceStudent(m, args.student_arch, classes, args.seed, teacher, head, args.epochs)
+def train_students(data: dict, args, seed: int, teacher: nn.Module, head: nn.Module, classes: int) -> dict:
+    """Every method's student of one seed over the same batches; its per-epoch test accuracies."""
+    students = {m: ReferenceStudent(m, args.student_arch, classes, seed, teacher, head, args.epochs)
                 for m in args.methods}
-    g = torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(seed)
     log = {m: [] for m in students}
     for epoch in range(args.epochs):
         for student in students.values():
@@ -330,14 +323,52 @@ def main() -> None:
         for m, student in students.items():
             student.epoch += 1
             log[m].append(student.test_accuracy(data))
-        print(f"epoch {epoch + 1}/{args.epochs}: " + ", ".join(f"{m} {log[m][-1]:.2f}" for m in log), flush=True)
-    result = {"teacher_test_acc": teacher_acc, "seed": args.seed, "args": vars(args),
-              "last_epoch_test_acc": {m: v[-1] for m, v in log.items()},
-              "best_test_acc": {m: max(v) for m, v in log.items()}, "per_epoch": log,
-              "seconds": time.time() - started}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["last_epoch_test_acc"]))
+        print(f"seed {seed} epoch {epoch + 1}/{args.epochs}: " + ", ".join(f"{m} {log[m][-1]:.2f}" for m in log),
+              flush=True)
+    return log
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="an npz folder (train.npz, test.npz)")
+    ap.add_argument("--train-images", type=int, default=10000)
+    ap.add_argument("--teacher-arch", default="resnet20")
+    ap.add_argument("--student-arch", default="resnet8")
+    ap.add_argument("--teacher-epochs", type=int, default=15)
+    ap.add_argument("--probe-epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="the students' seeds, one after the other, with one teacher (its seed: --teacher-seed)")
+    ap.add_argument("--teacher-seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", default=["ce", "supcon", "crd", "lw-supcrd"],
+                    choices=["ce", *TWO_VIEW])
+    ap.add_argument("--out", required=True, help="a JSON file for the results, rewritten after each seed")
+    args = ap.parse_args()
+    started = time.time()
+    data = load_npz_folder(args.data)
+    keep = stratified_subset(data["train_labels"], args.train_images, seed=0)
+    data["train_images"], data["train_labels"] = data["train_images"][keep], data["train_labels"][keep]
+    classes = int(data["train_labels"].max()) + 1
+    teacher = train_teacher(data, args.teacher_arch, args.teacher_epochs, args.teacher_seed, classes)
+    result = {"args": vars(args), "teacher_test_acc": test_accuracy(lambda x: teacher.fc(teacher.forward_features(x)),
+                                                                    data), "seeds": {}}
+    torch.manual_seed(args.teacher_seed)
+    head = probe_head(teacher, mlp([teacher.feature_dim, 512, 128, 64]), data, args.probe_epochs,
+                      args.teacher_seed, classes)
+    result["teacher_seconds"] = time.time() - started
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        seed_started = time.time()
+        log = train_students(data, args, seed, teacher, head, classes)
+        result["seeds"][str(seed)] = {"last_epoch_test_acc": {m: v[-1] for m, v in log.items()},
+                                      "best_test_acc": {m: max(v) for m, v in log.items()},
+                                      "best_epoch": {m: 1 + v.index(max(v)) for m, v in log.items()},
+                                      "per_epoch": log, "seconds": time.time() - seed_started}
+        temporary = out.with_suffix(".tmp")
+        temporary.write_text(json.dumps(result, indent=1))
+        temporary.replace(out)  # a finished seed is never lost to a kill
+        print(json.dumps({seed: result["seeds"][str(seed)]["last_epoch_test_acc"]}), flush=True)
 
 
 if __name__ == "__main__":

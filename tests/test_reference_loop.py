@@ -160,3 +160,64 @@ def test_a_changed_protocol_is_caught(setup, change, monkeypatch):
     model = _change_difference(run.model.state_dict(), default.model.state_dict(), start["model"])[0]
     head = _change_difference(run.teacher_head.state_dict(), default.head.state_dict(), start["head"])[0]
     assert max(model, head) > 10 * TOLERANCE
+
+
+@pytest.fixture
+def recorded_batches(monkeypatch):
+    """The batches the training loop draws from now on, per epoch, as the model receives them."""
+    epochs: list[list] = []
+    real = data.epoch_batches
+
+    def recording(*args, **kwargs):
+        epochs.append([])
+        for i, v1, v2, y in real(*args, **kwargs):
+            epochs[-1].append((i, v1.contiguous(), None if v2 is None else v2.contiguous(), y))
+            yield i, v1, v2, y
+    monkeypatch.setattr(data, "epoch_batches", recording)
+    return epochs
+
+
+def test_teacher_training_and_probe_equal_the_reference(setup, recorded_batches, tmp_path):
+    """The teacher's cross-entropy training and its head's cosine probe, fed the batches the engine
+    drew, give the reference's weights bit for bit."""
+    from desupcon.store.paths import OutputPaths
+    from desupcon.teacher import train_projection_probe, train_teacher_encoder
+    cfg, ds, _ = setup
+    cfg = cfg.replace(teacher={"epochs": 2, "batch_size": 16, "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4,
+                               "schedule": "cosine", "seed": 5, "probe_epochs": 2},
+                      output_dir=str(tmp_path))
+    policy = dataclasses.replace(DevicePolicy.choose("cpu"), fold_teacher_batchnorm=False)
+    paths = OutputPaths(cfg.output_dir)
+    encoder, _ = train_teacher_encoder(cfg, ds, policy, paths)
+    ref_encoder = reference.train_teacher({}, cfg.model.teacher_arch, 2, cfg.teacher.seed, ds.num_classes,
+                                          batches=lambda epoch: recorded_batches[epoch])
+    diff, where = _change_difference(encoder.state_dict(), ref_encoder.state_dict(),
+                                     {k: torch.zeros_like(v) for k, v in encoder.state_dict().items()})
+    assert diff < TOLERANCE, f"the teacher's training differs by {diff:.2e} at {where}"
+    recorded_batches.clear()
+    torch.manual_seed(cfg.teacher.seed)
+    teacher = Teacher(encoder)
+    head = copy.deepcopy(teacher.head)
+    train_projection_probe(teacher, cfg, ds, policy, paths)
+    reference.probe_head(ref_encoder, head, {}, 2, cfg.teacher.seed, ds.num_classes,
+                         batches=lambda epoch: recorded_batches[epoch])
+    diff, where = _change_difference(teacher.head.state_dict(), head.state_dict(),
+                                     {k: torch.zeros_like(v) for k, v in head.state_dict().items()})
+    assert diff < TOLERANCE, f"the probed heads differ by {diff:.2e} at {where}"
+
+
+def test_augmentation_equals_the_reference(setup):
+    """The engine's batched augmentation computes, image by image, what the reference's does with the
+    same crop offsets, flips and colour factors."""
+    _, ds, _ = setup
+    images = ds.train_images[:12]
+    augment = data.TwoViewAugment(ds.mean, ds.std, padding=2)
+    params = augment.sample_params(12, torch.Generator().manual_seed(1))
+    engine = augment.apply(images, params)
+    for i in range(12):
+        top, left = params.offsets[i].tolist()
+        one = reference.augment_one(images[i].float() / 255, top, left, bool(params.flip[i]),
+                                    tuple(params.jitter[i].tolist()), padding=2)
+        expected = (one - ds.mean.view(3, 1, 1)) / ds.std.view(3, 1, 1)
+        assert torch.allclose(engine[i], expected, atol=1e-5), f"image {i}"
+    assert params.flip.any() and not params.flip.all()
