@@ -12,7 +12,6 @@ from pathlib import Path
 import traceback
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from desupcon import session as pipeline
 from desupcon.config import COMPILE_MODES, config_json, method_names, preset, PRESET_HELP, PRESETS, run_name, RunConfig
 from desupcon.config.settings import flagged, switches
 from desupcon.config.validation import checked_config_dict, ConfigError, validate_config
@@ -269,6 +268,7 @@ def reject_overridden_flags(args, base: RunConfig, planned: list[RunConfig], who
 
 
 def cmd_quickstart(args) -> None:
+    from desupcon import session as pipeline  # (the training and analysis stack: not for --help)
     cfg = config_from_args(args)
     cfgs = [c for _, c in pipeline.quickstart_configs(cfg)]
     reject_overridden_flags(args, cfg, cfgs, "quickstart",
@@ -280,6 +280,7 @@ def cmd_quickstart(args) -> None:
 
 
 def cmd_teacher(args) -> None:
+    from desupcon import session as pipeline  # (the training and analysis stack: not for --help)
     cfg = config_from_args(args)
     if args.print_config:
         return print_config(cfg)
@@ -324,6 +325,7 @@ def two_stage_settings(args, cfg: RunConfig, stored: dict | None = None):
 
 
 def cmd_train(args) -> None:
+    from desupcon import session as pipeline  # (the training and analysis stack: not for --help)
     cfg = config_from_args(args)
     stored = config_file(args.config)[1] if getattr(args, "config", None) else None
     if stored is not None and getattr(args, "method", None) not in (None, "two-stage"):
@@ -365,6 +367,7 @@ def _saved_run_path(run: str, output_dir) -> Path:
 
 def cmd_analyze(args) -> None:
     """Re-analyse a saved student (a checkpoint path or a run name under --output-dir)."""
+    from desupcon import session as pipeline  # (the training and analysis stack: not for --help)
     path = _saved_run_path(args.run, args.output_dir)
     metrics = pipeline.analyze_checkpoint(path, device=args.device, output_dir=args.output_dir,
                                           data_root=args.data_root, pictures=not args.no_plots)
@@ -376,6 +379,7 @@ def cmd_analyze(args) -> None:
 
 def cmd_probe(args) -> None:
     """A probe on a saved student's frozen encoder (SPEC 12), recorded beside its other results."""
+    from desupcon import session as pipeline  # (the training and analysis stack: not for --help)
     from desupcon.store.checkpoint import load_checkpoint
     from desupcon.engine.devices import DevicePolicy, select_device
     from desupcon.probes import ProbeConfig, probe_checkpoint
@@ -400,6 +404,7 @@ def cmd_probe(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from desupcon import session as pipeline  # (the training and analysis stack: not for --help)
     if not Path(args.output_dir).is_dir():
         raise InputFileError(f"--output-dir {args.output_dir}: no such folder (nothing is reported, nothing "
                              "created); give the folder your runs were written under")

@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from desupcon.errors import DesupconError
 from desupcon.models.folding import fold_batchnorm
@@ -25,27 +24,6 @@ from desupcon.precision import true_float32
 # ----------------------------------------------------------------------------------------------
 # Encoders
 # ----------------------------------------------------------------------------------------------
-
-class CifarTorchvisionResNet(torchvision.models.ResNet):
-    """torchvision ResNet with the CIFAR stem: 3x3 stride-1 first conv and no max-pool."""
-
-    def __init__(self, block, layers, num_classes: int):
-        super().__init__(block, layers, num_classes=num_classes)
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.maxpool = nn.Identity()
-        self.feature_dim = self.fc.in_features
-
-    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Final feature map (B, C, H, W): after the last ReLU, before pooling (SPEC section 13)."""
-        x = self.relu(self.bn1(self.conv1(x)))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    def pool_features(self, feature_map: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.avgpool(feature_map), 1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool_features(self.forward_feature_map(x))
-
 
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual; 1x1 projection shortcut when the shape changes."""
@@ -98,8 +76,13 @@ class SmallCifarResNet(ZooEncoder):
         return self.layer3(self.layer2(self.layer1(x)))
 
 
-def _torchvision(block, layers):
-    return lambda num_classes: CifarTorchvisionResNet(block, layers, num_classes)
+def _torchvision(block: str, layers: list[int]):
+    def build(num_classes: int) -> nn.Module:
+        # imported on first use: `import torchvision` loads every torchvision model (and
+        # torch._dynamo), seconds that a command's start or `--help` should not pay
+        from desupcon.models.cifar_torchvision import CifarTorchvisionResNet
+        return CifarTorchvisionResNet(block, layers, num_classes)
+    return build
 
 
 def _small(depth: int, widths=(16, 16, 32, 64)):
@@ -108,9 +91,9 @@ def _small(depth: int, widths=(16, 16, 32, 64)):
 
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     # torchvision's layout (`downsample`, `fc`): the published teacher and student
-    "resnet18": _torchvision(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
-    "resnet34": _torchvision(torchvision.models.resnet.BasicBlock, [3, 4, 6, 3]),
-    "resnet50": _torchvision(torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),
+    "resnet18": _torchvision("basic", [2, 2, 2, 2]),
+    "resnet34": _torchvision("basic", [3, 4, 6, 3]),
+    "resnet50": _torchvision("bottleneck", [3, 4, 6, 3]),
     # the KD literature's CIFAR zoo (SPEC 2 and 17)
     **{f"resnet{d}": _small(d) for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": _small(8, (32, 64, 128, 256)),
