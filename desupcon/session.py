@@ -62,8 +62,12 @@ class Session:
             self._dataset = prepare_dataset(self.cfg, self.device)
         return self._dataset
 
-    def teacher(self, resume: bool = True) -> tuple[Teacher, dict]:
-        """The teacher with its projection head, loaded (or trained) once per session."""
+    def teacher(self, resume: bool = True, projection: bool = True) -> tuple[Teacher, dict]:
+        """The teacher, loaded (or trained) once per session; its projection head probe-trained
+        unless `projection` is False (no run reads it: the probe is left out, until a later call
+        asks for the head)."""
+        if self._teacher is not None and projection and not getattr(self._teacher[0], "head_probed", True):
+            self._teacher = None  # the backbone is cached on disk: only the probe runs now
         if self._teacher is None:
             validate_config(self.cfg, self.dataset)
             # one process trains (or probes) a teacher; another one on this folder waits and loads it
@@ -72,24 +76,24 @@ class Session:
                 log.info("the teacher is being trained by another process; waiting for it to finish")
                 lock.acquire(wait=True)
             try:
-                self._teacher = self._load_or_train_teacher(resume)
+                self._teacher = self._load_or_train_teacher(resume, projection)
             finally:
                 if lock is not None:
                     lock.release(finished=self._teacher is not None)
         return self._teacher
 
-    def _load_or_train_teacher(self, resume: bool) -> tuple[Teacher, dict]:
+    def _load_or_train_teacher(self, resume: bool, projection: bool) -> tuple[Teacher, dict]:
         """Several processes: a teacher rank 0 has ready (cached or published) is loaded there and
         sent to the others (their disks may not hold it); one to train trains on every rank."""
         ready = not self.force_teacher and distributed.active() and distributed.broadcast_from_main(
             teacher_ready(self.cfg) if distributed.is_main() else None)
         if not ready:
             return load_or_train_teacher(self.cfg, self.dataset, self.policy, force=self.force_teacher,
-                                         resume=resume)
+                                         resume=resume, projection=projection)
         loaded = None
         if distributed.is_main():
             with distributed.solo():  # nothing trains: rank 0 loads it alone, then sends it
-                loaded = load_or_train_teacher(self.cfg, self.dataset, self.policy)
+                loaded = load_or_train_teacher(self.cfg, self.dataset, self.policy, projection=projection)
         state = distributed.broadcast_from_main(teacher_state(*loaded) if loaded else None)
         return loaded or teacher_from_state(state, self.cfg, self.dataset.num_classes, self.policy)
 
@@ -108,10 +112,12 @@ class Session:
         for cfg in cfgs:  # every setting checked before anything trains
             self._check_compatible(cfg)
             validate_config(cfg, self.dataset)
-        # The analysis compares every student with the teacher, so it is loaded even for CE runs.
+        # The analysis compares every student with the teacher, so it is loaded even for CE runs;
+        # its projection head is probed only when a run reads it (the analysis then uses it too).
         # (the same on every rank: a teacher that trains needs them all, even if only rank 0 analyses)
         needs_teacher = self.analyze_requested or any(build_method(c.method).uses_teacher for c in cfgs)
-        teacher = self.teacher(resume=resume)[0] if needs_teacher else None
+        projection = any(c.reads_teacher_projection for c in cfgs)
+        teacher = self.teacher(resume=resume, projection=projection)[0] if needs_teacher else None
         forced = [force and run_name(c) not in self.retrained for c in cfgs]
         results: dict[int, RunResult] = {}
         groups: dict[tuple, list[int]] = {}
@@ -138,8 +144,15 @@ class Session:
         # a record lost (a kill while the records file was written) is rebuilt from the checkpoint
         if result.analysis is None or force or not has_record(result.config, result.name):
             result.analysis = evaluation.analyze_student_checkpoint(
-                result.checkpoint, self.dataset, self.policy, self.teacher()[0], self.pictures)
+                result.checkpoint, self.dataset, self.policy, self._analysis_teacher(result), self.pictures)
         return result.analysis
+
+    def _analysis_teacher(self, result: RunResult) -> Teacher:
+        """The teacher as this session has it: with a probed head when one was needed or is cached,
+        else the backbone alone (the semantic-agreement metrics are then left out)."""
+        if self._teacher is not None:
+            return self._teacher[0]
+        return self.teacher(projection=result.config.reads_teacher_projection)[0]
 
     def analyze_teacher(self) -> dict:
         teacher, metrics = self.teacher()

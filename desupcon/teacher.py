@@ -127,9 +127,12 @@ def _teacher_checkpoint(kind: str, name: str, identity: dict, cfg: RunConfig, te
                               source)
 
 
-def _finish(teacher: Teacher, metrics: dict, policy) -> tuple[Teacher, dict]:
-    """The teacher on the policy's device in eval mode, with its content fingerprint and source."""
+def _finish(teacher: Teacher, metrics: dict, policy, head_probed: bool = True) -> tuple[Teacher, dict]:
+    """The teacher on the policy's device in eval mode, with its content fingerprints (backbone and
+    head; backbone alone), its source and whether its projection head is the probe-trained one."""
     teacher.fingerprint = metrics["fingerprint"] = fingerprint(teacher.encoder, teacher.head)
+    teacher.backbone_fingerprint = fingerprint(teacher.encoder)
+    teacher.head_probed = head_probed
     teacher.source = metrics.get("source", "")
     teacher = policy.prepare(teacher).eval()
     if policy.fold_teacher_batchnorm:  # (a fixed example: the global random generators stay untouched)
@@ -294,11 +297,13 @@ BACKBONE = (own_cache_backbone, published_backbone, weights_file_or_hub, trained
 
 
 def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, policy,
-                          force: bool = False, resume: bool = True) -> tuple[Teacher, dict]:
+                          force: bool = False, resume: bool = True, projection: bool = True) -> tuple[Teacher, dict]:
     """The frozen teacher with its probe-trained projection head, from the first source that has
     it: `WITH_PROJECTION` (a published teacher-with-projection file, our cached teacher), else a
     backbone from `BACKBONE` (our cached backbone, a published teacher file, `--teacher-weights`,
-    cross-entropy training) whose head is then probed. `force` retrains (or re-probes) the teacher;
+    cross-entropy training) whose head is then probed. With `projection=False` (no run reads the
+    head) a backbone without a probed head is returned as it is (`teacher.head_probed` False): its
+    head is the seeded initial one, which nothing may read. `force` retrains (or re-probes) the teacher;
     it is the teacher's own switch. Returns (teacher, metrics); `teacher.fingerprint` identifies
     its weights. Several processes decide as rank 0 does (node-local disks may differ)."""
     validate_config(cfg, dataset)
@@ -324,6 +329,8 @@ def load_or_train_teacher(cfg: RunConfig, dataset: data_mod.ImageDataset, policy
                                                     teacher, metrics, entries, backbone_source))
         remove_partial(paths, req.name)
     log.info(f"[{req.name}] teacher test accuracy {test_acc:.2f}%")
+    if not projection:
+        return _finish(teacher, metrics, policy, head_probed=False)
     probe_log = train_projection_probe(teacher, cfg, dataset, policy, paths, resume=resume and not force)
     metrics = {**metrics, "probe_train_acc": probe_log[-1]["train_acc"] if probe_log else None}
     _save(req.own_proj, _teacher_checkpoint("teacher_projection", req.proj_name, cfg.teacher_identity(), cfg,
@@ -371,14 +378,15 @@ def teacher_ready(cfg: RunConfig) -> bool:
 def teacher_state(teacher: Teacher, metrics: dict) -> dict:
     """What another process needs to rebuild this teacher (`teacher_from_state`)."""
     return {"encoder": {k: v.cpu() for k, v in teacher.encoder.state_dict().items()},
-            "head": {k: v.cpu() for k, v in teacher.head.state_dict().items()}, "metrics": dict(metrics)}
+            "head": {k: v.cpu() for k, v in teacher.head.state_dict().items()}, "metrics": dict(metrics),
+            "head_probed": getattr(teacher, "head_probed", True)}
 
 
 def teacher_from_state(state: dict, cfg: RunConfig, num_classes: int, policy) -> tuple[Teacher, dict]:
     teacher = Teacher(build_encoder(cfg.model.teacher_arch, num_classes, cfg.model.init))
     load_matching_state_dict(teacher.encoder, state["encoder"], source="rank 0's teacher")
     teacher.head.load_state_dict(state["head"])
-    return _finish(teacher, dict(state["metrics"]), as_policy(policy))
+    return _finish(teacher, dict(state["metrics"]), as_policy(policy), state.get("head_probed", True))
 
 
 def teacher_checkpoint_path(cfg: RunConfig) -> Path:

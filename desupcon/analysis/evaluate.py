@@ -199,10 +199,16 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
     paths = OutputPaths(own_root if output_root is None else output_root)
     data_identity = cfg.data_identity()
     if teacher is not None:
-        teacher_z = teacher_embeddings(teacher, dataset, device)
         teacher_info = {"fingerprint": getattr(teacher, "fingerprint", None),
                         "source": getattr(teacher, "source", None)}
-        records.save_teacher_embeddings(paths.root, teacher_info["fingerprint"], data_identity, teacher_z)
+        teacher_z = None
+        if getattr(teacher, "head_probed", True):  # (an unprobed head's embeddings mean nothing)
+            # once per teacher content and test set: every later student of a sweep reads them
+            teacher_z = records.load_teacher_embeddings([paths.root], teacher_info["fingerprint"], data_identity,
+                                                        rows=dataset.test_labels.shape[0])
+            if teacher_z is None:
+                teacher_z = teacher_embeddings(teacher, dataset, device)
+                records.save_teacher_embeddings(paths.root, teacher_info["fingerprint"], data_identity, teacher_z)
     else:
         # the teacher it was analysed with before (an imported published file names none itself)
         old = (records.read_record(cfg, ckpt["name"], paths.root)

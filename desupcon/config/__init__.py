@@ -245,6 +245,11 @@ class RunConfig:
         cls = method_class(self.method.method)
         return cls is None or cls.needs_teacher(self.method)
 
+    @property
+    def reads_teacher_projection(self) -> bool:
+        cls = method_class(self.method.method)
+        return cls is None or cls.reads_teacher_projection(self.method)
+
     # -- identities -------------------------------------------------------------------------
     def data_identity(self) -> dict:
         """The data settings that shape a result. The subset scheme enters only when a subset is

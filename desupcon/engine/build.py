@@ -14,7 +14,7 @@ from desupcon.engine.devices import as_policy, DevicePolicy, make_scheduler
 from desupcon.engine.run import Run
 from desupcon.memory_bank import MomentumMemoryBank
 from desupcon.methods import build_method, Method
-from desupcon.models import build_encoder, Student, Teacher
+from desupcon.models import build_encoder, Student, Teacher, teacher_identity_fingerprint
 
 
 def build_student(arch: str, num_classes: int, init: str = "kaiming") -> Student:
@@ -64,7 +64,11 @@ def assemble_run(cfg: RunConfig, name: str, identity: dict | None, method: Metho
     `identity=None`: the run's configuration identity with the teacher's fingerprint."""
     o = cfg.optim
     teacher_head = None
-    if method.uses_teacher and method.uses_teacher_head:
+    reads_projection = type(method).reads_teacher_projection(method.cfg)
+    if reads_projection:
+        if not getattr(teacher, "head_probed", True):
+            raise ValueError(f"{cfg.method.method} reads the teacher's projection, but this teacher's head "
+                             "was never probe-trained: load the teacher with its projection")
         teacher_head = copy.deepcopy(teacher.head).to(policy.device)
         groups.append({"params": list(teacher_head.parameters()), "lr": o.head_lr, "weight_decay": 0.0})
         schedules.append("constant")
@@ -78,7 +82,7 @@ def assemble_run(cfg: RunConfig, name: str, identity: dict | None, method: Metho
                                   dataset.train_labels, cfg.method.bank_momentum, device=policy.device)
     if cfg.compile:
         student.forward = torch.compile(student.forward, mode=cfg.compile_mode)
-    fp = getattr(teacher, "fingerprint", None) if method.uses_teacher else None
+    fp = teacher_identity_fingerprint(teacher, reads_projection) if method.uses_teacher else None
     return build_run(cfg, name, identity if identity is not None else cfg.identity(fp), method, student, groups,
                      schedules, policy, kind=kind, teacher_head=teacher_head, bank=bank, teacher_fingerprint=fp)
 

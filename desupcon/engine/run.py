@@ -253,7 +253,9 @@ class Run:
         set_global_rng_state(state["rng"])
 
     def final_checkpoint(self, metrics: dict) -> dict:
-        """A student's final checkpoint (the teacher writes its own format from `model`)."""
+        """A student's final checkpoint (the teacher writes its own format from `model`); its metrics
+        say whether the run read the teacher's projection head (a trainable copy of it)."""
+        metrics = {**metrics, "teacher_projection_used": self.teacher_head is not None}
         return student_checkpoint(self.name, self.identity, self.cfg.to_dict(), self.model, metrics, self.log,
                                   self.teacher_fingerprint, self.teacher_head, self.method.state_dict())
 

@@ -14,7 +14,7 @@ from desupcon.engine.devices import as_policy
 from desupcon.engine.finite import NonFiniteLossError
 from desupcon.engine.loop import train_group
 from desupcon.engine.run import final_metrics, RunResult
-from desupcon.models import Teacher
+from desupcon.models import Teacher, teacher_identity_fingerprint
 from desupcon.store.cache import is_published, result_from_checkpoint, find_cached_run
 from desupcon.store.checkpoint import atomic_torch_save, remove_partial, remove_stale_temporaries_in
 from desupcon.store.locks import RunLock
@@ -45,14 +45,16 @@ def train_students(cfgs: list[RunConfig], dataset: data_mod.ImageDataset, teache
     check_output_dirs(paths)
     results: dict[str, RunResult] = {}
     pending: list[RunConfig] = []
-    fp = getattr(teacher, "fingerprint", None)
+
+    def fingerprint_for(cfg: RunConfig) -> str | None:
+        return teacher_identity_fingerprint(teacher, cfg.reads_teacher_projection)
     locks: dict[str, RunLock] = {}  # the runs this process has claimed
     saved: set[str] = set()
 
     def load_finished(cfg: RunConfig) -> bool:
         found = None
         if not force and dist.is_main():
-            found = find_cached_run(cfg, paths, fp, dataset, policy)
+            found = find_cached_run(cfg, paths, fingerprint_for(cfg), dataset, policy)
         if dist.active():  # rank 0 decides for all (the others' disks may not hold the file)
             found = dist.broadcast_from_main(None if found is None else (
                 found[0], {k: found[1].get(k) for k in ("name", "metrics", "log", "source")}))

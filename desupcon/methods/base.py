@@ -142,6 +142,13 @@ class Method(abc.ABC):
         makes every method use it)."""
         return cls.uses_teacher or getattr(cfg, "logit_term", "none") != "none"
 
+    @classmethod
+    def reads_teacher_projection(cls, cfg: MethodConfig) -> bool:
+        """Whether a run of this method reads the teacher's projection head (a trainable copy of
+        the probe-trained head): only then is the head probed for it, and only then does the
+        head's content enter the run's identity."""
+        return cls.uses_teacher_head and cls.needs_teacher(cfg)
+
     @property
     def uses_bank(self) -> bool:
         return False

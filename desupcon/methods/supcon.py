@@ -10,6 +10,7 @@ from desupcon.methods.base import COMBO, Method, register_method, TEMPERATURE
 class SupConMethod(Method):
     name, label, settings = "supcon", "SupCon", (TEMPERATURE, *COMBO)
     uses_teacher = False
+    uses_teacher_head = False  # (its logit term reads the teacher's logits, never its projection)
 
     def representation_losses(self, out):
         return {"supcon": losses.supcon_loss(out.student_projection, out.labels, self.cfg.temperature)}

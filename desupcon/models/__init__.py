@@ -253,6 +253,13 @@ class Teacher(nn.Module):
         return F.normalize(self.head(features.detach()), dim=1)
 
 
+def teacher_identity_fingerprint(teacher, reads_projection: bool) -> str | None:
+    """The teacher's content fingerprint a student's identity records: backbone and head when the
+    run reads the teacher's projection, the backbone alone otherwise (so such a run keeps its
+    identity whether or not the head was probed). None without a fingerprinted teacher."""
+    return getattr(teacher, "fingerprint" if reads_projection else "backbone_fingerprint", None)
+
+
 def _features_and_logits(encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     features = encoder.pool_features(encoder.forward_feature_map(x))
     return features, encoder.fc(features)

@@ -70,6 +70,8 @@ def build_record(ckpt: dict, kind: str = "student", analysis: dict | None = None
               "teacher": teacher or {"fingerprint": ckpt.get("teacher_fingerprint"), "source": None},
               "config": cfg.to_dict(), "accuracy": acc, "seconds": m.get("seconds"),
               "metrics": analysis or {}}
+    if kind == "student":  # (None: a checkpoint written before the toolkit recorded it)
+        record["teacher_projection_used"] = m.get("teacher_projection_used")
     if two_stage:  # a two-stage run (two_stage.py): its own settings beside its phase-1 method's
         record["config"]["two_stage"] = ckpt["config"]["two_stage"]
     if pictures is not None:
@@ -139,12 +141,20 @@ def save_teacher_embeddings(root, teacher_fingerprint: str | None, data_identity
                                  "fingerprint": teacher_fingerprint, "embeddings": embeddings.cpu()})
 
 
-def load_teacher_embeddings(roots, teacher_fingerprint: str | None, data_identity: dict) -> torch.Tensor | None:
-    """The teacher's stored test embeddings from the first of `roots` that has them (None: none)."""
+def load_teacher_embeddings(roots, teacher_fingerprint: str | None, data_identity: dict,
+                            rows: int | None = None) -> torch.Tensor | None:
+    """The teacher's stored test embeddings from the first of `roots` that has them (None: none).
+    A file that names another teacher, or (with `rows`) holds another number of test images, is
+    not used."""
     if teacher_fingerprint is None:
         return None
     for root in roots:
         path = teacher_embeddings_path(root, teacher_fingerprint, data_identity)
         if path.is_file():
-            return load_checkpoint(path, "teacher_embeddings")["embeddings"]
+            stored = load_checkpoint(path, "teacher_embeddings")
+            embeddings = stored.get("embeddings")
+            if stored.get("fingerprint") != teacher_fingerprint or not isinstance(embeddings, torch.Tensor) \
+                    or embeddings.ndim != 2 or (rows is not None and embeddings.shape[0] != rows):
+                continue
+            return embeddings
     return None
