@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -377,6 +378,32 @@ def cmd_analyze(args) -> None:
             print(f"{key:<{width}}  {value if value is None else f'{value:.6f}'}")
 
 
+# The analysis commands' settings and their ranges, checked before any model is loaded or data read.
+# (k-NN's k and the KSG estimator's k also have an upper bound, the number of samples, checked
+# where the data is known: probes.knn_predict, analysis.compare_models.)
+ANALYSIS_RANGES = {
+    "k": ("--k", lambda v: v >= 1, ">= 1 (neighbours of the k-NN vote)"),
+    "epochs": ("--epochs", lambda v: v >= 1, ">= 1"),
+    "lr": ("--lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "batch_size": ("--batch-size", lambda v: v >= 1, ">= 1"),
+    "mi_k": ("--mi-k", lambda v: v >= 1, ">= 1 (neighbours of the KSG estimator), below the number of test images"),
+    "mi_dims": ("--mi-dims", lambda v: v >= 1, ">= 1 (principal components kept)"),
+    "cka_sigma": ("--cka-sigma", lambda v: math.isfinite(v) and v > 0,
+                  "a finite number > 0 (a multiple of the median pairwise distance)"),
+}
+
+
+def check_analysis_settings(args) -> None:
+    """One line naming the first analysis setting out of its range, before any work; and the
+    `--json` file's folder writable."""
+    for field, (flag, ok, allowed) in ANALYSIS_RANGES.items():
+        value = getattr(args, field, None)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{flag} {value!r} is out of range; it must be {allowed}")
+    if getattr(args, "json", None):
+        check_writable(Path(args.json).parent)
+
+
 def cmd_probe(args) -> None:
     """A probe on a saved student's frozen encoder (SPEC 12), recorded beside its other results."""
     from desupcon import session as pipeline  # (the training and analysis stack: not for --help)
@@ -384,6 +411,7 @@ def cmd_probe(args) -> None:
     from desupcon.engine.devices import DevicePolicy, select_device
     from desupcon.probes import ProbeConfig, probe_checkpoint
     from desupcon.engine.dataset import prepare_dataset
+    check_analysis_settings(args)
     path = _saved_run_path(args.run, args.output_dir)
     ckpt = load_checkpoint(path, expected_kind="student")
     cfg = RunConfig.from_dict(ckpt["config"]).replace(device=args.device, output_dir=str(args.output_dir),
@@ -396,6 +424,9 @@ def cmd_probe(args) -> None:
     else:
         policy = DevicePolicy.choose(select_device(args.device))
         dataset = prepare_dataset(cfg, policy.device)
+    n_train = dataset.train_labels.shape[0]
+    if args.kind == "knn" and args.k > n_train:  # (before the encoder's pass over the data)
+        raise ConfigError(f"--k {args.k} is out of range for {n_train} training images; it must be in [1, {n_train}]")
     config = ProbeConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          finetune_last_stage=args.finetune_last_stage)
     result = probe_checkpoint(path, args.kind, dataset, policy, teacher=teacher, config=config, k=args.k)
@@ -471,6 +502,7 @@ def cmd_sweep(args) -> None:
 
 def cmd_compare(args) -> None:
     from desupcon.analysis.compare_models import compare_models
+    check_analysis_settings(args)
     out = compare_models(args.a, args.b, args.output_dir, args.device, args.data_root, args.json,
                          mi_dims=args.mi_dims, mi_k=args.mi_k, cka_sigma=args.cka_sigma)
     mi = out["mutual_information"]
@@ -491,6 +523,7 @@ def cmd_compare(args) -> None:
 
 def cmd_similarity(args) -> None:
     from desupcon.analysis.compare_models import layer_similarity
+    check_analysis_settings(args)
     out = layer_similarity(args.a, args.b, args.output_dir, args.device, args.data_root, args.json)
     width = max(len(n) for n in out["layers_a"])
     print(f"linear CKA (unbiased, minibatches of {out['batch_size']}, {out['n']} test images); rows: "

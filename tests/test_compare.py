@@ -286,6 +286,12 @@ def test_compare_bad_inputs_are_one_line(two_runs, tmp_path, capsys, tiny_config
     assert "different test data (test_subset 32 vs 64)" in capsys.readouterr().err
     assert main(["compare", "teacher", "teacher", "--output-dir", str(root), "--device", "cpu"]) == 2
     assert "give a student as the other one" in capsys.readouterr().err
+    # bounds known only with the data: the KSG estimator's k below the 64 test images, k-NN's k at
+    # most the 160 training images; both refused before the models' pass over the data
+    assert main(["compare", lw.name, ce.name, "--output-dir", str(root), "--device", "cpu", "--mi-k", "64"]) == 2
+    assert "--mi-k 64 is out of range for 64 test images" in capsys.readouterr().err
+    assert main(["probe", lw.name, "--kind", "knn", "--k", "161", "--output-dir", str(root), "--device", "cpu"]) == 2
+    assert "--k 161 is out of range for 160 training images" in capsys.readouterr().err
 
 
 def test_report_shows_agreement_with_the_teacher_and_mcnemar_against_ce(tmp_path, tiny_config):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from desupcon.analysis import compare, plots
 from desupcon.config import RunConfig
+from desupcon.config.validation import ConfigError
 from desupcon.data import eval_batches, ImageDataset
 from desupcon.engine.dataset import EVAL_BATCH, prepare_dataset
 from desupcon.engine.devices import DevicePolicy, select_device
@@ -178,6 +179,9 @@ def compare_models(spec_a: str, spec_b: str, output_dir: str | Path = ".", devic
     """Prediction statistics, final-feature CKA (linear, RBF, unbiased) and mutual information of
     two models on the test set; written to json_results/compare/<A>__vs__<B>.json (and `json_path`)."""
     a, b, dataset, policy = _prepare(spec_a, spec_b, output_dir, device, data_root)
+    n_test = dataset.test_labels.shape[0]
+    if not 1 <= mi_k < n_test:  # before the test pass: the KSG estimator needs k < n
+        raise ConfigError(f"--mi-k {mi_k} is out of range for {n_test} test images; it must be in [1, {n_test - 1}]")
     result = run_test_pass(a, b, dataset, policy, layers=False)
     fa, fb = result.features
     out = {"model_a": a.name, "model_b": b.name, "kind_a": a.kind, "kind_b": b.kind,
