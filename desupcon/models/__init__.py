@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from desupcon.errors import DesupconError
 from desupcon.models.folding import fold_batchnorm
-from desupcon.models.zoo import ORIGINAL_CLASSIFIER, ZOO, ZooEncoder
+from desupcon.models.stages import Stages
+from desupcon.models.zoo import ORIGINAL_CLASSIFIER, residual_stages, ZOO, ZooEncoder
 from desupcon.precision import true_float32
 
 
@@ -39,11 +40,20 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
                                             nn.BatchNorm2d(planes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:  # the BatchNorm of the residual branch before the sum
+        return self.bn2
+
+    def forward_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, the residual sum before the final ReLU)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + shortcut)
+        pre = out + shortcut
+        return F.relu(pre), pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_preact(x)[0]
 
 
 class SmallCifarResNet(ZooEncoder):
@@ -65,15 +75,18 @@ class SmallCifarResNet(ZooEncoder):
                 in_planes = planes
             setattr(self, f"layer{i}", nn.Sequential(*layer))
         self.feature_dim = in_planes
+        self.declared_stage_channels = list(widths)
         self.fc = nn.Linear(in_planes, num_classes)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Final feature map (B, C, H, W): after the last ReLU, before pooling (SPEC section 13)."""
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+    def forward_stages(self, x: torch.Tensor, preact: bool = False) -> Stages:
+        """feats: the stem, then each stage's output; preact: its last block's sum before the ReLU."""
+        return residual_stages(self, F.relu(self.bn1(self.conv1(x))), preact)
+
+    def stage_batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [getattr(self, f"layer{i}")[-1].last_bn for i in range(1, 4)]
 
 
 def _torchvision(block: str, layers: list[int]):
@@ -196,7 +209,7 @@ class Teacher(nn.Module):
         """Run every later forward on a copy of the encoder whose BatchNorms are folded into the
         convolutions before them (`folding.py`: the same function, fewer kernels); the encoder
         itself (saved, fingerprinted) stays as it is. Returns the number of BatchNorms folded."""
-        folded, count = fold_batchnorm(self.encoder, _features_and_logits, example)
+        folded, count = fold_batchnorm(self.encoder, outputs_a_fold_must_keep, example)
         self.__dict__["inference_encoder"] = folded if count else None  # not a submodule: not saved
         self.__dict__["inference_dtype"] = None
         return count
@@ -260,9 +273,12 @@ def teacher_identity_fingerprint(teacher, reads_projection: bool) -> str | None:
     return getattr(teacher, "fingerprint" if reads_projection else "backbone_fingerprint", None)
 
 
-def _features_and_logits(encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    features = encoder.pool_features(encoder.forward_feature_map(x))
-    return features, encoder.fc(features)
+def outputs_a_fold_must_keep(encoder: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the teacher's folded copy must compute as the encoder does: the pooled features, the
+    logits and every stage entry and pre-activation (a BatchNorm folded into a convolution whose
+    output is itself a stage entry, as WRN's stem, would change that entry: such folds are left out)."""
+    stages = encoder.forward_stages(x, preact=True)
+    return (stages.pooled, encoder.fc(stages.pooled), *stages.feats, *stages.preact)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ names, so that a released teacher file loads as it is. The one renaming is the c
 encoder here calls it `fc` (what the wrappers use); the original's name for it is in
 `ORIGINAL_CLASSIFIER` and `models.normalise_state_dict_layout` maps it.
 
-Every encoder exposes `forward_feature_map` (the final map SDD pools, after the last
+Every encoder exposes `forward_stages` (the literature's stage outputs and pre-activations, and the
+final map: `stages.py`), `forward_feature_map` (the final map SDD pools, after the last
 BatchNorm/ReLU), `pool_features`, `forward_features` and `feature_dim`, like the ResNets of
 `models.py`, and starts from its original's initialisation.
 """
@@ -18,11 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from desupcon.models.stages import batchnorm_without_update, run_stage, Stages, StagedEncoder
 
-class ZooEncoder(nn.Module):
+
+class ZooEncoder(StagedEncoder, nn.Module):
     """The tail every CIFAR encoder shares (the zoo's and models.SmallCifarResNet): global average
-    pooling of the final map, then the linear classifier `fc`. A subclass sets `feature_dim` and
-    `fc` and defines `forward_feature_map(x)`, the final pre-pool map."""
+    pooling of the final map, then the linear classifier `fc`. A subclass sets `feature_dim`, `fc`
+    and `declared_stage_channels` and defines `forward_stages(x, preact)` (whose final map is
+    `forward_feature_map(x)`)."""
 
     feature_dim: int
 
@@ -105,11 +109,24 @@ class WideResNet(ZooEncoder):
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
         self.feature_dim = widths[3]
+        self.declared_stage_channels = widths
         _kaiming_fan_out(self)
 
-    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block3(self.block2(self.block1(self.conv1(x))))
-        return F.relu(self.bn1(out))
+    def forward_stages(self, x: torch.Tensor, preact: bool = False) -> Stages:
+        """feats: the stem conv, then each stage's raw residual stream (no BN, no ReLU); preact: the
+        BatchNorm that reads each (`stage_batchnorms`) applied to it, without a second update of
+        its statistics."""
+        feats = [self.conv1(x)]
+        for stage in (self.block1, self.block2, self.block3):
+            feats.append(stage(feats[-1]))
+        final_map = F.relu(self.bn1(feats[-1]))
+        preacts = None
+        if preact:
+            preacts = [feats[0], *(batchnorm_without_update(bn, f) for bn, f in zip(self.stage_batchnorms(), feats[1:]))]
+        return self.stages(feats, preacts, final_map)
+
+    def stage_batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,16 +162,25 @@ class VGG(ZooEncoder):
             in_channels = widths[-1]
         self.fc = nn.Linear(512, num_classes)
         self.feature_dim = 512
+        self.declared_stage_channels = [widths[-1] for widths in layout]
         _kaiming_fan_out(self, linear_std=0.01)
 
-    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stages(self, x: torch.Tensor, preact: bool = False) -> Stages:
+        """feats: each block's ReLU output before its max-pool (block 0 the stem, blocks 1-4 the
+        stages); preact: the block's last BatchNorm output."""
         side = x.shape[2]
-        for i in range(3):
-            x = F.max_pool2d(F.relu(getattr(self, f"block{i}")(x)), 2, 2)
-        x = F.relu(self.block3(x))
-        if side == 64:  # the original pools a fourth time only for 64x64 inputs
-            x = F.max_pool2d(x, 2, 2)
-        return F.relu(self.block4(x))
+        feats, preacts = [], []
+        for i in range(5):
+            if i in (1, 2, 3) or (i == 4 and side == 64):  # the original pools a fourth time only at 64x64
+                x = F.max_pool2d(x, 2, 2)
+            pre = getattr(self, f"block{i}")(x)
+            x = F.relu(pre)
+            feats.append(x)
+            preacts.append(pre)
+        return self.stages(feats, [feats[0], *preacts[1:]] if preact else None, feats[-1])
+
+    def stage_batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [getattr(self, f"block{i}")[-1] for i in range(1, 5)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,14 +233,26 @@ class MobileNetV2(ZooEncoder):
         self.conv2 = _conv_bn_relu(channels, 1280, 1, 1)
         self.fc = nn.Linear(1280, num_classes)
         self.feature_dim = 1280
+        self.declared_stage_channels = [int(32 * width), *(int(MOBILENETV2_STAGES[k][1] * width)
+                                                           for k in self.STAGE_BLOCKS)]
         # the original's normal(0, sqrt(2 / (k * k * out_channels))) is Kaiming fan-out
         _kaiming_fan_out(self, linear_std=0.01)
 
-    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+    STAGE_BLOCKS = (1, 2, 4, 6)  # the block groups whose outputs are the stages
+
+    def forward_stages(self, x: torch.Tensor, preact: bool = False) -> Stages:
+        """feats: the stem, then the outputs of block groups 1, 2, 4 and 6 (linear bottlenecks,
+        so preact is the same tensors); the final map is the 1x1 conv to 1280 after them."""
         x = self.conv1(x)
-        for stage in self.blocks:
+        feats = [x]
+        for k, stage in enumerate(self.blocks):
             x = stage(x)
-        return self.conv2(x)
+            if k in self.STAGE_BLOCKS:
+                feats.append(x)
+        return self.stages(feats, list(feats) if preact else None, self.conv2(x))
+
+    def stage_batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [self.blocks[k][-1].conv[-1] for k in self.STAGE_BLOCKS]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,13 +282,16 @@ class ShuffleV1Block(nn.Module):
         self.conv3 = nn.Conv2d(mid, out_planes, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, its value before the final ReLU)."""
         out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.first_groups)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        if self.stride == 2:
-            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1))
-        return F.relu(out + x)
+        pre = torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1) if self.stride == 2 else out + x
+        return F.relu(pre), pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_preact(x)[0]
 
 
 class ShuffleNetV1(ZooEncoder):
@@ -269,10 +310,11 @@ class ShuffleNetV1(ZooEncoder):
             setattr(self, f"layer{i}", nn.Sequential(*layer))
         self.fc = nn.Linear(in_planes, num_classes)
         self.feature_dim = in_planes
+        self.declared_stage_channels = [24, *out_planes]
 
-    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+    def forward_stages(self, x: torch.Tensor, preact: bool = False) -> Stages:
+        """feats: the stem, then each stage's output; preact: its last block's sum before the ReLU."""
+        return residual_stages(self, F.relu(self.bn1(self.conv1(x))), preact)
 
 
 class ShuffleV2Block(nn.Module):
@@ -288,13 +330,18 @@ class ShuffleV2Block(nn.Module):
         self.conv3 = nn.Conv2d(half, half, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(half)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, the concatenation before the branch's last ReLU and before the shuffle: the
+        original's pre-activation, in its unshuffled channel order)."""
         half = x.shape[1] // 2
         kept, branch = x[:, :half], x[:, half:]
         out = F.relu(self.bn1(self.conv1(branch)))
         out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return channel_shuffle(torch.cat([kept, out], 1), 2)
+        out = self.bn3(self.conv3(out))
+        return channel_shuffle(torch.cat([kept, F.relu(out)], 1), 2), torch.cat([kept, out], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_preact(x)[0]
 
 
 class ShuffleV2Down(nn.Module):
@@ -335,11 +382,14 @@ class ShuffleNetV2(ZooEncoder):
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.fc = nn.Linear(out_channels[3], num_classes)
         self.feature_dim = out_channels[3]
+        self.declared_stage_channels = [24, *out_channels[:3]]
 
-    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return F.relu(self.bn2(self.conv2(x)))
+    def forward_stages(self, x: torch.Tensor, preact: bool = False) -> Stages:
+        """feats: the stem, then each stage's output (after its shuffle); preact: see the block's
+        `forward_preact`; the final map is the 1x1 conv to 1024 after the stages."""
+        stages = residual_stages(self, F.relu(self.bn1(self.conv1(x))), preact)
+        final_map = F.relu(self.bn2(self.conv2(stages.feats[-1])))
+        return self.stages(list(stages.feats), None if stages.preact is None else list(stages.preact), final_map)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,6 +405,10 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
 class ZooBasicBlock(nn.Module):
     expansion = 1
 
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:  # the BatchNorm of the residual branch before the sum
+        return self.bn2
+
     def __init__(self, in_planes: int, planes: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
@@ -363,13 +417,20 @@ class ZooBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = _shortcut(in_planes, planes, stride)
 
+    def forward_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x)
+        return F.relu(pre), pre
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + self.shortcut(x))
+        return self.forward_preact(x)[0]
 
 
 class ZooBottleneck(nn.Module):
     expansion = 4
+
+    @property
+    def last_bn(self) -> nn.BatchNorm2d:
+        return self.bn3
 
     def __init__(self, in_planes: int, planes: int, stride: int):
         super().__init__()
@@ -381,10 +442,13 @@ class ZooBottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.shortcut = _shortcut(in_planes, planes * 4, stride)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_preact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
-        return F.relu(out + self.shortcut(x))
+        pre = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out))))) + self.shortcut(x)
+        return F.relu(pre), pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_preact(x)[0]
 
 
 class ZooResNet(ZooEncoder):
@@ -401,6 +465,7 @@ class ZooResNet(ZooEncoder):
             setattr(self, f"layer{i}", nn.Sequential(*stage))
         self.fc = nn.Linear(in_planes, num_classes)
         self.feature_dim = in_planes
+        self.declared_stage_channels = [64, *(p * block.expansion for p in (64, 128, 256, 512))]
         for m in self.modules():  # the original leaves the classifier at PyTorch's default
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -408,9 +473,25 @@ class ZooResNet(ZooEncoder):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    def forward_stages(self, x: torch.Tensor, preact: bool = False) -> Stages:
+        """feats: the stem, then each stage's output; preact: its last block's sum before the ReLU."""
+        return residual_stages(self, F.relu(self.bn1(self.conv1(x))), preact)
+
+    def stage_batchnorms(self) -> list[nn.BatchNorm2d]:
+        return [getattr(self, f"layer{i}")[-1].last_bn for i in range(1, 5)]
+
+
+def residual_stages(encoder: ZooEncoder, stem: torch.Tensor, preact: bool) -> Stages:
+    """The stages `layer1..n` of an encoder whose stage outputs end in a block with `forward_preact`
+    (the ResNets and ShuffleNets); its final map is the last stage's output."""
+    feats, preacts = [stem], [stem]
+    i = 1
+    while hasattr(encoder, f"layer{i}"):
+        out, pre = run_stage(getattr(encoder, f"layer{i}"), feats[-1], preact)
+        feats.append(out)
+        preacts.append(pre)
+        i += 1
+    return encoder.stages(feats, preacts if preact else None, feats[-1])
 
 
 # name as the literature writes it -> builder(num_classes)
