@@ -13,7 +13,8 @@ from desupcon.engine.step import train_step
 from desupcon.config import preset
 from desupcon.engine.devices import DevicePolicy
 from desupcon.models import ARCHITECTURES, CheckpointMismatchError, Teacher, build_encoder, canonical_arch
-from desupcon.models.zoo import ZOO, channel_shuffle
+from desupcon.models.shufflenet import channel_shuffle
+from desupcon.models.zoo import ZOO
 
 # SPEC 2's counts at 100 classes (and the CIFAR ResNets of the same tables)
 SPEC_PARAMETERS = {

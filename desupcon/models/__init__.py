@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from desupcon.errors import DesupconError
 from desupcon.models.folding import fold_batchnorm
 from desupcon.models.stages import Stages
-from desupcon.models.zoo import ORIGINAL_CLASSIFIER, residual_stages, ZOO, ZooEncoder
+from desupcon.models.encoder import residual_stages, ZooEncoder
+from desupcon.models.zoo import ORIGINAL_CLASSIFIER, ZOO
 from desupcon.precision import true_float32
 
 
