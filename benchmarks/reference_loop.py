@@ -4,9 +4,10 @@ It shares with desupcon only the model constructors (`build_encoder`, `Student`,
 functions of `desupcon.losses`; the data, augmentation, batching, optimiser groups, teacher head
 copy, online classifier, memory bank, schedule and evaluation are its own, written as a reader of
 the documentation would write them. `tests/test_reference_loop.py` feeds it and the engine the same
-weights and batches and asks for the same losses and weights; run as a script, it trains a teacher,
-probes its projection head and trains the students of one seed on an npz folder, for a table beside
-the engine's (docs: results).
+weights and batches and asks for the same losses and weights (and the teacher's training, its
+probe and the augmentation, given the same draws). Run as a script, it trains a teacher (or takes
+the engine's, `--teacher-checkpoint`), probes its projection head and trains the students of each
+seed on an npz folder, for a table beside the engine's (docs/results.md).
 
     python benchmarks/reference_loop.py --data ../shared/data/cifar100 --train-images 10000 \
         --teacher-arch resnet20 --student-arch resnet8 --epochs 15 --teacher-epochs 15 \
@@ -342,6 +343,10 @@ def main() -> None:
     ap.add_argument("--teacher-seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", default=["ce", "supcon", "crd", "lw-supcrd"],
                     choices=["ce", *TWO_VIEW])
+    ap.add_argument("--teacher-checkpoint", default=None,
+                    help="the engine's teacher-with-projection file (pth_models/teacher_..._with_projection.pth): "
+                         "its backbone and probed head instead of training and probing one here, so that both "
+                         "loops' students learn from one teacher (read with torch.load(weights_only=True))")
     ap.add_argument("--out", required=True, help="a JSON file for the results, rewritten after each seed")
     args = ap.parse_args()
     started = time.time()
@@ -349,12 +354,22 @@ def main() -> None:
     keep = stratified_subset(data["train_labels"], args.train_images, seed=0)
     data["train_images"], data["train_labels"] = data["train_images"][keep], data["train_labels"][keep]
     classes = int(data["train_labels"].max()) + 1
-    teacher = train_teacher(data, args.teacher_arch, args.teacher_epochs, args.teacher_seed, classes)
+    if args.teacher_checkpoint:
+        saved = torch.load(args.teacher_checkpoint, map_location="cpu", weights_only=True)
+        teacher = build_encoder(args.teacher_arch, classes)
+        teacher.load_state_dict(saved["encoder"])
+        head = mlp([teacher.feature_dim, 512, 128, 64])
+        head.load_state_dict(saved["head"])
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        teacher.eval()
+    else:
+        teacher = train_teacher(data, args.teacher_arch, args.teacher_epochs, args.teacher_seed, classes)
+        torch.manual_seed(args.teacher_seed)
+        head = probe_head(teacher, mlp([teacher.feature_dim, 512, 128, 64]), data, args.probe_epochs,
+                          args.teacher_seed, classes)
     result = {"args": vars(args), "teacher_test_acc": test_accuracy(lambda x: teacher.fc(teacher.forward_features(x)),
                                                                     data), "seeds": {}}
-    torch.manual_seed(args.teacher_seed)
-    head = probe_head(teacher, mlp([teacher.feature_dim, 512, 128, 64]), data, args.probe_epochs,
-                      args.teacher_seed, classes)
     result["teacher_seconds"] = time.time() - started
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
