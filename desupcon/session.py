@@ -155,6 +155,12 @@ class Session:
         return self.teacher(projection=result.config.reads_teacher_projection)[0]
 
     def analyze_teacher(self) -> dict:
+        """The teacher's own record (its probe-trained head's space included). Left out when this
+        session's runs never read the head, so it was not probed: the analysis probes nothing."""
+        if self._teacher is not None and not getattr(self._teacher[0], "head_probed", True):
+            log.info("the teacher's projection head was not probed (no run here reads it): the teacher's "
+                     "own analysis is left out")
+            return {}
         teacher, metrics = self.teacher()
         if not self.analyze_runs:  # several processes: only the first analyses (and writes)
             return {}
