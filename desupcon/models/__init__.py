@@ -180,8 +180,8 @@ class Student(nn.Module):
 
     def forward(self, x: torch.Tensor, detach_classifier: bool = False, feature_map: bool = False):
         """(features, projection, logits), plus the final feature map with `feature_map`."""
-        fmap = self.encoder.forward_feature_map(x)
-        features = self.encoder.pool_features(fmap)
+        stages = self.encoder.forward_stages(x)  # the final map and its pooling from one pass
+        fmap, features = stages.final_map, stages.pooled
         projection = F.normalize(self.projector(features), dim=1)
         logits = self.classifier(features.detach() if detach_classifier else features)
         return (features, projection, logits, fmap) if feature_map else (features, projection, logits)
@@ -251,8 +251,8 @@ class Teacher(nn.Module):
         `feature_map`, all detached; the classifier runs in float32 even inside an autocast region
         (its logits set LW-SupCRD's weights and every logit distiller's targets), with TF32 off."""
         encoder = self._inference_encoder(x)
-        fmap = encoder.forward_feature_map(x)
-        features = encoder.pool_features(fmap)
+        stages = encoder.forward_stages(x)
+        fmap, features = stages.final_map, stages.pooled
         with true_float32(features.device.type):
             logits = self.encoder.fc(features.float())
         return (features, logits, fmap) if feature_map else (features, logits)

@@ -59,6 +59,3 @@ class CifarTorchvisionResNet(StagedEncoder, torchvision.models.ResNet):
 
     def pool_features(self, feature_map: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(feature_map), 1)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool_features(self.forward_feature_map(x))

@@ -23,9 +23,6 @@ class ZooEncoder(StagedEncoder, nn.Module):
         # is the same number there and stays defined at other sizes.
         return F.adaptive_avg_pool2d(feature_map, 1).flatten(1)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool_features(self.forward_feature_map(x))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
 

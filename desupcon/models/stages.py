@@ -54,11 +54,12 @@ def batchnorm_without_update(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
 
 
 class StagedEncoder:
-    """Mixin of every encoder: `forward_feature_map` is the final map of `forward_stages`, whose
-    subclass implementation computes the stages in the same pass."""
+    """Mixin of every encoder, which defines `forward_stages(x, preact=False) -> Stages` (the stages,
+    final map and pooled vector of one pass); `forward_feature_map` and `forward_features` are its
+    final map and pooled vector."""
 
-    def forward_stages(self, x: torch.Tensor, preact: bool = False) -> Stages:
-        raise NotImplementedError
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x).pooled
 
     def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Final feature map (B, C, H, W): the map pooled for the classifier."""
