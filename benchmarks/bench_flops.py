@@ -56,10 +56,10 @@ def step_flops(teacher_arch: str, student_arch: str, method_cfg: MethodConfig, b
         views = torch.randn(2 * batch, 3, image_size, image_size)
         labels = torch.randint(0, num_classes, (batch,))
     encoder = teacher.encoder
-    x = views if method.views == 2 else view1
-    step_labels = torch.cat([labels, labels]) if method.views == 2 else labels
+    x = views if method.needs.views == 2 else view1
+    step_labels = torch.cat([labels, labels]) if method.needs.views == 2 else labels
     t_out, teacher_flops = None, 0
-    if method.uses_teacher:
+    if method.needs.teacher:
         with torch.no_grad():
             if baseline:  # one forward for the features, another for the logits
                 f1, t_feat = _count(lambda: encoder.forward_features(views))
@@ -71,13 +71,14 @@ def step_flops(teacher_arch: str, student_arch: str, method_cfg: MethodConfig, b
                 teacher_flops, t_out = f1 + f2, (t_feat, t_logits)
 
     def student_forward():
-        if baseline and method.views == 2:
+        if baseline and method.needs.views == 2:
             feats = student.encoder.forward_features(x)
             proj = F.normalize(student.projector(feats), dim=1)
             with torch.no_grad():
                 logits = student.classifier(student.encoder.forward_features(view1))
         else:
-            _, proj, logits = student(x, detach_classifier=method.online_classifier)
+            s = student(x, detach_classifier=method.needs.online_classifier)
+            proj, logits = s.projection, s.logits
         out = StepOutputs(step_labels, proj, logits)
         if t_out is not None:
             out.teacher_projection = F.normalize(head(t_out[0]), dim=1)

@@ -62,7 +62,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for key, teacher in (("unfolded", unfolded), ("folded", folded)):
                 runs[key].append(timed(lambda t=teacher: t.features_and_logits(x, policy), policy.device))
-        z0, z1 = unfolded.features_and_logits(x, policy)[1], folded.features_and_logits(x, policy)[1]
+        z0, z1 = unfolded.features_and_logits(x, policy).logits, folded.features_and_logits(x, policy).logits
         err = ((z1 - z0).abs().max() / z0.abs().max()).item()
         a, b = statistics.median(runs["unfolded"]), statistics.median(runs["folded"])
         total = sum(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())

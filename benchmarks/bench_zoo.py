@@ -1,7 +1,7 @@
 """Forward + backward images/s of every zoo student on this machine, through desupcon's Student
 wrapper against a plain eager call of the same encoder module.
 
-Plain: `encoder(x)` -> cross-entropy -> backward. Wrapper: `Student(encoder)(x, feature_map=True)`
+Plain: `encoder(x)` -> cross-entropy -> backward. Wrapper: `Student(encoder)(x, needs=StageNeeds(final_map=True))`
 (the final map, pooled features, the projector and the classifier, as the training step calls it)
 -> the same cross-entropy plus 0 x the projection (so both backward passes reach the same
 parameters) -> backward. Same weights, same batch, the two alternated within every repeat; median
@@ -18,7 +18,7 @@ import common  # noqa: F401  (before torch: the OpenMP wait policy)
 import torch
 import torch.nn.functional as F
 
-from desupcon.models import Student, build_encoder
+from desupcon.models import Student, StageNeeds, build_encoder
 from desupcon.models.zoo import ZOO
 
 
@@ -29,8 +29,8 @@ def plain_step(encoder, x, y) -> None:
 
 
 def wrapper_step(student, x, y) -> None:
-    _, projection, logits, _ = student(x, feature_map=True)
-    loss = F.cross_entropy(logits, y) + 0.0 * projection.sum()
+    out = student(x, needs=StageNeeds(final_map=True))
+    loss = F.cross_entropy(out.logits, y) + 0.0 * out.projection.sum()
     student.zero_grad(set_to_none=True)
     loss.backward()
 

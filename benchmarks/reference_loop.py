@@ -256,7 +256,7 @@ class ReferenceStudent:
         """The step's named losses (the optimiser is not touched)."""
         b = y.shape[0]
         if self.method == "ce":
-            _, _, logits = self.model(view1)
+            logits = self.model(view1).logits
             return {"ce": F.cross_entropy(logits, y)}
         x = torch.cat([view1, view2])
         labels = torch.cat([y, y])
@@ -306,7 +306,7 @@ class ReferenceStudent:
 
     def test_accuracy(self, data: dict) -> float:
         self.model.eval()
-        return test_accuracy(lambda x: self.model(x)[2], data)
+        return test_accuracy(lambda x: self.model(x).logits, data)
 
 
 def train_students(data: dict, args, seed: int, teacher: nn.Module, head: nn.Module, classes: int) -> dict:

@@ -22,13 +22,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from desupcon.engine.devices import to_device
 from desupcon.losses import crd_nce_logits, crd_nce_loss, crd_nce_normaliser
 
 
-class CRDMemory:
+class CRDMemory(nn.Module):
+    """The two banks (buffers: they move and save with the module that owns the memory) and the
+    negative sampling; the normalising constants and labels are its extra state."""
+
     def __init__(self, labels: torch.Tensor, dim: int = 128, momentum: float = 0.5,
                  device: torch.device | str | None = None, generator: torch.Generator | None = None):
         labels = torch.as_tensor(labels, dtype=torch.long).cpu()
@@ -42,9 +46,10 @@ class CRDMemory:
         device = torch.device(device) if device is not None else torch.device("cpu")
         size = labels.shape[0]
         stdv = 1.0 / math.sqrt(dim / 3)
+        super().__init__()
         self.momentum = float(momentum)
-        self.student_bank = (torch.rand(size, dim, generator=generator) * (2 * stdv) - stdv).to(device)
-        self.teacher_bank = (torch.rand(size, dim, generator=generator) * (2 * stdv) - stdv).to(device)
+        self.register_buffer("student_bank", (torch.rand(size, dim, generator=generator) * (2 * stdv) - stdv).to(device))
+        self.register_buffer("teacher_bank", (torch.rand(size, dim, generator=generator) * (2 * stdv) - stdv).to(device))
         self.z_student: float | None = None
         self.z_teacher: float | None = None
         self.last_negatives = torch.zeros(0, 0, dtype=torch.long)
@@ -141,21 +146,11 @@ class CRDMemory:
             mean = sums / counts[:, None]
             bank[unique_dev] = F.normalize(m * bank[unique_dev] + (1 - m) * mean, dim=1)
 
-    def state_dict(self) -> dict:
-        return {"student_bank": self.student_bank.detach().cpu().clone(),
-                "teacher_bank": self.teacher_bank.detach().cpu().clone(),
-                "labels": self.labels.clone(),
-                "z_student": self.z_student,
-                "z_teacher": self.z_teacher,
+    def get_extra_state(self) -> dict:
+        return {"labels": self.labels.clone(), "z_student": self.z_student, "z_teacher": self.z_teacher,
                 "momentum": self.momentum}
 
-    def load_state_dict(self, state: dict) -> None:
-        for name in ("student_bank", "teacher_bank"):
-            if tuple(state[name].shape) != tuple(getattr(self, name).shape):
-                raise ValueError(f"crd memory state: {name} has shape {tuple(state[name].shape)}, "
-                                 f"this memory's is {tuple(getattr(self, name).shape)}")
-        self.student_bank.copy_(state["student_bank"])
-        self.teacher_bank.copy_(state["teacher_bank"])
+    def set_extra_state(self, state: dict) -> None:
         self._set_labels(torch.as_tensor(state["labels"], dtype=torch.long))
         self.z_student = None if state["z_student"] is None else float(state["z_student"])
         self.z_teacher = None if state["z_teacher"] is None else float(state["z_teacher"])

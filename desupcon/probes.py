@@ -32,8 +32,9 @@ from desupcon.engine.build import build_run
 from desupcon.engine.dataset import EVAL_BATCH
 from desupcon.engine.devices import as_policy
 from desupcon.engine.loop import train_group
-from desupcon.methods import Method, StepOutputs
+from desupcon.methods import Method, Needs, StepOutputs
 from desupcon.methods.ce import CrossEntropyMethod
+from desupcon.models import ModelOutputs
 from desupcon.store.cache import load_student
 from desupcon.store.checkpoint import remove_partial
 from desupcon.store.paths import OutputPaths
@@ -219,7 +220,7 @@ class FrozenEncoderProbe(nn.Module):
             with torch.no_grad():
                 features = self.encoder.forward_features(x)
         logits = self.head(features.detach() if detach_classifier else features)
-        return features, F.normalize(features, dim=1), logits
+        return ModelOutputs(features, logits, F.normalize(features, dim=1))
 
     def trainable_groups(self, config: ProbeConfig) -> list[dict]:
         """Optimiser groups: the head at `config.lr`, the fine-tuned stage at `finetune_lr`; no
@@ -235,12 +236,7 @@ class KDProbeMethod(Method):
     """The KD probe's loss (SPEC 12): kd_weight * T^2 KL(softmax(z_t/T) || softmax(z_s/T)) +
     ce_weight * CE, on the teacher's float32 logits of the same augmented view. One view."""
 
-    uses_teacher = True
-    uses_teacher_head = False
-    views = 1
-    online_classifier = False
-    gathers_batch = False
-    uses_every_parameter = False
+    needs = Needs(views=1, teacher_head=False, online_classifier=False, gathers_batch=False, every_parameter=False)
 
     def __init__(self, temperature: float = 4.0, kd_weight: float = 0.7, ce_weight: float = 0.3):
         super().__init__(MethodConfig(method="kd"))
@@ -265,7 +261,7 @@ def _test_logits(model: nn.Module, dataset: data_mod.ImageDataset, policy) -> to
     for x, _ in data_mod.eval_batches(dataset.test_images, dataset.test_labels, EVAL_BATCH,
                                       dataset.mean, dataset.std):
         with policy.autocast():
-            outs.append(model(policy.inputs(x))[2].float())
+            outs.append(model(policy.inputs(x)).logits.float())
     return torch.cat(outs)
 
 
@@ -286,7 +282,7 @@ def fit_probe(probe: FrozenEncoderProbe, kind: str, dataset: data_mod.ImageDatas
     config = config.resolved(kind, run_config.optim.seed if run_config is not None else 0)
     config.check()
     method = _probe_method(kind, config)
-    if method.uses_teacher and teacher is None:
+    if method.needs.teacher and teacher is None:
         raise ValueError("the KD probe needs the teacher")
     base = run_config or RunConfig(device=str(policy.device))
     optim = OptimConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
@@ -298,7 +294,7 @@ def fit_probe(probe: FrozenEncoderProbe, kind: str, dataset: data_mod.ImageDatas
                     policy, kind=run_kind, data_views=1)
     with tempfile.TemporaryDirectory(prefix="desupcon_probe_") as scratch:
         out = paths if paths is not None else OutputPaths(scratch)
-        finished, failures = train_group([run], dataset, teacher if method.uses_teacher else None, out,
+        finished, failures = train_group([run], dataset, teacher if method.needs.teacher else None, out,
                                          resume=resume and paths is not None, save_every=base.save_every)
         if failures:
             raise failures[0]

@@ -19,7 +19,6 @@ from desupcon.engine.dataset import prepare_dataset
 from desupcon.engine.devices import DevicePolicy, select_device
 from desupcon.engine.run import RunResult
 from desupcon.engine.students import train_students
-from desupcon.methods import build_method
 from desupcon.models import Teacher
 from desupcon.report import write_report
 from desupcon.store.cache import import_published_student
@@ -115,7 +114,7 @@ class Session:
         # The analysis compares every student with the teacher, so it is loaded even for CE runs;
         # its projection head is probed only when a run reads it (the analysis then uses it too).
         # (the same on every rank: a teacher that trains needs them all, even if only rank 0 analyses)
-        needs_teacher = self.analyze_requested or any(build_method(c.method).uses_teacher for c in cfgs)
+        needs_teacher = self.analyze_requested or any(c.uses_teacher for c in cfgs)
         projection = any(c.reads_teacher_projection for c in cfgs)
         teacher = self.teacher(resume=resume, projection=projection)[0] if needs_teacher else None
         forced = [force and run_name(c) not in self.retrained for c in cfgs]

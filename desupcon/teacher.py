@@ -25,7 +25,7 @@ from desupcon.engine.dataset import evaluate_accuracy
 from desupcon.engine.devices import as_policy
 from desupcon.engine.loop import train_group
 from desupcon.methods import build_method
-from desupcon.models import Student, Teacher, build_encoder, load_matching_state_dict
+from desupcon.models import ModelOutputs, Student, Teacher, build_encoder, load_matching_state_dict
 from desupcon.store.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint, remove_partial
 from desupcon.store.schemas import teacher_checkpoint
 from desupcon.store.paths import OutputPaths, check_output_dirs
@@ -75,7 +75,7 @@ class CosineProbe(nn.Module):
         with torch.no_grad():
             features = self.teacher.encoder.forward_features(x)
         z = self.teacher.project(features.float())
-        return features, z, z @ F.normalize(self.weight, dim=1).T / self.temperature
+        return ModelOutputs(features, z @ F.normalize(self.weight, dim=1).T / self.temperature, z)
 
 
 def train_teacher_encoder(cfg: RunConfig, dataset: data_mod.ImageDataset, policy,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -129,51 +129,23 @@ class RepresentationPhase(Method):
     """Phase 1's method: `inner`'s representation losses only (terms on the student's classifier
     dropped, no online classifier), plus with `two_level` the map-level in-batch CRD."""
 
-    online_classifier = False
-    uses_every_parameter = False  # the classifier is never used
-
     def __init__(self, inner: Method, two_level: bool = False):
-        super().__init__(inner.cfg)
         if getattr(inner.cfg, "logit_term", "none") != "none":
             raise ConfigError("two-stage: phase 1 takes a representation loss only; set logit_term none")
+        super().__init__(inner.cfg)
         self.inner, self.two_level = inner, two_level
-        self.uses_teacher = inner.uses_teacher or two_level
-        self.uses_teacher_head = inner.uses_teacher_head
-        self.views, self.gathers_batch = inner.views, inner.gathers_batch
-        self.needs_feature_maps = inner.needs_feature_maps
-        self.map_student = self.map_teacher = None
+        # the inner method's needs; no classifier term (the classifier is never used)
+        self.needs = replace(inner.needs, online_classifier=False, every_parameter=False,
+                             teacher=inner.needs.teacher or two_level)
 
-    @property
-    def uses_bank(self) -> bool:
-        return self.inner.uses_bank
-
-    def setup(self, dataset, student, teacher, policy) -> None:
-        self.inner.setup(dataset, student, teacher, policy)
+    def setup(self, dataset, student, teacher) -> None:
+        self.inner.setup(dataset, student, teacher)
         if self.two_level:
-            self.map_student = nn.Linear(student.encoder.feature_dim, MAP_EMBED_DIM).to(policy.device)
-            self.map_teacher = nn.Linear(teacher.encoder.feature_dim, MAP_EMBED_DIM).to(policy.device)
-
-    def trainable_modules(self) -> list:
-        extra = [self.map_student, self.map_teacher] if self.two_level else []
-        return [*self.inner.trainable_modules(), *extra]
+            self.map_student = nn.Linear(student.encoder.feature_dim, MAP_EMBED_DIM)
+            self.map_teacher = nn.Linear(teacher.encoder.feature_dim, MAP_EMBED_DIM)
 
     def after_step(self, out: StepOutputs) -> None:
         self.inner.after_step(out)
-
-    def state_dict(self) -> dict:
-        state = {"inner": self.inner.state_dict()}
-        if self.two_level:
-            state["map_student"] = self.map_student.state_dict()
-            state["map_teacher"] = self.map_teacher.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        self.inner.load_state_dict(state.get("inner") or {})
-        if self.two_level:
-            self.map_student.load_state_dict(state["map_student"])
-            self.map_teacher.load_state_dict(state["map_teacher"])
 
     def map_level_loss(self, out: StepOutputs) -> torch.Tensor:
         """In-batch CRD between the linear embeddings of the final feature maps pooled per channel.

@@ -294,5 +294,5 @@ def test_state_dict_round_trip(after_step):
 
 def test_state_dict_shape_mismatch_rejected():
     state = _memory(8).state_dict()
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(RuntimeError, match="size mismatch"):
         _memory(8, dim=8).load_state_dict(state)

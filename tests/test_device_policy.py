@@ -97,7 +97,8 @@ def test_teacher_logits_are_float32_under_bf16(teacher_root, tiny_config, tmp_pa
     session = _session(tmp_path, teacher_root, tiny_config, POLICIES["bf16"])
     teacher, _ = session.teacher()
     x = torch.randn(4, 3, 16, 16)
-    features, logits = teacher.features_and_logits(x, POLICIES["bf16"])
+    out = teacher.features_and_logits(x, POLICIES["bf16"])
+    features, logits = out.features, out.logits
     assert features.dtype == torch.bfloat16 and logits.dtype == torch.float32
     expected = teacher.encoder.fc(features.float())
     assert torch.allclose(logits, expected)

@@ -81,7 +81,7 @@ def _worker(rank, port, result_path):
     for name, cfg in METHOD_CASES.items():
         method = build_method(cfg)
         out, s, t = _outputs(batch, rows, bank="bank" in name)
-        out = distributed.gather_step_outputs(out, method)
+        out = distributed.gather_step_outputs(out, method.needs)
         loss = _representation_loss(method, out)
         loss.backward()
         # DDP averages over processes the gradients that the all-gather's backward summed
@@ -123,9 +123,8 @@ def _crd_nce_steps(rows_of_step):
     torch.manual_seed(0)
     labels = torch.arange(N_IMAGES) % 3
     method = build_method(MethodConfig(method="crd-nce", nce_dim=4, nce_negatives=5))
-    policy = SimpleNamespace(device=torch.device("cpu"))
     method.setup(SimpleNamespace(train_labels=labels), SimpleNamespace(encoder=SimpleNamespace(feature_dim=FEAT)),
-                 SimpleNamespace(encoder=SimpleNamespace(feature_dim=FEAT)), policy)
+                 SimpleNamespace(encoder=SimpleNamespace(feature_dim=FEAT)))
     g = torch.Generator().manual_seed(3)
     for step in range(3):
         indices = torch.randperm(N_IMAGES, generator=g)[:B]

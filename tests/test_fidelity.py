@@ -298,7 +298,8 @@ def test_hybrid_resume_is_bit_identical(tmp_path, tiny_config, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             Session(resumed_cfg, analyze=False).run(resumed_cfg)
     partial = load_checkpoint(tmp_path / "b" / "pth_models" / "in_progress" / f"{whole.name}.pth")
-    assert partial["method_state"]["scale_steps"] == 7 and partial["method_state"]["scales"] is not None
+    extra = partial["method_state"]["_extra_state"]
+    assert extra["scale_steps"] == 7 and extra["scales"] is not None
     resumed = Session(resumed_cfg, analyze=False).run(resumed_cfg)
     a, b = load_checkpoint(whole.checkpoint)["student"], load_checkpoint(resumed.checkpoint)["student"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -60,9 +60,11 @@ def test_the_teacher_forward_uses_the_folded_copy_and_saves_the_original():
     state = {k: v.clone() for k, v in teacher.state_dict().items()}
     print_before = fingerprint(teacher.encoder, teacher.head)
     x = torch.randn(8, 3, 32, 32)
-    features, logits = teacher(x)
+    out = teacher(x)
+    features, logits = out.features, out.logits
     assert teacher.fold_batchnorm(torch.randn(2, 3, 32, 32)) == 9
-    folded_features, folded_logits = teacher(x)
+    out = teacher(x)
+    folded_features, folded_logits = out.features, out.logits
     assert teacher._inference_encoder(x) is not teacher.encoder
     assert torch.allclose(folded_logits, logits, rtol=0, atol=1e-5 * logits.abs().max().item())
     assert torch.allclose(folded_features, features, rtol=0, atol=1e-5 * features.abs().max().item())
@@ -110,17 +112,20 @@ def test_weights_cast_once_give_autocasts_outputs_without_its_casts(fold):
         teacher.fold_batchnorm(torch.randn(2, 3, 32, 32))
     x = torch.randn(8, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        features, logits = teacher(x)
+        out = teacher(x)
+        features, logits = out.features, out.logits
     casts_before = _cast_calls(teacher, x)
     cast = teacher.cast_weights_once(torch.bfloat16)
     convolutions = sum(isinstance(m, nn.Conv2d) for m in teacher.encoder.modules())
     assert cast == convolutions > 0  # resnet8's convolutions (its one Linear, the classifier, stays float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        features_cast, logits_cast = teacher(x)
+        out = teacher(x)
+        features_cast, logits_cast = out.features, out.logits
     assert torch.equal(features_cast, features) and torch.equal(logits_cast, logits)
     assert logits_cast.dtype == torch.float32
     assert _cast_calls(teacher, x) <= casts_before - cast
     # float32 call (and fp16 autocast): the encoder itself, in float32
-    f32_features, f32_logits = teacher(x)
+    out = teacher(x)
+    f32_features, f32_logits = out.features, out.logits
     assert f32_features.dtype == torch.float32 and teacher._inference_encoder(x) is teacher.encoder
     assert all(v.dtype == torch.float32 for v in teacher.state_dict().values() if v.is_floating_point())

@@ -184,7 +184,8 @@ def test_unknown_architecture_lists_known():
 def test_student_forward_shapes_and_unit_projection():
     torch.manual_seed(0)
     student = Student(build_encoder("resnet8", 5))
-    features, projection, logits = student(_x(4))
+    out = student(_x(4))
+    features, projection, logits = out.features, out.projection, out.logits
     assert features.shape == (4, 64)
     assert projection.shape == (4, 64)
     assert logits.shape == (4, 5)
@@ -199,7 +200,8 @@ def test_student_forward_shapes_and_unit_projection():
 
 def test_student_resnet18_dims():
     student = Student(build_encoder("resnet18", 100))
-    features, projection, logits = student(_x(2))
+    out = student(_x(2))
+    features, projection, logits = out.features, out.projection, out.logits
     assert features.shape == (2, 512) and projection.shape == (2, 64) and logits.shape == (2, 100)
     linears = [m for m in student.projector if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(512, 128), (128, 64)]
@@ -207,7 +209,7 @@ def test_student_resnet18_dims():
 
 def _grad_norms(student, detach):
     student.zero_grad(set_to_none=True)
-    _, _, logits = student(_x(4), detach_classifier=detach)
+    logits = (student(_x(4), detach_classifier=detach)).logits
     logits.pow(2).sum().backward()
     conv = student.encoder.conv1.weight.grad
     deep = student.encoder.layer3[0].conv2.weight.grad
@@ -270,7 +272,8 @@ def test_teacher_train_keeps_encoder_in_eval():
 def test_teacher_forward_returns_detached_features_and_logits():
     teacher = _small_teacher(classes=6).train()
     x = _x(3)
-    features, logits = teacher(x)
+    out = teacher(x)
+    features, logits = out.features, out.logits
     assert features.shape == (3, 64) and logits.shape == (3, 6)
     assert not features.requires_grad and not logits.requires_grad
     assert features.grad_fn is None and logits.grad_fn is None
@@ -282,7 +285,8 @@ def test_teacher_forward_returns_detached_features_and_logits():
 
 def test_teacher_project_unit_norm_and_gradient_reaches_head_only():
     teacher = _small_teacher().train()
-    features, _ = teacher(_x(4))
+    out = teacher(_x(4))
+    features = out.features
     # features that carry a graph (as if from a trainable network) must not receive gradient
     source = features.clone().requires_grad_(True)
     z = teacher.project(source)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from desupcon import cli
 from desupcon.config import preset, run_name
 from desupcon.config.settings import method_setting
-from desupcon.methods import METHODS, Method, method_label, register_method
+from desupcon.methods import METHODS, Method, method_label, Needs, register_method
 from desupcon.store.checkpoint import load_checkpoint
 
 
@@ -24,11 +24,8 @@ class ProjectionPenaltyMethod(Method):
     name, label = "toy-penalty", "Toy penalty (weight {toy_weight})"
     settings = (method_setting("toy_weight", "--toy-weight", float, "the toy method's penalty weight", "toyw",
                                (lambda v: 0 <= v <= 1, "in [0, 1]"), 0.25),)
-    uses_teacher = False
-    views = 1
-    online_classifier = False
-    gathers_batch = False
-    uses_every_parameter = False
+    needs = Needs(views=1, teacher=False, teacher_head=False, online_classifier=False, gathers_batch=False,
+                  every_parameter=False)
 
     def representation_losses(self, out):
         return {"ce": F.cross_entropy(out.student_logits, out.labels),

@@ -153,8 +153,10 @@ def test_a_changed_protocol_is_caught(setup, change, monkeypatch):
     if change.startswith("head"):
         cfg = cfg.replace(optim={"head_lr": cfg.optim.head_lr * 3})
     else:
+        from dataclasses import replace
+
         from desupcon.methods.crd import CRDMethod
-        monkeypatch.setattr(CRDMethod, "online_classifier", False)
+        monkeypatch.setattr(CRDMethod, "needs", replace(CRDMethod.needs, online_classifier=False))
     run, ref, _, _, start = _train_both(cfg, ds, teacher, "crd", {})
     default = _train_both(setup[0], ds, teacher, "crd", {})[1]
     model = _change_difference(run.model.state_dict(), default.model.state_dict(), start["model"])[0]

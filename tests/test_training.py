@@ -51,13 +51,12 @@ def _fixed_batch(session, cfg):
 def _batch_loss(run, labels, view1, views, teacher_out) -> float:
     """The method's total loss on one batch (train-mode BatchNorm, no bank, no update)."""
     with torch.no_grad():
-        two_views = run.method.views == 2
-        _, proj, logits = run.student(views if two_views else view1,
-                                      detach_classifier=run.method.online_classifier)
-        out = StepOutputs(torch.cat([labels, labels]) if two_views else labels, proj, logits)
-        if run.method.uses_teacher:
-            out.teacher_projection = torch.nn.functional.normalize(run.teacher_head(teacher_out[0]), dim=1)
-            out.teacher_logits = teacher_out[1]
+        two_views = run.method.needs.views == 2
+        s = run.student(views if two_views else view1, detach_classifier=run.method.needs.online_classifier)
+        out = StepOutputs(torch.cat([labels, labels]) if two_views else labels, s.projection, s.logits)
+        if run.method.needs.teacher:
+            out.teacher_projection = torch.nn.functional.normalize(run.teacher_head(teacher_out.features), dim=1)
+            out.teacher_logits = teacher_out.logits
         return float(sum(run.method.losses(out).values()))
 
 
@@ -91,7 +90,7 @@ def test_every_method_trains_reloads_and_caches(session, method, bank):
     assert log_file.is_file()
     student, ckpt = load_student(result.checkpoint)
     ds = session.dataset
-    acc = evaluate_accuracy(lambda x: student(x)[2], ds.test_images, ds.test_labels, ds,
+    acc = evaluate_accuracy(lambda x: student(x).logits, ds.test_images, ds.test_labels, ds,
                                   torch.device("cpu"))
     assert acc == pytest.approx(result.metrics["test_acc"], abs=1e-9)
     assert ckpt["config"] == cfg.to_dict()

@@ -169,13 +169,13 @@ def test_two_level_crd_and_the_seeds_sgd_phase1(tmp_path, teacher_root, tiny_con
     initial = _initial_student(p1).state_dict()
     phase1_state = ckpt["student"]  # phase 2 changed only the classifier, so compare the rest
     assert not torch.equal(phase1_state["encoder.layer1.0.conv1.weight"], initial["encoder.layer1.0.conv1.weight"])
-    assert set(ckpt["method_state"]) == {"inner", "map_student", "map_teacher"}
+    assert set(ckpt["method_state"]) == {f"map_{m}.{p}" for m in ("student", "teacher") for p in ("weight", "bias")}
 
     # the two levels: in-batch CRD on the projections plus in-batch CRD on linear embeddings
     teacher = session.teacher()[0]
     method = two_stage.RepresentationPhase(build_method(MethodConfig(method="crd")), two_level=True)
     student = _initial_student(p1)
-    method.setup(session.dataset, student, teacher, session.policy)
+    method.setup(session.dataset, student, teacher)
     torch.manual_seed(1)
     s_proj, t_proj = F.normalize(torch.randn(8, 64), dim=1), F.normalize(torch.randn(8, 64), dim=1)
     s_feat, t_feat = torch.randn(8, student.encoder.feature_dim), torch.randn(8, teacher.encoder.feature_dim)

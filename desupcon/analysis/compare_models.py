@@ -25,7 +25,7 @@ from desupcon.data import eval_batches, ImageDataset
 from desupcon.engine.dataset import EVAL_BATCH, prepare_dataset
 from desupcon.engine.devices import DevicePolicy, select_device
 from desupcon.errors import InputFileError
-from desupcon.models import build_encoder, load_matching_state_dict, Teacher
+from desupcon.models import build_encoder, load_matching_state_dict, StageNeeds, Teacher
 from desupcon.store.cache import load_student
 from desupcon.store.checkpoint import atomic_write_json, CheckpointError, load_checkpoint
 from desupcon.store.paths import OutputPaths, saved_run_path
@@ -51,7 +51,9 @@ class SavedModel:
         return self.model.encoder
 
     def stage_names(self) -> list[str]:
-        return [n for n in (f"layer{i}" for i in range(1, 9)) if hasattr(self.encoder, n)]
+        """The encoder's declared stages after the stem (`stage_channels`), named in the
+        torchvision convention: layer1 ... layerN."""
+        return [f"layer{i}" for i in range(1, len(self.encoder.stage_channels()))]
 
     def layer_names(self) -> list[str]:
         """Every stage's pooled output (the last one is the final features) and the projection."""
@@ -59,21 +61,12 @@ class SavedModel:
 
     @torch.no_grad()
     def outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """(pooled stage outputs + projection, final features, logits) of one batch, float32."""
-        pooled: list[torch.Tensor] = []
-        hooks = [getattr(self.encoder, n).register_forward_hook(
-            lambda _m, _i, out: pooled.append(F.adaptive_avg_pool2d(out, 1).flatten(1).float()))
-            for n in self.stage_names()]
-        try:
-            if self.kind == "student":
-                features, projection, logits = self.model(x)
-            else:
-                features, logits = self.model(x)
-                projection = self.model.project(features)
-        finally:
-            for h in hooks:
-                h.remove()
-        return [*pooled, projection.float()], features.float(), logits.float()
+        """(pooled stage outputs + projection, final features, logits) of one batch, float32: the
+        stages every architecture declares, from the model's one forward."""
+        out = self.model(x, needs=StageNeeds(stages=True))
+        projection = out.projection if self.kind == "student" else self.model.project(out.features)
+        pooled = [F.adaptive_avg_pool2d(f, 1).flatten(1).float() for f in out.stages.feats[1:]]
+        return [*pooled, projection.float()], out.features.float(), out.logits.float()
 
 
 def _teacher_from_checkpoint(ckpt: dict, path: Path, policy: DevicePolicy) -> Teacher:

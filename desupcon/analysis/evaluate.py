@@ -71,21 +71,21 @@ def named_pairs_for(dataset: ImageDataset):
 
 def teacher_embeddings(teacher: Teacher, dataset: ImageDataset, device: torch.device) -> torch.Tensor:
     teacher.eval()
-    return embed(lambda x: teacher.project(teacher(x)[0]), dataset.test_images, dataset, device)
+    return embed(lambda x: teacher.project(teacher(x).features), dataset.test_images, dataset, device)
 
 
 def teacher_spaces(teacher: Teacher):
     """(backbone features, projection, logits) of the teacher, for `compute_metrics`."""
     def spaces(x):
-        features, logits = teacher(x)
-        return features, teacher.project(features), logits
+        out = teacher(x)
+        return out.features, teacher.project(out.features), out.logits
     return spaces
 
 
 def student_spaces(student):
     def spaces(x):
-        features, projection, logits = student(x)
-        return features, projection, logits
+        out = student(x)
+        return out.features, out.projection, out.logits
     return spaces
 
 

@@ -45,7 +45,7 @@ def make_student_run(cfg: RunConfig, dataset: data_mod.ImageDataset, teacher: Te
     groups = [{"params": [p for p in student.parameters() if id(p) not in classifier_ids],
                "lr": o.lr, "weight_decay": o.weight_decay}]
     schedules = [o.schedule]
-    if method.online_classifier:
+    if method.needs.online_classifier:
         groups.append({"params": list(student.classifier.parameters()), "lr": o.classifier_lr,
                        "weight_decay": 0.0})
         schedules.append("constant")
@@ -64,7 +64,8 @@ def assemble_run(cfg: RunConfig, name: str, identity: dict | None, method: Metho
     `identity=None`: the run's configuration identity with the teacher's fingerprint."""
     o = cfg.optim
     teacher_head = None
-    reads_projection = type(method).reads_teacher_projection(method.cfg)
+    needs = method.needs
+    reads_projection = needs.teacher and needs.teacher_head
     if reads_projection:
         if not getattr(teacher, "head_probed", True):
             raise ValueError(f"{cfg.method.method} reads the teacher's projection, but this teacher's head "
@@ -72,17 +73,21 @@ def assemble_run(cfg: RunConfig, name: str, identity: dict | None, method: Metho
         teacher_head = copy.deepcopy(teacher.head).to(policy.device)
         groups.append({"params": list(teacher_head.parameters()), "lr": o.head_lr, "weight_decay": 0.0})
         schedules.append("constant")
-    method.setup(dataset, student, teacher, policy)
-    for module in method.trainable_modules():  # e.g. crd-nce's embedding heads: the student's settings
-        groups.append({"params": list(module.parameters()), "lr": o.lr, "weight_decay": o.weight_decay})
-        schedules.append(o.schedule)
+    method.setup(dataset, student, teacher)
+    policy.prepare(method)
+    owned = [p for p in method.parameters() if p.requires_grad]
+    if owned:  # what the method owns and trains: the student's settings unless it declares its own
+        own = method.optimizer_overrides
+        groups.append({"params": owned, "lr": own.get("lr", o.lr), "weight_decay": own.get("weight_decay",
+                                                                                           o.weight_decay)})
+        schedules.append(own.get("schedule", o.schedule))
     bank = None
-    if method.uses_bank:
+    if needs.bank:
         bank = MomentumMemoryBank(len(dataset.train_labels), teacher_head[-1].out_features,
                                   dataset.train_labels, cfg.method.bank_momentum, device=policy.device)
     if cfg.compile:
         student.forward = torch.compile(student.forward, mode=cfg.compile_mode)
-    fp = teacher_identity_fingerprint(teacher, reads_projection) if method.uses_teacher else None
+    fp = teacher_identity_fingerprint(teacher, reads_projection) if needs.teacher else None
     return build_run(cfg, name, identity if identity is not None else cfg.identity(fp), method, student, groups,
                      schedules, policy, kind=kind, teacher_head=teacher_head, bank=bank, teacher_fingerprint=fp)
 

@@ -103,7 +103,7 @@ def wrap_model(model: nn.Module, policy, method, sync_batchnorm: bool = False):
     cuda = policy.device.type == "cuda"
     # A CE method never reaches the projector, so DDP must not wait for its gradients.
     return DistributedDataParallel(model, device_ids=[policy.device.index] if cuda else None,
-                                   find_unused_parameters=not method.uses_every_parameter)
+                                   find_unused_parameters=not method.needs.every_parameter)
 
 
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -129,11 +129,12 @@ def _gather_views(x: torch.Tensor, views: int, gather) -> torch.Tensor:
     return torch.cat([gather(part) for part in x.chunk(views)], dim=0)
 
 
-def gather_step_outputs(outputs, method):
-    """The step's outputs over the global batch, for methods whose loss couples samples."""
-    if not active() or not method.gathers_batch:
+def gather_step_outputs(outputs, needs):
+    """The step's outputs over the global batch, for methods whose loss couples samples (`needs`:
+    the method's `Needs`; the maps stay per process: no method that gathers reads them)."""
+    if not active() or not needs.gathers_batch:
         return outputs
-    views = method.views
+    views = needs.views
     device = outputs.student_projection.device
     outputs.classifier_labels = outputs.classifier_labels if outputs.classifier_labels is not None \
         else outputs.labels[:outputs.labels.shape[0] // views]

@@ -44,7 +44,7 @@ def grads_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
 
 
 def params_finite(modules) -> bool:
-    tensors = [t for m in modules if m is not None for t in m.state_dict().values()
+    tensors = [t for m in modules if m is not None for t in (*m.parameters(), *m.buffers())
                if t.is_floating_point()]
     return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, float("inf")))).all())
 

@@ -20,22 +20,26 @@ import copy
 import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from desupcon.engine import distributed as dist
+from desupcon.models import ModelOutputs
 
 
 def _signature(run) -> tuple:
     """Runs that can be fused have equal signatures: the same model type, tensors and calls."""
-    model, method = run.model, run.method
+    model, needs = run.model, run.method.needs
     tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in (*model.named_parameters(), *model.named_buffers()))
-    return (type(model), tensors, method.views, method.online_classifier, method.needs_feature_maps)
+    return (type(model), tensors, needs.views, needs.online_classifier, needs.student_stages)
 
 
 def fusable(run) -> bool:
     """A student run whose model vmap computes exactly: one process (DDP keeps its own wrapper),
-    not compiled, no dropout (its masks would be shared), BatchNorm with an exponential average."""
+    not compiled, no dropout (its masks would be shared), BatchNorm with an exponential average, a
+    method that calls no student module outside the forward (its gradient would miss the stacked
+    weights)."""
     if (run.kind != "student" or dist.world_size() > 1 or run.cfg.compile
-            or run.forward_model is not run.model):
+            or run.forward_model is not run.model or run.method.needs.calls_student_modules):
         return False
     for module in run.model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
@@ -83,16 +87,22 @@ class FusedStudents:
         self._skeleton = copy.deepcopy(models[0]).to("meta")
         self._leaves: dict[str, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor, **kwargs) -> list[tuple]:
+    def forward(self, x: torch.Tensor, **kwargs) -> list[ModelOutputs]:
         """Every student on the same input `x`: a list of each run's model outputs."""
         self._leaves = {k: v.detach().requires_grad_(self._own[0][k].requires_grad) for k, v in self.params.items()}
         skeleton = self._skeleton
 
-        def one(params, buffers, inputs):
-            return functional_call(skeleton, (params, buffers), (inputs,), kwargs)
+        structure = []  # the outputs' tree and its leaves: vmap returns tensors only (no None fields)
 
-        stacked = vmap(one, in_dims=(0, 0, None))(self._leaves, self.buffers, x)
-        return [tuple(t[i] for t in stacked) for i in range(len(self.runs))]
+        def one(params, buffers, inputs):
+            leaves, tree = tree_flatten(functional_call(skeleton, (params, buffers), (inputs,), kwargs))
+            structure[:] = [tree, leaves]
+            return tuple(t for t in leaves if t is not None)
+
+        stacked = iter(vmap(one, in_dims=(0, 0, None))(self._leaves, self.buffers, x))
+        tree, leaves = structure
+        per_leaf = [None if t is None else next(stacked) for t in leaves]
+        return [tree_unflatten([None if t is None else t[i] for t in per_leaf], tree) for i in range(len(self.runs))]
 
     def hand_gradients_to_runs(self) -> None:
         """Each run's parameters get their slice of the stacked gradients (after the backward)."""

@@ -53,7 +53,7 @@ def capture_blocker(runs: list, policy) -> str | None:
     for run in runs:
         if run.cfg.compile:
             return f"{run.name} is compiled (--compile)"
-        if not run.method.graph_capturable:
+        if not run.method.needs.graph_capturable:
             return f"{run.name}: method {run.method.name} does host work in its step"
     return None
 

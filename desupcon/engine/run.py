@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from desupcon import data as data_mod
 from desupcon.config import OptimConfig, RunConfig
@@ -21,6 +22,7 @@ from desupcon.engine.finite import check_finite, grads_finite, non_finite_error,
 from desupcon.engine.rng import global_rng_state, set_global_rng_state
 from desupcon.memory_bank import BankStep, MomentumMemoryBank
 from desupcon.methods import Method, StepOutputs
+from desupcon.models import CheckpointMismatchError, ModelOutputs, NO_STAGES
 from desupcon.store.schemas import in_progress_checkpoint, student_checkpoint
 
 log = logging.getLogger("desupcon")
@@ -30,8 +32,8 @@ log = logging.getLogger("desupcon")
 class Run:
     """Everything one run owns during training: model, optimiser, teacher head, bank, log.
 
-    `model(x, detach_classifier=...)` returns (features, normalised projection, logits): a
-    `Student`, or the teacher's cosine probe. `data_views` is how many augmented views of each
+    `model(x, detach_classifier=...)` returns `ModelOutputs` (features, logits, normalised
+    projection, and the maps the method's needs ask for): a `Student`, or the teacher's cosine probe. `data_views` is how many augmented views of each
     image the loop draws for it (2 for students, 1 for teacher training and probes).
     """
 
@@ -71,7 +73,7 @@ class Run:
 
     @property
     def modules(self) -> list[nn.Module]:
-        return [m for m in (self.model, self.teacher_head, *self.method.trainable_modules()) if m is not None]
+        return [m for m in (self.model, self.teacher_head, self.method) if m is not None]
 
     # Per-epoch accumulators, kept on the device and updated in place (no host sync inside the
     # step, and the same tensors at every step, so a CUDA graph of the step keeps them: graphs.py).
@@ -98,7 +100,7 @@ class Run:
         outputs, losses, total = self.losses_of(student_out, indices, labels, teacher_out)
         self.zero_grad()
         self.scaler.scale(total).backward()
-        self.finish_step(outputs, losses, total, labels, student_out[2])
+        self.finish_step(outputs, losses, total, labels, student_out.logits)
 
     def stage_bank_step(self, indices: torch.Tensor) -> BankStep:
         """The bank's host work for the step on the batch `indices` (all processes' under torchrun):
@@ -110,33 +112,35 @@ class Run:
         return self.bank_step
 
     def model_kwargs(self) -> dict:
-        """The keywords of this run's model call."""
-        return {"detach_classifier": self.method.online_classifier,
-                **({"feature_map": True} if self.method.needs_feature_maps else {})}
+        """The keywords of this run's model call: the maps its method reads, only when it reads any."""
+        needs = self.method.needs
+        return {"detach_classifier": needs.online_classifier,
+                **({"needs": needs.student_stages} if needs.student_stages != NO_STAGES else {})}
 
     def model_input(self, view1: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
-        return views if self.method.views == 2 else view1
+        return views if self.method.needs.views == 2 else view1
 
-    def forward(self, view1: torch.Tensor, views: torch.Tensor | None) -> tuple:
+    def forward(self, view1: torch.Tensor, views: torch.Tensor | None) -> ModelOutputs:
         with self.policy.autocast():
             return self.forward_model(self.model_input(view1, views), **self.model_kwargs())
 
-    def losses_of(self, student_out: tuple, indices: torch.Tensor, labels: torch.Tensor,
-                  teacher_out: tuple[torch.Tensor, torch.Tensor] | None
+    def losses_of(self, student_out: ModelOutputs, indices: torch.Tensor, labels: torch.Tensor,
+                  teacher_out: ModelOutputs | None
                   ) -> tuple[StepOutputs, dict[str, torch.Tensor], torch.Tensor]:
         """The method's losses (float32) on the model's outputs: (outputs, losses, total)."""
         policy, method = self.policy, self.method
+        needs = method.needs
         batch = labels.shape[0]
-        two_views = method.views == 2
-        s_features, s_proj, s_logits, *s_map = student_out
+        two_views = needs.views == 2
+        s = student_out
         step_labels = torch.cat([labels, labels]) if two_views else labels
-        outputs = StepOutputs(step_labels, s_proj.float(), s_logits.float(), epoch=self.epoch + 1,
-                              indices=indices, classifier_labels=labels, student_features=s_features.float(),
-                              student_feature_map=s_map[0].float() if s_map else None)
-        if method.uses_teacher:
-            t_features, t_logits, *t_map = teacher_out
+        outputs = StepOutputs(step_labels, s.projection.float(), s.logits.float(), epoch=self.epoch + 1,
+                              indices=indices, classifier_labels=labels, student_features=s.features.float(),
+                              student_feature_map=s.final_map.float() if s.final_map is not None else None,
+                              student_stages=s.stages)
+        if needs.teacher:
             rows = slice(None) if two_views else slice(0, batch)  # the teacher saw both views
-            t_features, t_logits = t_features[rows], t_logits[rows]
+            t_features, t_logits = teacher_out.features[rows], teacher_out.logits[rows]
             if self.teacher_head is not None:
                 with policy.autocast():
                     t_proj = F.normalize(self.teacher_head(t_features), dim=1)
@@ -144,9 +148,11 @@ class Run:
             outputs.teacher_logits = t_logits.float()
             outputs.view1_teacher_logits = outputs.teacher_logits[:batch]
             outputs.teacher_features = t_features.float()
-            if t_map:
-                outputs.teacher_feature_map = t_map[0][rows].float()
-        outputs = dist.gather_step_outputs(outputs, method)
+            if needs.teacher_stages.final_map:
+                outputs.teacher_feature_map = teacher_out.final_map[rows].float()
+            if teacher_out.stages is not None and (needs.teacher_stages.stages or needs.teacher_stages.preact):
+                outputs.teacher_stages = teacher_out.stages.rows(rows)
+        outputs = dist.gather_step_outputs(outputs, needs)
         if self.bank is not None:
             if self.bank_step is None:  # staged here, unless the step's caller staged it (graphs.py)
                 self.stage_bank_step(outputs.indices)
@@ -212,7 +218,7 @@ class Run:
         self.scheduler.step()
         for module in self.modules:
             module.eval()
-        test_acc = evaluate_accuracy(lambda x: self.model(x)[2], dataset.test_images,
+        test_acc = evaluate_accuracy(lambda x: self.model(x).logits, dataset.test_images,
                                      dataset.test_labels, dataset, self.policy, shared=True)
         seen = seen.item()
         entry = {"epoch": self.epoch, "loss": total.item() / seen,
@@ -230,7 +236,7 @@ class Run:
         return in_progress_checkpoint(
             self.name, self.identity, self.cfg.to_dict(), self.epoch, self.log, model=self.model.state_dict(),
             teacher_head=self.teacher_head.state_dict() if self.teacher_head is not None else None,
-            method_state=self.method.state_dict(), optimizer=self.optimizer.state_dict(),
+            method_state=on_cpu(self.method.state_dict()), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
             bank=self.bank.state_dict() if self.bank is not None else None,
             rng={"data": data_generator.get_state(), "bank": self.bank_generator.get_state(), **global_rng_state()})
@@ -241,7 +247,12 @@ class Run:
         self.model.load_state_dict(state["model"])
         if self.teacher_head is not None:
             self.teacher_head.load_state_dict(state["teacher_head"])
-        self.method.load_state_dict(state.get("method_state") or {})
+        try:
+            self.method.load_state_dict(state.get("method_state") or {})
+        except RuntimeError as exc:
+            raise CheckpointMismatchError(
+                f"{self.name}: the saved state of method {self.method.name!r} does not fit this version's "
+                f"({str(exc).splitlines()[0][:160]}); rerun with --force to start the run again") from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -257,7 +268,12 @@ class Run:
         say whether the run read the teacher's projection head (a trainable copy of it)."""
         metrics = {**metrics, "teacher_projection_used": self.teacher_head is not None}
         return student_checkpoint(self.name, self.identity, self.cfg.to_dict(), self.model, metrics, self.log,
-                                  self.teacher_fingerprint, self.teacher_head, self.method.state_dict())
+                                  self.teacher_fingerprint, self.teacher_head, on_cpu(self.method.state_dict()))
+
+
+def on_cpu(state: dict) -> dict:
+    """A state dict with every tensor (nested ones included) detached on the CPU."""
+    return tree_map(lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v, dict(state))
 
 
 @dataclass

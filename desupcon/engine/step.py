@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import torch
 
 from desupcon.engine.fused import FusedStudents
 from desupcon.engine.run import Run
-from desupcon.models import Teacher
+from desupcon.models import NO_STAGES, StageNeeds, Teacher
 
 
 def views_the_teacher_sees(runs: list[Run]) -> int:
     """2 when a run that uses the teacher sees both views, else 1."""
-    users = [r.method.views for r in runs if r.method.uses_teacher]
+    users = [r.method.needs.views for r in runs if r.method.needs.teacher]
     return max(users) if users else 1
+
+
+def teacher_stage_needs(runs: list[Run]) -> StageNeeds:
+    """The union of the teacher maps the runs read: one shared teacher forward serves them all."""
+    return functools.reduce(operator.or_, (r.method.needs.teacher_stages for r in runs if r.method.needs.teacher),
+                            NO_STAGES)
 
 
 def train_step(runs: list[Run], batch: tuple, teacher: Teacher | None, policy,
@@ -28,11 +37,10 @@ def train_step(runs: list[Run], batch: tuple, teacher: Teacher | None, policy,
     view1 = policy.inputs(view1)
     views = policy.inputs(torch.cat([view1, view2])) if view2 is not None else None
     teacher_out = None
-    if teacher is not None and any(r.method.uses_teacher for r in runs):
+    if teacher is not None and any(r.method.needs.teacher for r in runs):
         teacher_views = teacher_views or views_the_teacher_sees(runs)
         teacher_out = teacher.features_and_logits(
-            views if teacher_views == 2 and views is not None else view1, policy,
-            feature_map=any(r.method.needs_feature_maps for r in runs))
+            views if teacher_views == 2 and views is not None else view1, policy, needs=teacher_stage_needs(runs))
     fused_runs = {id(r) for group in fused for r in group.runs}
     for group in fused:
         first = group.runs[0]
@@ -44,7 +52,7 @@ def train_step(runs: list[Run], batch: tuple, teacher: Teacher | None, policy,
         sum(run.scaler.scale(total) for run, (_, _, total) in zip(group.runs, steps)).backward()
         group.hand_gradients_to_runs()
         for run, out, (outputs, losses, total) in zip(group.runs, outs, steps):
-            run.finish_step(outputs, losses, total, labels, out[2])
+            run.finish_step(outputs, losses, total, labels, out.logits)
     for run in runs:
         if id(run) not in fused_runs:
             run.step(indices, view1, views, labels, teacher_out)

@@ -15,7 +15,7 @@ import importlib
 import pkgutil
 
 from desupcon.config import MethodConfig
-from desupcon.methods.base import (METHODS, Method, StepOutputs, declared_settings, logit_term,
+from desupcon.methods.base import (METHODS, Method, Needs, StepOutputs, declared_settings, logit_term,
                                    register_method, warmup_factor)
 
 BUILT_IN = ("ce", "supcon", "crd", "lw_supcrd", "hybrid", "logit", "sdd", "crd_nce")
@@ -23,7 +23,7 @@ for _module in (*BUILT_IN, *sorted(m.name for m in pkgutil.iter_modules(__path__
                                    if m.name not in (*BUILT_IN, "base"))):
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["METHODS", "Method", "StepOutputs", "build_method", "declared_settings",
+__all__ = ["METHODS", "Method", "Needs", "StepOutputs", "build_method", "declared_settings",
            "logit_term", "method_label", "register_method", "warmup_factor"]
 
 

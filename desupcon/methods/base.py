@@ -4,13 +4,15 @@ declaration: settings, needs, losses), the registry, and the settings several me
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from desupcon import losses
 from desupcon.config import MethodConfig
+from desupcon.models.stages import NO_STAGES, Stages, StageNeeds
 from desupcon.config.settings import BANK_MODES, FRACTION, LOGIT_TERMS, POSITIVE, WEIGHT, method_setting
 
 
@@ -31,8 +33,45 @@ class StepOutputs:
     view1_teacher_logits: torch.Tensor | None = None  # (B,) rows of view 1 on this process
     student_features: torch.Tensor | None = None  # (M, C) pooled backbone features
     teacher_features: torch.Tensor | None = None  # (M, C_t), detached
-    student_feature_map: torch.Tensor | None = None  # (M, C, H, W), for methods that need it
+    student_feature_map: torch.Tensor | None = None  # (M, C, H, W) final map, when the method's needs ask
     teacher_feature_map: torch.Tensor | None = None
+    student_stages: Stages | None = None  # the student's stage maps (model dtype), when asked
+    teacher_stages: Stages | None = None  # the teacher's, detached (model dtype), when asked
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method's step needs from the training loop, declared by the method (`Method.needs`)
+    and adjusted to its settings (`Method.needs_of`).
+
+    - `views`: augmented views per image the student sees (1 or 2);
+    - `teacher`: the teacher's features and logits of the same views;
+    - `teacher_head`: a trainable copy of the teacher's probe-trained projection head;
+    - `online_classifier`: the student's classifier reads detached features and trains beside the
+      encoder (contrastive methods); else it trains end to end with the method's losses;
+    - `bank`: the memory bank of teacher embeddings (the engine keeps, draws and writes it);
+    - `student_stages`, `teacher_stages`: which intermediate maps of each model the losses read
+      (final map, stage entries, pre-activations: `StageNeeds`);
+    - `gathers_batch`: the loss couples samples, so on several GPUs it needs the global batch;
+    - `every_parameter`: every student parameter gets a gradient (False for CE's projector: DDP
+      must then look for unused parameters);
+    - `graph_capturable`: the step does no host work and changes no Python state, so it can be
+      replayed as a CUDA graph (engine/graphs.py);
+    - `calls_student_modules`: the losses call the student's own modules outside its forward (SDD's
+      classifier on regions), which a fused lockstep forward cannot hand gradients for.
+    """
+
+    views: int = 2
+    teacher: bool = True
+    teacher_head: bool = True
+    online_classifier: bool = True
+    bank: bool = False
+    student_stages: StageNeeds = NO_STAGES
+    teacher_stages: StageNeeds = NO_STAGES
+    gathers_batch: bool = True
+    every_parameter: bool = True
+    graph_capturable: bool = True
+    calls_student_modules: bool = False
 
 
 # The settings several methods read, declared once here; each method lists the ones it reads in
@@ -100,90 +139,87 @@ def declared_settings() -> dict:
     return out
 
 
-class Method(abc.ABC):
-    """Base: contrastive methods train an online linear classifier on detached view-1 features.
+class Method(nn.Module, abc.ABC):
+    """A training method: turns one step's outputs into named losses. Contrastive methods train an
+    online linear classifier on detached view-1 features (added here).
 
     A method is declared once, by its class (registered with `@register_method`): `name` (the
     `--method` value), `label` (its name in tables; `{field}` is filled from its settings),
     `settings` (the settings it reads, each with flag, tag, help, range and default: they make its
     run name and cache identity), `defaults` (its own defaults where they differ from the
-    settings', applied when it is chosen, under any flag given) and its losses; and what the
-    training loop must provide: `views` (augmented views per image the model sees),
-    `uses_teacher` (teacher features and logits of the same views), `uses_teacher_head` (a trainable copy of the teacher's projection head), `gathers_batch` (the
-    loss couples samples, so on several GPUs it needs the global batch), `needs_feature_maps` and
-    `uses_every_parameter` (False when some model parameters get no gradient, e.g. CE's projector)
-    and `graph_capturable` (its step does no host work and changes no Python state, so the step
-    can be replayed as a CUDA graph: engine/graphs.py).
+    settings', applied when it is chosen, under any flag given), `needs` (what the loop must
+    provide: `Needs`) and its losses.
+
+    A method is an `nn.Module`: what it owns and trains (connectors, embedding heads) are its
+    submodules, made in `setup` once the data and models are known. The engine moves it with the
+    run, trains its parameters in a group of their own (the student's lr, weight decay and schedule,
+    unless `optimizer_overrides` says otherwise), averages their gradients across processes, and
+    checkpoints `state_dict()` (Python state such as a generator goes through
+    `get_extra_state`/`set_extra_state`). Modules it reads but does not own (the student's
+    classifier) are held with `refer_to`, so they are neither optimised nor saved twice.
     """
 
     name: str = ""
     label: str = ""
     settings: tuple = ()
     defaults: dict = {}
-    uses_teacher = True
-    uses_teacher_head = True
-    views = 2
-    online_classifier = True  # classifier sees detached features and trains beside the encoder
-    gathers_batch = True
-    uses_every_parameter = True
-    needs_feature_maps = False
-    graph_capturable = True
+    needs: Needs = Needs()
+    optimizer_overrides: dict = {}  # e.g. {"lr": 0.01, "weight_decay": 0.0, "schedule": "constant"}
 
     def __init__(self, cfg: MethodConfig):
+        super().__init__()
         self.cfg = cfg
-        self.uses_teacher = self.needs_teacher(cfg)
+        self.needs = self.needs_of(cfg)
+
+    @classmethod
+    def needs_of(cls, cfg: MethodConfig) -> Needs:
+        """The class's `needs` under these settings: a logit term (RepDistiller's form) makes the
+        method read the teacher's logits and train its classifier end to end."""
+        needs = cls.needs
         if getattr(cfg, "logit_term", "none") != "none":
-            # RepDistiller's form: the classifier trains end to end with CE and the logit term.
-            self.online_classifier = False
+            needs = replace(needs, teacher=True, online_classifier=False)
+        return needs
 
     @classmethod
     def needs_teacher(cls, cfg: MethodConfig) -> bool:
-        """Whether a run of this method with these settings depends on the teacher (a logit term
-        makes every method use it)."""
-        return cls.uses_teacher or getattr(cfg, "logit_term", "none") != "none"
+        """Whether a run of this method with these settings depends on the teacher."""
+        return cls.needs_of(cfg).teacher
 
     @classmethod
     def reads_teacher_projection(cls, cfg: MethodConfig) -> bool:
         """Whether a run of this method reads the teacher's projection head (a trainable copy of
         the probe-trained head): only then is the head probed for it, and only then does the
         head's content enter the run's identity."""
-        return cls.uses_teacher_head and cls.needs_teacher(cfg)
+        needs = cls.needs_of(cfg)
+        return needs.teacher_head and needs.teacher
 
-    @property
-    def uses_bank(self) -> bool:
-        return False
+    def refer_to(self, **modules: nn.Module) -> None:
+        """Keep references to modules the method reads but does not own (not submodules: the engine
+        neither optimises nor saves them with the method)."""
+        self.__dict__.update(modules)
 
-    def setup(self, dataset, student, teacher, policy) -> None:
-        """Build what the method owns (heads, banks) once the data and models are known."""
-
-    def trainable_modules(self) -> list:
-        """Modules the method owns and trains with the student (e.g. embedding heads)."""
-        return []
+    def setup(self, dataset, student, teacher) -> None:
+        """Build what the method owns (connectors, heads, memories) once the data and models are
+        known, on the CPU: the engine then moves the method to the run's device."""
 
     def after_step(self, out: StepOutputs) -> None:
         """Update the method's own state after the optimiser step (e.g. its memory banks)."""
 
-    def state_dict(self) -> dict:
-        """Training state a method keeps between steps (checkpointed with the run)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
     def losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
         result = self.representation_losses(out)
         c = self.cfg
+        views = self.needs.views
         if getattr(c, "logit_term", "none") != "none":
-            batch = out.student_logits.shape[0] // self.views
+            batch = out.student_logits.shape[0] // views
             labels = out.classifier_labels if out.classifier_labels is not None else out.labels[:batch]
             z_s = out.student_logits[:batch]
             z_t = out.view1_teacher_logits if out.view1_teacher_logits is not None else out.teacher_logits[:batch]
             result["ce"] = c.ce_weight * F.cross_entropy(z_s, labels)
             result[c.logit_term] = c.logit_weight * warmup_factor(c.warmup, out.epoch) * logit_term(
                 c, c.logit_term, z_s, z_t, labels)
-        if self.online_classifier:
+        if self.needs.online_classifier:
             # the classifier's logits are this process's view 1 (never gathered across GPUs)
-            batch = out.student_logits.shape[0] // self.views
+            batch = out.student_logits.shape[0] // views
             labels = out.classifier_labels if out.classifier_labels is not None else out.labels[:batch]
             result["online_classifier"] = F.cross_entropy(out.student_logits[:batch], labels)
         return result
@@ -194,9 +230,11 @@ class Method(abc.ABC):
 
 
 class BankMixin:
-    @property
-    def uses_bank(self) -> bool:
-        return self.cfg.bank_size > 0
+    """Methods that read the memory bank when `bank_size` > 0."""
+
+    @classmethod
+    def needs_of(cls, cfg: MethodConfig) -> Needs:
+        return replace(super().needs_of(cfg), bank=cfg.bank_size > 0)
 
 
 def warmup_factor(warmup: int, epoch: int) -> float:

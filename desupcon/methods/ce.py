@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from desupcon.methods.base import Method, register_method
+from desupcon.methods.base import Method, Needs, register_method
 
 
 @register_method
@@ -12,11 +12,9 @@ class CrossEntropyMethod(Method):
     """The undistilled student: cross-entropy on its own classifier, one view."""
 
     name, label = "ce", "CE student"
-    uses_teacher = False
-    views = 1
-    online_classifier = False
-    gathers_batch = False
-    uses_every_parameter = False  # the projector gets no gradient
+    # the projector gets no gradient
+    needs = Needs(views=1, teacher=False, teacher_head=False, online_classifier=False, gathers_batch=False,
+                  every_parameter=False)
 
     def representation_losses(self, out):
         return {"ce": F.cross_entropy(out.student_logits, out.labels)}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from desupcon.config.settings import AT_LEAST_ONE, FRACTION, method_setting, POSITIVE, WEIGHT
 from desupcon.engine import distributed
-from desupcon.methods.base import CE_WEIGHT, Method, register_method, StepOutputs
+from desupcon.methods.base import CE_WEIGHT, Method, Needs, register_method, StepOutputs
 
 
 @register_method
@@ -27,27 +27,21 @@ class CRDNCEMethod(Method):
         method_setting("nce_temperature", None, float, "crd-nce's temperature", "ncet", POSITIVE, 0.07),
     )
     defaults = {"ce_weight": 1.0}
-    uses_teacher_head = False
-    views = 1
-    online_classifier = False
-    gathers_batch = False
-    graph_capturable = False  # negatives drawn on the host, the normalisers fixed from the first batch
-    uses_every_parameter = False
+    # negatives drawn on the host, the normalisers fixed from the first batch: not graph-capturable
+    needs = Needs(views=1, teacher_head=False, online_classifier=False, gathers_batch=False,
+                  graph_capturable=False, every_parameter=False)
 
-    def setup(self, dataset, student, teacher, policy) -> None:
+    def setup(self, dataset, student, teacher) -> None:
         from desupcon.crd_memory import CRDMemory
         c = self.cfg
-        self.embed_student = torch.nn.Linear(student.encoder.feature_dim, c.nce_dim).to(policy.device)
-        self.embed_teacher = torch.nn.Linear(teacher.encoder.feature_dim, c.nce_dim).to(policy.device)
+        self.embed_student = torch.nn.Linear(student.encoder.feature_dim, c.nce_dim)
+        self.embed_teacher = torch.nn.Linear(teacher.encoder.feature_dim, c.nce_dim)
         self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
         self.memory = CRDMemory(dataset.train_labels.cpu(), dim=c.nce_dim, momentum=c.nce_momentum,
-                                device=policy.device, generator=self.generator)
+                                generator=self.generator)
         # more negatives than the training set holds bring nothing new (they repeat)
         self.negatives = min(c.nce_negatives, len(dataset.train_labels))
         self._pending = None
-
-    def trainable_modules(self) -> list:
-        return [self.embed_student, self.embed_teacher]
 
     def representation_losses(self, out):
         c = self.cfg
@@ -68,14 +62,8 @@ class CRDNCEMethod(Method):
             self.memory.update(indices, v_s, v_t)
             self._pending = None
 
-    def state_dict(self) -> dict:
-        return {"memory": self.memory.state_dict(), "embed_student": self.embed_student.state_dict(),
-                "embed_teacher": self.embed_teacher.state_dict(), "generator": self.generator.get_state()}
+    def get_extra_state(self) -> dict:
+        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        if not state:
-            return
-        self.memory.load_state_dict(state["memory"])
-        self.embed_student.load_state_dict(state["embed_student"])
-        self.embed_teacher.load_state_dict(state["embed_teacher"])
+    def set_extra_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from desupcon import losses
@@ -34,18 +36,18 @@ class HybridMethod(LWSupCRDMethod):
         *LW, *BANK, *COMBO)
 
     SCALE_MOMENTUM = 0.9
-    graph_capturable = False  # the running scales are Python state updated by the step
+    needs = replace(LWSupCRDMethod.needs, graph_capturable=False)  # the running scales are Python state
 
     def __init__(self, cfg: MethodConfig):
         super().__init__(cfg)
         self.scales: torch.Tensor | None = None  # (s_sc, s_lw)
         self.scale_steps = 0
 
-    def state_dict(self) -> dict:
+    def get_extra_state(self) -> dict:
         return {"scales": None if self.scales is None else self.scales.detach().cpu().clone(),
                 "scale_steps": self.scale_steps}
 
-    def load_state_dict(self, state: dict) -> None:
+    def set_extra_state(self, state: dict) -> None:
         scales = state.get("scales")
         self.scales = None if scales is None else scales.clone()
         self.scale_steps = int(state.get("scale_steps", 0))

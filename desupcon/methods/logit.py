@@ -5,18 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from desupcon.methods.base import DKD, KD, logit_term, Method, register_method, StepOutputs, warmup_factor
+from desupcon.methods.base import DKD, KD, logit_term, Method, Needs, register_method, StepOutputs, warmup_factor
 
 
 class LogitDistillationMethod(Method):
     """Logit distillers (SPEC 13): one view, CE on the student's own classifier (weight
     `ce_weight`) plus the warmed-up distillation term on the teacher's float32 logits."""
 
-    uses_teacher_head = False
-    views = 1
-    online_classifier = False
-    gathers_batch = False
-    uses_every_parameter = False  # the projector gets no gradient
+    # the projector gets no gradient
+    needs = Needs(views=1, teacher_head=False, online_classifier=False, gathers_batch=False, every_parameter=False)
     base = "kd"
     standardize = False
 

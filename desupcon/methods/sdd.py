@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from desupcon import losses
 from desupcon.config.settings import method_setting, WEIGHT
 from desupcon.methods.base import DKD, KD, register_method, StepOutputs
+from desupcon.models.stages import StageNeeds
 from desupcon.methods.logit import DKDMethod, DKDStandardizedMethod, KDMethod, LogitDistillationMethod
 
 
@@ -22,13 +25,14 @@ class ScaleDecoupledMethod(LogitDistillationMethod):
     """SDD: the base loss on every region of the final feature maps (levels `sdd_scales`), each
     model's own classifier applied per region, complementary regions weighted up."""
 
-    needs_feature_maps = True
+    needs = replace(LogitDistillationMethod.needs, student_stages=StageNeeds(final_map=True),
+                    teacher_stages=StageNeeds(final_map=True), calls_student_modules=True)
     base = "dkd"
     settings = (*DKD, *SDD)
 
-    def setup(self, dataset, student, teacher, policy) -> None:
-        self.student_classifier = student.classifier
-        self.teacher_classifier = teacher.encoder.fc
+    def setup(self, dataset, student, teacher) -> None:
+        # each model's own classifier, applied per region: read, not owned
+        self.refer_to(student_classifier=student.classifier, teacher_classifier=teacher.encoder.fc)
 
     def distillation(self, out: StepOutputs) -> torch.Tensor:
         c = self.cfg

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from desupcon import losses
-from desupcon.methods.base import COMBO, Method, register_method, TEMPERATURE
+from desupcon.methods.base import COMBO, Method, Needs, register_method, TEMPERATURE
 
 
 @register_method
 class SupConMethod(Method):
     name, label, settings = "supcon", "SupCon", (TEMPERATURE, *COMBO)
-    uses_teacher = False
-    uses_teacher_head = False  # (its logit term reads the teacher's logits, never its projection)
+    needs = Needs(teacher=False, teacher_head=False)  # (a logit term reads the teacher's logits, never its projection)
 
     def representation_losses(self, out):
         return {"supcon": losses.supcon_loss(out.student_projection, out.labels, self.cfg.temperature)}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from desupcon.errors import DesupconError
 from desupcon.models.folding import fold_batchnorm
-from desupcon.models.stages import Stages
+from desupcon.models.stages import ModelOutputs, NO_STAGES, StageNeeds, Stages
 from desupcon.models.encoder import residual_stages, ZooEncoder
 from desupcon.models.zoo import ORIGINAL_CLASSIFIER, ZOO
 from desupcon.precision import true_float32
@@ -164,9 +164,10 @@ def mlp(dims: list[int]) -> nn.Sequential:
 class Student(nn.Module):
     """Encoder + projector (feat -> 128 -> 64) + linear classifier (the encoder's `fc`).
 
-    `forward` returns (features, normalised projection, logits). With `detach_classifier` the
-    classifier sees detached features: the online linear classifier of the contrastive methods,
-    trained next to the encoder without shaping it.
+    `forward` returns `ModelOutputs` (features, logits, normalised projection, and the final map
+    or stages the caller's `StageNeeds` asks for). With `detach_classifier` the classifier sees
+    detached features: the online linear classifier of the contrastive methods, trained next to the
+    encoder without shaping it.
     """
 
     def __init__(self, encoder: nn.Module, proj_hidden: int = 128, proj_dim: int = 64):
@@ -178,13 +179,13 @@ class Student(nn.Module):
     def classifier(self) -> nn.Linear:
         return self.encoder.fc
 
-    def forward(self, x: torch.Tensor, detach_classifier: bool = False, feature_map: bool = False):
-        """(features, projection, logits), plus the final feature map with `feature_map`."""
-        stages = self.encoder.forward_stages(x)  # the final map and its pooling from one pass
-        fmap, features = stages.final_map, stages.pooled
+    def forward(self, x: torch.Tensor, detach_classifier: bool = False,
+                needs: StageNeeds = NO_STAGES) -> ModelOutputs:
+        stages = self.encoder.forward_stages(x, preact=needs.preact)  # one pass: maps and pooling
+        features = stages.pooled
         projection = F.normalize(self.projector(features), dim=1)
         logits = self.classifier(features.detach() if detach_classifier else features)
-        return (features, projection, logits, fmap) if feature_map else (features, projection, logits)
+        return ModelOutputs(features, logits, projection, **needs.outputs(stages))
 
 
 class Teacher(nn.Module):
@@ -246,21 +247,21 @@ class Teacher(nn.Module):
         return inference
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, feature_map: bool = False):
-        """One backbone pass giving (features, logits), plus the final feature map with
-        `feature_map`, all detached; the classifier runs in float32 even inside an autocast region
-        (its logits set LW-SupCRD's weights and every logit distiller's targets), with TF32 off."""
+    def forward(self, x: torch.Tensor, needs: StageNeeds = NO_STAGES) -> ModelOutputs:
+        """One backbone pass giving `ModelOutputs` (features, logits, and the final map or stages
+        `needs` asks for; no projection), all detached, from the folded (and weight-cast) copy
+        where there is one; the classifier runs in float32 even inside an autocast region (its
+        logits set LW-SupCRD's weights and every logit distiller's targets), with TF32 off."""
         encoder = self._inference_encoder(x)
-        stages = encoder.forward_stages(x)
-        fmap, features = stages.final_map, stages.pooled
-        with true_float32(features.device.type):
-            logits = self.encoder.fc(features.float())
-        return (features, logits, fmap) if feature_map else (features, logits)
+        stages = encoder.forward_stages(x, preact=needs.preact)
+        with true_float32(stages.pooled.device.type):
+            logits = self.encoder.fc(stages.pooled.float())
+        return ModelOutputs(stages.pooled, logits, None, **needs.outputs(stages))
 
-    def features_and_logits(self, x: torch.Tensor, policy, feature_map: bool = False):
+    def features_and_logits(self, x: torch.Tensor, policy, needs: StageNeeds = NO_STAGES) -> ModelOutputs:
         """`forward` under the device policy's autocast (the logits stay float32)."""
         with policy.autocast():
-            return self(x, feature_map=feature_map)
+            return self(x, needs=needs)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Normalised head output; gradients reach the head only."""

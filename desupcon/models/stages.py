@@ -18,19 +18,58 @@ Asking for no pre-activation computes exactly what `forward_feature_map` compute
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-@dataclass
-class Stages:
+# Named tuples rather than dataclasses: they are pytrees, so `vmap` (fused lockstep), compile and
+# CUDA graphs pass them through as they pass tuples.
+class Stages(NamedTuple):
     feats: tuple[torch.Tensor, ...]
     preact: tuple[torch.Tensor, ...] | None
     final_map: torch.Tensor
     pooled: torch.Tensor
+
+    def rows(self, index) -> "Stages":
+        """The same stages for the batch rows `index` (a slice or an index tensor)."""
+        return Stages(tuple(f[index] for f in self.feats),
+                      None if self.preact is None else tuple(f[index] for f in self.preact),
+                      self.final_map[index], self.pooled[index])
+
+
+class ModelOutputs(NamedTuple):
+    """What a model returns for a batch, read by name: `features` (the pooled vector the classifier
+    reads), `logits`, `projection` (normalised embedding; None for models without a projector),
+    `final_map` and `stages` (each only when the caller asked for it, else None)."""
+
+    features: torch.Tensor
+    logits: torch.Tensor
+    projection: torch.Tensor | None = None
+    final_map: torch.Tensor | None = None
+    stages: Stages | None = None
+
+
+class StageNeeds(NamedTuple):
+    """Which of a model's intermediate outputs a caller reads: the final map, the stage entries,
+    and with them their pre-activations. `|` gives what a group of callers reads together."""
+
+    final_map: bool = False
+    stages: bool = False
+    preact: bool = False
+
+    def __or__(self, other: "StageNeeds") -> "StageNeeds":
+        return StageNeeds(*(a or b for a, b in zip(self, other)))
+
+    def outputs(self, stages: Stages) -> dict:
+        """The `ModelOutputs` fields these needs fill from one pass's `stages`."""
+        return {"final_map": stages.final_map if self.final_map else None,
+                "stages": stages if self.stages or self.preact else None}
+
+
+NO_STAGES = StageNeeds()
 
 
 def run_stage(stage: nn.Sequential, x: torch.Tensor, preact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

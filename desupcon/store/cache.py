@@ -114,7 +114,7 @@ def import_published_student(original: Path, cfg: RunConfig | None, identity: di
     load_matching_state_dict(student, state, source=f"published student {original} (expected {arch})")
     policy = as_policy(policy)
     student = policy.prepare(student).eval()
-    test_acc = evaluate_accuracy(lambda x: student(x)[2], dataset.test_images, dataset.test_labels,
+    test_acc = evaluate_accuracy(lambda x: student(x).logits, dataset.test_images, dataset.test_labels,
                                  dataset, policy)
     metrics = {"test_acc": test_acc, "train_acc": None, "train_test_gap": None, "best_test_acc": None,
                "best_epoch": None, "seconds": None, "epochs": cfg.optim.epochs}
