@@ -125,7 +125,5 @@ def test_weights_cast_once_give_autocasts_outputs_without_its_casts(fold):
     assert logits_cast.dtype == torch.float32
     assert _cast_calls(teacher, x) <= casts_before - cast
     # float32 call (and fp16 autocast): the encoder itself, in float32
-    out = teacher(x)
-    f32_features, f32_logits = out.features, out.logits
-    assert f32_features.dtype == torch.float32 and teacher._inference_encoder(x) is teacher.encoder
+    assert teacher(x).features.dtype == torch.float32 and teacher._inference_encoder(x) is teacher.encoder
     assert all(v.dtype == torch.float32 for v in teacher.state_dict().values() if v.is_floating_point())
