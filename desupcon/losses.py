@@ -440,3 +440,16 @@ def sdd_loss(student_regions: torch.Tensor, teacher_regions: torch.Tensor, label
     complementary = correct != correct[:, :1]
     weight = (1.0 + (complementary_weight - 1.0) * complementary.to(per_row.dtype)).reshape(-1)
     return (weight * per_row).sum() / (batch * n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature distillers
+# ----------------------------------------------------------------------------------------------
+
+def hint_loss(regressed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """FitNet's hint loss: the mean over every element (B * C * H * W) of (r - t)^2, between the
+    student's regressed hint map r and the teacher's map t of the same shape (t carries no gradient)."""
+    if regressed.shape != target.shape:
+        raise ValueError(f"hint_loss: the regressed student map {tuple(regressed.shape)} and the teacher's map "
+                         f"{tuple(target.shape)} must have one shape")
+    return (regressed - target.detach()).pow(2).mean()
