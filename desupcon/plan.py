@@ -60,7 +60,7 @@ def group_plan(base: RunConfig, group: str) -> list[Experiment]:
         return [Experiment(group, f"tau {t}", t, _lw(base, temperature=t)) for t in TEMPERATURES]
     if group == "lambda":
         return [Experiment(group, f"lambda {lam}", lam,
-                           _lw(base, lam=lam).replace(method={"method": "hybrid"})) for lam in LAMBDAS]
+                           _lw(base).replace(method={"method": "hybrid", "lam": lam})) for lam in LAMBDAS]
     if group == "bank":  # under its own protocol: paper-bank for the paper preset (SPEC 6)
         bank_base = bank_protocol(base)
         configs = [bank_base.replace(method={"method": method, "bank_size": k, "temperature": 0.07,

@@ -84,9 +84,12 @@ class ModelConfig:
 
 
 class MethodConfig:
-    """The method and the values of the method settings. Those are declared by the methods that
-    read them (`methods/`, each with its default), so this holds whatever the registered methods
-    declare: `cfg.alpha` reads a value, a setting not given takes its declared default."""
+    """The method and the values of its settings. Settings are declared by the methods that read
+    them (`methods/`, each with its default; a method may set its own default for a setting another
+    method declares too), so this holds whatever the registered methods declare: `cfg.alpha` reads
+    a value, and a setting not given takes the chosen method's default, else the declared one. Only
+    the chosen method's settings are part of the configuration: they are what `to_dict` writes
+    (configuration files, checkpoints, records), compares and carries into `replace`."""
 
     def __init__(self, method: str = "lw-supcrd", **values):
         declared = method_settings()
@@ -94,8 +97,9 @@ class MethodConfig:
         if unknown:
             raise ValueError(f"unknown MethodConfig settings: {', '.join(sorted(unknown))}")
         self.method = method
+        own = method_defaults(method)
         for name, setting in declared.items():
-            value = values.get(name, setting.default)
+            value = values.get(name, own.get(name, setting.default))
             setattr(self, name, list(value) if isinstance(setting.kind, list) else copy.deepcopy(value))
 
     def __getattr__(self, name: str):
@@ -106,7 +110,9 @@ class MethodConfig:
         return list(setting.default) if isinstance(setting.kind, list) else copy.deepcopy(setting.default)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, **{name: copy.deepcopy(getattr(self, name)) for name in method_settings()}}
+        """The method and its own settings (the ones it reads)."""
+        return {"method": self.method, **{name: copy.deepcopy(getattr(self, name))
+                                          for name in method_fields(self.method)}}
 
     def replace(self, **changes) -> "MethodConfig":
         return MethodConfig(**{**self.to_dict(), **changes})
@@ -120,7 +126,7 @@ class MethodConfig:
         return f"MethodConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
     def relevant(self) -> dict:
-        return {"method": self.method, **{k: getattr(self, k) for k in method_fields(self.method)}}
+        return self.to_dict()
 
 
 @dataclass
