@@ -452,9 +452,10 @@ def sweep_bases(args) -> list[RunConfig]:
         return [config_from_args(args)]
     if args.pair is not None and args.pairs is not None:
         raise ConfigError("--pair and --pairs both choose the pairs; give one")
-    if args.group != "logit":
-        raise ConfigError(f"--pair/--pairs choose teacher -> student pairs of the logit sweep; use "
-                          f"`sweep logit`, not `sweep {args.group}`")
+    from desupcon.methods import COMPARISONS
+    if args.group not in COMPARISONS:
+        raise ConfigError(f"--pair/--pairs choose teacher -> student pairs of a comparison ({', '.join(COMPARISONS)}); "
+                          f"use `sweep {next(iter(COMPARISONS))}`, not `sweep {args.group}`")
     if args.teacher_arch is not None or args.student_arch is not None:
         raise ConfigError("--pair/--pairs set --teacher-arch and --student-arch; remove those")
     try:
@@ -676,9 +677,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("sweep", help="run a group of the published plan (missing runs only)")
-    p.add_argument("group", choices=["alpha", "beta", "temp", "lambda", "bank", "baselines", "logit", "all"],
-                   help="which group to run: one of the published plan's (all: every one of them) or "
-                        "logit (the logit distillers on the preset's pair)")
+    from desupcon.methods import COMPARISONS
+    p.add_argument("group", choices=["alpha", "beta", "temp", "lambda", "bank", "baselines", *COMPARISONS, "all"],
+                   help="which group to run: one of the published plan's (all: every one of them) or a "
+                        f"comparison of methods on the preset's pair ({', '.join(COMPARISONS)})")
     p.add_argument("--shard", metavar="I/N", default=None,
                    help="run only the I-th of N disjoint parts of the plan (lockstep groups stay whole); "
                         "N processes or jobs with I = 1..N cover it once")

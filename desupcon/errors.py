@@ -14,6 +14,10 @@ class DesupconError(Exception):
     """Base class of the errors the command line reports as one line (see the module docstring)."""
 
 
+class ConfigError(DesupconError, ValueError):
+    """An invalid setting; the message names it, its value and the allowed range."""
+
+
 class InputFileError(DesupconError, OSError):
     """A file named on the command line is missing or cannot be read; the message names it."""
 

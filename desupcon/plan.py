@@ -14,8 +14,8 @@ from desupcon.analysis import plots
 from desupcon.config import bank_protocol, dataset_tag, default_bank_size, run_name, RunConfig
 from desupcon.engine import distributed
 from desupcon.engine.run import RunResult
-from desupcon.methods import method_label
-from desupcon.report import LOGIT_TABLE_METHODS, write_report
+from desupcon.methods import COMPARISONS, comparison_members, method_label
+from desupcon.report import write_report
 from desupcon.session import Session
 
 
@@ -24,9 +24,9 @@ BETAS = (1.0, 5.0, 10.0, 12.0)
 TEMPERATURES = (0.05, 0.07)
 LAMBDAS = (0.3, 0.5, 0.7, 0.9)
 GROUPS = ("baselines", "alpha", "beta", "temp", "lambda", "bank")  # the published plan (`all`)
-EXTRA_GROUPS = ("logit",)  # comparisons beyond the published plan
-# The logit-distillers table (SPEC 13): its methods in order (report.LOGIT_TABLE_METHODS; CE and
-# KD are the references), each labelled as its class declares.
+# Comparisons beyond the published plan, declared by the methods (methods.COMPARISONS: the logit
+# distillers, the feature distillers), each on the base's teacher/student pair and protocol.
+EXTRA_GROUPS = tuple(COMPARISONS)
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,9 @@ def group_plan(base: RunConfig, group: str) -> list[Experiment]:
                    for method in ("crd", "lw-supcrd") for k in (0, bank)]
         return [Experiment(group, method_label(c.method) + (" + bank" if c.method.bank_size else ""),
                            f"{c.method.method}/{c.method.bank_size}", c) for c in configs]
-    if group == "logit":  # on the base's teacher/student pair, under the base's protocol
+    if group in COMPARISONS:  # on the base's teacher/student pair, under the base's protocol
         return [Experiment(group, method_label(cfg.method), method, cfg)
-                for method, cfg in ((m, base.with_method(m)) for m in LOGIT_TABLE_METHODS)]
+                for method, cfg in ((m, base.with_method(m)) for m in comparison_members(group))]
     raise ValueError(f"unknown sweep group {group!r}; known: {', '.join(GROUPS + EXTRA_GROUPS)}, all")
 
 
@@ -153,7 +153,7 @@ def run_experiments(base: RunConfig, experiments: list[Experiment], force: bool 
 
 def plot_group(base: RunConfig, group: str, results: list[tuple[Experiment, RunResult]]) -> str | None:
     """Accuracy, class alignment and uniformity against the swept value (mean over seeds)."""
-    if group in ("baselines", "bank", "logit"):
+    if group in ("baselines", "bank", *COMPARISONS):
         return None
     points: dict[float, list[RunResult]] = {}
     for e, r in results:

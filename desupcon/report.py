@@ -17,7 +17,7 @@ import statistics
 
 from desupcon.config import HUB_TEACHER, protocol_of, RunConfig
 from desupcon.config.pairs import published_figures
-from desupcon.methods import method_label
+from desupcon.methods import COMPARISONS, comparison_members, method_label
 from desupcon.store.checkpoint import atomic_write_text
 from desupcon.store.published import PUBLISHED_SOURCE
 from desupcon.store.records import records_under
@@ -47,8 +47,7 @@ PUBLISHED = {
 }
 PUBLISHED_TEACHER_SOURCES = (HUB_TEACHER, PUBLISHED_SOURCE)
 
-LOGIT_TABLE_METHODS = ("ce", "kd", "dkd", "kd-ls", "dkd-ls", "sd-kd", "sd-dkd", "sdd-lskd",
-                       "sdd-lskd-calibrated", "crd-nce", "lw-supcrd")
+LOGIT_TABLE_METHODS = comparison_members("logit")  # its rows in order (the methods declare them)
 
 
 def mdistiller_protocol(cfg: RunConfig) -> bool:
@@ -176,9 +175,10 @@ TABLES = [
      and c.cfg.method.alpha == 1.0 and c.cfg.method.beta == 10.0),
     ("lambda", "Hybrid lambda sweep (lambda SupCon + (1 - lambda) LW-SupCRD)", "lam",
      lambda c: c.kind == "student" and c.cfg.method.method == "hybrid" and not c.cfg.method.bank_size),
-    ("logit", "Logit distillers (SPEC 13; published figures are best-epoch: compare the best-epoch column)",
-     None, lambda c: c.kind == "student" and c.cfg.method.method in LOGIT_TABLE_METHODS
-     and (c.cfg.method.method != "lw-supcrd" or _defaults(c.cfg.method) and not c.cfg.method.bank_size)),
+    *((name, comparison.title, None, lambda c, members=comparison_members(name): c.kind == "student"
+       and c.cfg.method.method in members
+       and (c.cfg.method.method != "lw-supcrd" or _defaults(c.cfg.method) and not c.cfg.method.bank_size))
+      for name, comparison in COMPARISONS.items()),
     ("two-stage", "Two-stage distillation and end-to-end references (SPEC 12; probes on frozen features)", None,
      lambda c: c.kind == "student" and (_two_stage(c) or c.cfg.method.method in ("kd", "crd", "crd-nce", "ce"))),
     ("bank", "Memory bank ablation", None,
@@ -189,7 +189,8 @@ REFERENCE = {"main": lambda c: c.kind == "student" and c.cfg.method.method == "c
              "alpha": lambda c: c.cfg.method.alpha == 1.0, "beta": lambda c: c.cfg.method.beta == 10.0,
              "temp": lambda c: c.cfg.method.temperature == 0.07, "lambda": lambda c: c.cfg.method.lam == 0.5,
              "bank": lambda c: c.cfg.method.method == "lw-supcrd" and not c.cfg.method.bank_size,
-             "logit": lambda c: c.cfg.method.method == "kd",
+             **{name: lambda c, ref=comparison.reference: c.cfg.method.method == ref
+                for name, comparison in COMPARISONS.items()},
              "two-stage": lambda c: c.cfg.method.method == "kd" and not _two_stage(c)}
 
 
@@ -219,7 +220,7 @@ def _fmt(mean, sd=None, digits=2) -> str:
 
 def _main_order(c: Configuration) -> tuple:
     order = ["teacher", "ce", "supcon", "crd", "crd bank", "lw-supcrd", "lw-supcrd bank", "hybrid",
-             "hybrid bank", *LOGIT_TABLE_METHODS[1:]]
+             "hybrid bank", *dict.fromkeys(m for name in COMPARISONS for m in comparison_members(name)[1:])]
     tag = _tag(c)
     return (order.index(tag) if tag in order else len(order)), c.label
 
@@ -241,7 +242,7 @@ def _row_label(table: str, key: str | None, c: Configuration) -> str:
 def _published(table: str, key: str | None, c: Configuration):
     """The SPEC 9 figures for this row, only for a run of the same protocol distilled from (or
     being) the published teacher, with the published method settings."""
-    if table == "logit":
+    if table in COMPARISONS:
         if not mdistiller_protocol(c.cfg):
             return None
         # SPEC 13 and 17: best epoch over training, not the last epoch
@@ -408,8 +409,8 @@ def build_report(root: str | Path, tables: list[str] | None = None) -> str:
             chosen = [c for c in configs if member(c) and (table == "two-stage" or not _two_stage(c))]
             if table == "two-stage" and not any(_two_stage(c) for c in chosen):
                 continue  # no two-stage run among these
-            if table == "logit" and not any(c.cfg.method.method in LOGIT_TABLE_METHODS[1:-1] for c in chosen):
-                continue  # no logit distiller among these runs
+            if table in COMPARISONS and all(c.cfg.method.method in COMPARISONS[table].context for c in chosen):
+                continue  # none of the compared methods among these runs, only its context
             if chosen:
                 out += [render_table(table, title, key, chosen, configs), ""]
         if tables is None:

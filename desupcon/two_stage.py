@@ -38,7 +38,7 @@ from desupcon.engine.build import assemble_run, build_student
 from desupcon.engine.devices import as_policy
 from desupcon.engine.loop import train_group
 from desupcon.engine.run import final_metrics, Run, RunResult
-from desupcon.methods import build_method, Method, StepOutputs
+from desupcon.methods import build_method, Method, StepOutputs, two_stage_phase1_methods
 from desupcon.models import load_matching_state_dict, Student
 from desupcon.probes import fit_probe, FrozenEncoderProbe, knn_probe, ProbeConfig
 from desupcon.store.cache import load_cached_student
@@ -55,7 +55,7 @@ __all__ = ["TwoStageConfig", "RepresentationPhase", "PHASE1_METHODS", "two_stage
            "two_stage_identity", "phase1_config", "train_two_stage"]
 
 # Representation methods phase 1 can use (crd-nce's own CE term is dropped there).
-PHASE1_METHODS = ("crd", "supcon", "lw-supcrd", "hybrid", "crd-nce")
+PHASE1_METHODS = two_stage_phase1_methods()  # the methods declare it
 # Loss terms of a method that train the classifier: never part of phase 1.
 CLASSIFIER_TERMS = ("ce", "online_classifier")
 PHASE1_OPTIMIZERS = ("run", "adam", "sgd")

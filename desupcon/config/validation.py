@@ -10,13 +10,9 @@ import torch
 from desupcon.config import COMPILE_MODES, RunConfig
 from desupcon.engine.devices import PRECISIONS
 from desupcon.data import DATASETS
-from desupcon.errors import DesupconError
+from desupcon.errors import ConfigError, DesupconError  # noqa: F401  (ConfigError: re-exported)
 from desupcon.models import ARCHITECTURES
 from desupcon.config.settings import all_settings
-
-
-class ConfigError(DesupconError, ValueError):
-    """An invalid setting; the message names it, its value and the allowed range."""
 
 
 def _require(ok: bool, message: str) -> None:

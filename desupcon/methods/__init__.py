@@ -15,15 +15,16 @@ import importlib
 import pkgutil
 
 from desupcon.config import MethodConfig
-from desupcon.methods.base import (METHODS, Method, Needs, StepOutputs, declared_settings, logit_term,
-                                   register_method, warmup_factor)
+from desupcon.methods.base import (COMPARISONS, comparison_members, METHODS, Method, Needs, StepOutputs,
+                                   declared_settings, logit_term, register_method, two_stage_phase1_methods,
+                                   warmup_factor)
 
 BUILT_IN = ("ce", "supcon", "crd", "lw_supcrd", "hybrid", "logit", "sdd", "crd_nce")
 for _module in (*BUILT_IN, *sorted(m.name for m in pkgutil.iter_modules(__path__)
                                    if m.name not in (*BUILT_IN, "base"))):
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["METHODS", "Method", "Needs", "StepOutputs", "build_method", "declared_settings",
+__all__ = ["COMPARISONS", "comparison_members", "METHODS", "Method", "Needs", "StepOutputs", "two_stage_phase1_methods", "build_method", "declared_settings",
            "logit_term", "method_label", "register_method", "warmup_factor"]
 
 

@@ -122,6 +122,41 @@ DKD = (CE_WEIGHT, DKD_ALPHA, DKD_BETA, LOGIT_TEMPERATURE, WARMUP)
 METHODS: dict[str, type] = {}
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """Methods compared on one teacher -> student pair under one protocol: a sweep group (`sweep
+    NAME`, which also takes `--pair/--pairs`) and the report table of the same name. Its members are
+    the methods whose class lists it in `comparisons`, in the positions they give; `reference` is
+    the row the differences are taken against, and `context` the members that do not make the table
+    appear by themselves (the references and the headline method)."""
+
+    name: str
+    title: str
+    reference: str
+    context: tuple[str, ...]
+
+
+COMPARISONS = {c.name: c for c in (
+    Comparison("logit", "Logit distillers (published figures are best-epoch: compare the best-epoch column)",
+               "kd", ("ce", "lw-supcrd")),
+    Comparison("feature", "Feature distillers (published figures are best-epoch: compare the best-epoch column)",
+               "kd", ("ce", "kd", "crd-nce", "lw-supcrd")),
+)}
+
+
+def comparison_members(comparison: str) -> tuple[str, ...]:
+    """The methods of a comparison in their declared positions (a class's own declaration: a
+    subclass is a method of its own and declares its own)."""
+    members = [(cls.__dict__.get("comparisons", {})[comparison], i, name) for i, (name, cls) in enumerate(METHODS.items())
+               if comparison in cls.__dict__.get("comparisons", {})]
+    return tuple(name for _, _, name in sorted(members))
+
+
+def two_stage_phase1_methods() -> tuple[str, ...]:
+    """The methods that can be a two-stage run's phase 1 (a representation loss without the classifier)."""
+    return tuple(name for name, cls in METHODS.items() if cls.__dict__.get("two_stage_phase1", False))
+
+
 def register_method(cls):
     """Class decorator: make `cls` a method of the command line, the plan and the report."""
     if not cls.name:
@@ -152,7 +187,8 @@ class Method(nn.Module, abc.ABC):
     `settings` (the settings it reads, each with flag, tag, help, range and default: they make its
     run name and cache identity), `defaults` (its own defaults where they differ from the
     settings', applied when it is chosen, under any flag given), `needs` (what the loop must
-    provide: `Needs`) and its losses.
+    provide: `Needs`), the comparisons it takes part in (`comparisons`: sweep groups and report
+    tables), whether it can be a two-stage phase 1 (`two_stage_phase1`), and its losses.
 
     A method is an `nn.Module`: what it owns and trains (connectors, embedding heads) are its
     submodules, made in `setup` once the data and models are known. The engine moves it with the
@@ -169,6 +205,8 @@ class Method(nn.Module, abc.ABC):
     defaults: dict = {}
     needs: Needs = Needs()
     optimizer_overrides: dict = {}  # e.g. {"lr": 0.01, "weight_decay": 0.0, "schedule": "constant"}
+    comparisons: dict = {}  # comparison name -> this method's position in it (`COMPARISONS`)
+    two_stage_phase1 = False  # can be phase 1 of a two-stage run
 
     def __init__(self, cfg: MethodConfig):
         super().__init__()

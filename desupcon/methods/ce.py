@@ -12,6 +12,7 @@ class CrossEntropyMethod(Method):
     """The undistilled student: cross-entropy on its own classifier, one view."""
 
     name, label = "ce", "CE student"
+    comparisons = {"logit": 0, "feature": 0}
     # the projector gets no gradient
     needs = Needs(views=1, teacher=False, teacher_head=False, online_classifier=False, gathers_batch=False,
                   every_parameter=False)

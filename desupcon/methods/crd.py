@@ -9,6 +9,7 @@ from desupcon.methods.base import BANK, BankMixin, COMBO, Method, register_metho
 @register_method
 class CRDMethod(BankMixin, Method):
     name, label, settings = "crd", "CRD", (TEMPERATURE, *BANK, *COMBO)
+    two_stage_phase1 = True
 
     def representation_losses(self, out):
         return {"crd": losses.crd_loss(out.student_projection, out.teacher_projection,

@@ -27,6 +27,8 @@ class CRDNCEMethod(Method):
         method_setting("nce_temperature", None, float, "crd-nce's temperature", "ncet", POSITIVE, 0.07),
     )
     defaults = {"ce_weight": 1.0}
+    comparisons = {"logit": 9, "feature": 90}
+    two_stage_phase1 = True
     # negatives drawn on the host, the normalisers fixed from the first batch: not graph-capturable
     needs = Needs(views=1, teacher_head=False, online_classifier=False, gathers_batch=False,
                   graph_capturable=False, every_parameter=False)

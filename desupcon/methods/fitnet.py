@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from desupcon import losses
 from desupcon.config.settings import method_setting
-from desupcon.config.validation import ConfigError
+from desupcon.errors import ConfigError
 from desupcon.methods.base import CE_WEIGHT, FEAT_WEIGHT, Method, Needs, register_method, StepOutputs
 from desupcon.models.stages import StageNeeds
 
@@ -56,6 +56,7 @@ class FitNetMethod(Method):
                        "hint", (lambda v: v >= 0, ">= 0 (a stage index: 0 is the stem)"), 2),
     )
     defaults = {"ce_weight": 1.0, "feat_weight": 100.0}
+    comparisons = {"feature": 2}
     needs = Needs(views=1, teacher_head=False, online_classifier=False, gathers_batch=False, every_parameter=False,
                   student_stages=StageNeeds(stages=True), teacher_stages=StageNeeds(stages=True))
 

@@ -24,6 +24,7 @@ class HybridMethod(LWSupCRDMethod):
     """
 
     name, label = "hybrid", "Hybrid (lambda {lam})"
+    two_stage_phase1 = True
     settings = (
         method_setting("lam", "--lam", float, "hybrid mix: lam * SupCon + (1 - lam) * LW-SupCRD", "lam",
                        UNIT_INTERVAL, 0.5),

@@ -32,6 +32,7 @@ class KDMethod(LogitDistillationMethod):
     """Hinton's KD: 0.1 CE + 0.9 T^2 KL, T 4."""
 
     name, label, settings = "kd", "KD", KD
+    comparisons = {"logit": 1, "feature": 1}
     defaults = {"ce_weight": 0.1, "kd_weight": 0.9, "logit_temperature": 4.0, "warmup": 0}
     base = "kd"
 
@@ -41,6 +42,7 @@ class KDStandardizedMethod(KDMethod):
     """KD on z-scored logits with the LSKD calibration (T 2, KD weight 9)."""
 
     name, label = "kd-ls", "KD+LS"
+    comparisons = {"logit": 3}
     defaults = {"ce_weight": 0.1, "kd_weight": 9.0, "logit_temperature": 2.0, "warmup": 0}
     standardize = True
 
@@ -50,6 +52,7 @@ class DKDMethod(LogitDistillationMethod):
     """Decoupled KD: CE + warm-up x (alpha TCKD + beta NCKD); beta follows the pair (SPEC 17)."""
 
     name, label, settings = "dkd", "DKD", DKD
+    comparisons = {"logit": 2}
     defaults = {"ce_weight": 1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "logit_temperature": 4.0, "warmup": 20}
     base = "dkd"
 
@@ -59,5 +62,6 @@ class DKDStandardizedMethod(DKDMethod):
     """DKD on z-scored logits with the LSKD calibration (T 2, alpha and beta x 9)."""
 
     name, label = "dkd-ls", "DKD+LS"
+    comparisons = {"logit": 4}
     defaults = {"ce_weight": 1.0, "dkd_alpha": 9.0, "dkd_beta": 72.0, "logit_temperature": 2.0, "warmup": 20}
     standardize = True

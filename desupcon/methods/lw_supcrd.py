@@ -22,6 +22,8 @@ LW = (
 @register_method
 class LWSupCRDMethod(BankMixin, Method):
     name, label, settings = "lw-supcrd", "LW-SupCRD", (*LW, *BANK, *COMBO)
+    comparisons = {"logit": 10, "feature": 100}
+    two_stage_phase1 = True
 
     def lw_kwargs(self, out: StepOutputs) -> dict:
         c = self.cfg

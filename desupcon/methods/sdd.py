@@ -49,6 +49,7 @@ class ScaleDecoupledMethod(LogitDistillationMethod):
 @register_method
 class SDKDMethod(ScaleDecoupledMethod):
     name, label, settings = "sd-kd", "SD-KD", (*KD, *SDD)
+    comparisons = {"logit": 5}
     defaults = {**KDMethod.defaults, "sdd_scales": [1, 2]}  # the published SD-KD used M = [1, 2]
     base = "kd"
 
@@ -56,6 +57,7 @@ class SDKDMethod(ScaleDecoupledMethod):
 @register_method
 class SDDKDMethod(ScaleDecoupledMethod):
     name, label = "sd-dkd", "SD-DKD"
+    comparisons = {"logit": 6}
     defaults = DKDMethod.defaults
     base = "dkd"
 
@@ -66,6 +68,7 @@ class SDDLSKDMethod(ScaleDecoupledMethod):
     seed's settings (alpha 1, beta 8, T 4, W 20, M 1 2 4)."""
 
     name, label = "sdd-lskd", "SDD-LSKD"
+    comparisons = {"logit": 7}
     defaults = DKDMethod.defaults
     base = "dkd"
     standardize = True
@@ -76,4 +79,5 @@ class SDDLSKDCalibratedMethod(SDDLSKDMethod):
     """The fusion with the LSKD calibration (alpha 9, beta 72, T 2, W 20)."""
 
     name, label = "sdd-lskd-calibrated", "SDD-LSKD (LSKD calibration)"
+    comparisons = {"logit": 8}
     defaults = DKDStandardizedMethod.defaults

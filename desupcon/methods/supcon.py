@@ -9,6 +9,7 @@ from desupcon.methods.base import COMBO, Method, Needs, register_method, TEMPERA
 @register_method
 class SupConMethod(Method):
     name, label, settings = "supcon", "SupCon", (TEMPERATURE, *COMBO)
+    two_stage_phase1 = True
     needs = Needs(teacher=False, teacher_head=False)  # (a logit term reads the teacher's logits, never its projection)
 
     def representation_losses(self, out):
