@@ -175,8 +175,8 @@ TABLES = [
      and c.cfg.method.alpha == 1.0 and c.cfg.method.beta == 10.0),
     ("lambda", "Hybrid lambda sweep (lambda SupCon + (1 - lambda) LW-SupCRD)", "lam",
      lambda c: c.kind == "student" and c.cfg.method.method == "hybrid" and not c.cfg.method.bank_size),
-    *((name, comparison.title, None, lambda c, members=comparison_members(name): c.kind == "student"
-       and c.cfg.method.method in members
+    *((name, comparison.title, None, lambda c, name=name: c.kind == "student"
+       and c.cfg.method.method in comparison_members(name)  # (read when used: methods registered later count)
        and (c.cfg.method.method != "lw-supcrd" or _defaults(c.cfg.method) and not c.cfg.method.bank_size))
       for name, comparison in COMPARISONS.items()),
     ("two-stage", "Two-stage distillation and end-to-end references (SPEC 12; probes on frozen features)", None,
@@ -336,6 +336,10 @@ def render_table(table: str, title: str, key: str | None, configs: list[Configur
     setting = setting if setting is not None else configs  # where the teacher and CE rows are found
     if key is not None:
         configs = sorted(configs, key=lambda c: (getattr(c.cfg.method, key), c.label))
+    elif table in COMPARISONS:  # the members' declared order, the teacher first
+        members = comparison_members(table)
+        configs = sorted(configs, key=lambda c: (c.kind != "teacher", members.index(c.cfg.method.method)
+                                                 if c.cfg.method.method in members else len(members), c.label))
     else:
         configs = sorted(configs, key=_main_order)
     labels = [_row_label(table, key, c) for c in configs]

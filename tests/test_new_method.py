@@ -1,19 +1,24 @@
 """Adding a method is one class in one file: this test declares a toy method here (a setting of its
 own with flag, run-name tag, help, range and default) and trains it through the command line,
 touching no module of the package. The flag, the name tag, the identity, the range check and the
-label are all derived from the declaration."""
+label are all derived from the declaration. A second toy method reads stage maps of both models,
+owns a trainable connector and shares a setting name with FitNet: it trains in its comparison's
+sweep and shows in its report table."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 import torch.nn.functional as F
 
-from desupcon import cli
+from desupcon import cli, report
 from desupcon.config import preset, run_name
 from desupcon.config.settings import method_setting
 from desupcon.methods import METHODS, Method, method_label, Needs, register_method
+from desupcon.methods.base import CE_WEIGHT, FEAT_WEIGHT
+from desupcon.models import StageNeeds
 from desupcon.store.checkpoint import load_checkpoint
 
 
@@ -90,3 +95,54 @@ def test_without_the_method_its_setting_is_unknown():
     assert "--toy-weight" not in cli.run_flags()
     with pytest.raises(ValueError, match="unknown MethodConfig settings: toy_weight"):
         preset("quick").replace(method={"toy_weight": 0.5})
+
+
+class StageConnectorMethod(Method):
+    """CE plus `feat_weight` times the mean squared distance between the student's stage-1 map
+    through a 1x1 connector it owns and the teacher's stage-1 map: a method of this test's own that
+    reads stages, owns weights and shares a setting name with FitNet under another default."""
+
+    name, label = "toy-connector", "Toy connector"
+    settings = (CE_WEIGHT, FEAT_WEIGHT)
+    defaults = {"feat_weight": 0.5}
+    comparisons = {"feature": 50}
+    needs = Needs(views=1, teacher_head=False, online_classifier=False, gathers_batch=False, every_parameter=False,
+                  student_stages=StageNeeds(stages=True), teacher_stages=StageNeeds(stages=True))
+
+    def setup(self, dataset, student, teacher) -> None:
+        size = (dataset.image_size, dataset.image_size)
+        (c_s, _, _), (c_t, _, _) = student.encoder.stage_shapes(size)[1], teacher.encoder.stage_shapes(size)[1]
+        self.connector = torch.nn.Conv2d(c_s, c_t, 1)
+
+    def representation_losses(self, out):
+        mapped = self.connector(out.student_stages.feats[1].float())
+        return {"ce": self.cfg.ce_weight * F.cross_entropy(out.student_logits, out.labels),
+                "toy": self.cfg.feat_weight * (mapped - out.teacher_stages.feats[1].float()).pow(2).mean()}
+
+
+@pytest.fixture
+def connector_method():
+    register_method(StageConnectorMethod)
+    try:
+        yield StageConnectorMethod
+    finally:
+        METHODS.pop(StageConnectorMethod.name)
+
+
+def test_a_method_with_stages_and_a_connector_joins_its_comparison_with_no_other_edit(connector_method, tmp_path,
+                                                                                      capsys):
+    out = tmp_path / "out"
+    base = ["--preset", "quick", "--epochs", "1", "--train-subset", "64", "--test-subset", "32", "--batch-size", "32",
+            "--teacher-arch", "resnet8", "--student-arch", "resnet8", "--train-teacher", "--teacher-epochs", "1",
+            "--probe-epochs", "1", "--device", "cpu", "--output-dir", str(out)]
+    # the shared setting keeps each method's own default, and the configuration holds only its settings
+    assert cli.main(["train", *base, "--method", "toy-connector", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == {"method": "toy-connector", "ce_weight": 1.0,
+                                                              "feat_weight": 0.5}
+    assert preset("quick").with_method("fitnet").method.feat_weight == 100.0
+    assert cli.main(["sweep", "feature", *base]) == 0
+    ckpt = load_checkpoint(next((out / "pth_models").glob("student_toyconnector_*.pth")), "student")
+    assert set(ckpt["method_state"]) == {"connector.weight", "connector.bias"}
+    assert ckpt["log"][0]["losses"]["toy"] > 0
+    table = report.build_report(out, tables=["feature"])
+    assert "Toy connector" in table and "FitNet" in table
