@@ -94,6 +94,37 @@ def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) ->
                         "of loading weights")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all different (json keeps the last of a repeated key silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(repr(key))
+        out[key] = value
+    return out
+
+
+def _unique_key_yaml_loader():
+    """yaml's safe loader refusing a mapping that repeats a key (it would keep the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice in one "
+                                                            "mapping; keep one", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+    return UniqueKeyLoader
+
+
 def read_config_file(path: str) -> dict:
     """The configuration stored in `path`, as plain data: JSON as `--print-config` writes it, YAML
     (`.yaml`/`.yml`, the same structure), or any desupcon checkpoint (student, two-stage, teacher,
@@ -111,14 +142,16 @@ def read_config_file(path: str) -> dict:
     if text is not None and is_yaml:
         import yaml
         try:
-            data = yaml.safe_load(text.decode("utf-8"))
+            data = yaml.load(text.decode("utf-8"), Loader=_unique_key_yaml_loader())
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"{source} is not valid YAML ({' '.join(str(exc).split())[:160]})") from None
     elif text is not None:
         try:
-            data = json.loads(text.decode("utf-8"))
+            data = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{source} is not valid JSON ({exc})") from exc
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{source}: the key {exc} appears twice in one object; keep one") from None
     else:
         try:
             ckpt = load_checkpoint(file)
@@ -143,7 +176,23 @@ def config_file(path: str) -> tuple[RunConfig, dict | None]:
         data = {k: v for k, v in data.items() if k != "two_stage"}
     if two_stage is not None and not isinstance(two_stage, dict):
         raise ConfigError(f"--config {path}: two_stage must be an object of two-stage settings")
-    return RunConfig.from_dict(checked_config_dict(data, f"--config {path}")), two_stage
+    return RunConfig.from_dict(over_its_preset(checked_config_dict(data, f"--config {path}"))), two_stage
+
+
+def over_its_preset(d: dict) -> dict:
+    """A configuration from a file with what it leaves out taken from the preset it names (a file
+    saying only `preset: quick` is the quick preset); the method's settings come from the preset only
+    when the file keeps the preset's method (another method takes its own defaults)."""
+    if d.get("preset") not in PRESETS:
+        return d
+    base = PRESETS[d["preset"]].to_dict()
+    out = {**base, **d}
+    for section in ("data", "model", "optim", "teacher"):
+        out[section] = {**base[section], **d.get(section, {})}
+    method = d.get("method", {})
+    same = method.get("method", base["method"]["method"]) == base["method"]["method"]
+    out["method"] = {**base["method"], **method} if same else method
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 from pathlib import Path
 
 import torch
@@ -80,15 +81,32 @@ def write_parts(dataset: data_mod.ImageDataset, out: str | Path, parts: int) -> 
     return folders
 
 
+MAX_PARTS = 10_000  # far more than a dataset is ever cut into; bounds what a part file may claim
+MAX_PART_FILE_BYTES = 64 * 1024
+
+
 def _read_part(folder: Path) -> dict:
+    """The part's description, checked: a small regular file, every field of its type and range."""
     path = folder / PART_FILE
     if not path.is_file():
         raise DatasetPartsError(f"{folder}: no {PART_FILE}; it is not a part written by `desupcon data split`")
+    if path.stat().st_size > MAX_PART_FILE_BYTES:
+        raise DatasetPartsError(f"{path} is {path.stat().st_size} bytes, not a part description (at most "
+                                f"{MAX_PART_FILE_BYTES}); carry that part again")
     try:
         info = json.loads(path.read_text())
         info = {key: info[key] for key in ("part", "parts", "digest", "train", "test", "train_total", "test_total")}
     except (ValueError, KeyError, TypeError) as exc:
-        raise DatasetPartsError(f"{path} is unreadable ({exc}); carry that part again") from None
+        raise DatasetPartsError(f"{path} is unreadable ({reprlib.repr(exc)}); carry that part again") from None
+    counts = ("part", "parts", "train", "test", "train_total", "test_total")
+    bad = next((k for k in counts if not isinstance(info[k], int) or isinstance(info[k], bool) or info[k] < 0), None)
+    if bad is None and not 1 <= info["part"] <= info["parts"] <= MAX_PARTS:
+        bad = "part" if info["parts"] <= MAX_PARTS else "parts"
+    if bad is None and not isinstance(info["digest"], str):
+        bad = "digest"
+    if bad is not None:
+        raise DatasetPartsError(f"{path}: {bad} is {reprlib.repr(info[bad])}, not what `desupcon data split` "
+                                f"writes (parts 1..{MAX_PARTS}, counts >= 0, a digest string); carry that part again")
     return info
 
 
@@ -121,7 +139,7 @@ def join_parts(folders: list[str | Path]) -> data_mod.ImageDataset:
         by_number[info["part"]] = folder
     missing = sorted(set(range(1, first["parts"] + 1)) - set(by_number))
     if missing:
-        raise DatasetPartsError(f"parts {', '.join(map(str, missing))} of {first['parts']} are missing; "
+        raise DatasetPartsError(f"parts {reprlib.repr(missing)[1:-1]} of {first['parts']} are missing; "
                                 "carry them and join again")
     pieces = [data_mod.load_npz_dataset(by_number[k]) for k in range(1, first["parts"] + 1)]
     joined = _concatenate(pieces)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 
 import torch
 
@@ -100,15 +101,21 @@ def _check_sdd_scales(scales: list) -> None:
 _PLAIN_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None)}
 
 
+def _short(value) -> str:
+    """A bounded rendering of any value read from a file (a nested alias bomb prints in a line)."""
+    return reprlib.repr(value)
+
+
 def _checked_value(annotation, value, where: str):
     """`value` if it fits the field's annotation (`int | None`, `list[int]`, ...; an int where a
-    float is expected becomes a float), else ConfigError. An annotation not understood here
-    accepts anything (validate_config checks the ranges later)."""
+    float is expected becomes a float; every element of a list checked), else ConfigError. An
+    annotation not understood here accepts anything (validate_config checks the ranges later)."""
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    kinds = []
+    kinds, element = [], None
     for part in text.replace(" ", "").split("|"):
         if part.startswith("list["):
             kinds.append(list)
+            element = part[len("list["):-1]
         elif part in _PLAIN_TYPES:
             kinds.append(_PLAIN_TYPES[part])
         else:
@@ -119,8 +126,39 @@ def _checked_value(annotation, value, where: str):
         return float(value)
     else:
         fits = isinstance(value, tuple(kinds))
-    _require(fits, f"{where} must be {text}, got {value!r}")
+    if not fits:
+        raise ConfigError(f"{where} must be {text}, got {_short(value)}")
+    if isinstance(value, list) and element is not None:
+        return [_checked_value(element, item, f"{where}[{i}]") for i, item in enumerate(value)]
     return value
+
+
+def _setting_annotation(setting) -> str:
+    """The annotation `_checked_value` reads for a declared setting's kind."""
+    if isinstance(setting.kind, list):
+        return f"list[{setting.kind[0].__name__}]"
+    return setting.kind.__name__ + ("|None" if setting.default is None else "")
+
+
+def _checked_method_section(value, source: str) -> dict:
+    """The `method` section of a configuration file: the method's name and declared method settings,
+    each of its declared type."""
+    from desupcon.config import method_settings
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: method must be an object of method settings (method: NAME and its "
+                          f"settings), got {_short(value)}")
+    declared = method_settings()
+    out = {}
+    for key, item in value.items():
+        if key == "method":
+            if not isinstance(item, str):
+                raise ConfigError(f"{source}: method.method must be a method name, got {_short(item)}")
+            out[key] = item
+            continue
+        if key not in declared:
+            raise ConfigError(f"{source}: unknown method setting {_short(key)}; known: {', '.join(declared)}")
+        out[key] = _checked_value(_setting_annotation(declared[key]), item, f"{source}: method.{key}")
+    return out
 
 
 def checked_config_dict(d, source: str) -> dict:
@@ -138,10 +176,13 @@ def checked_config_dict(d, source: str) -> dict:
     out = {}
     for name, value in d.items():
         section = getattr(default, name)
+        if name == "method":
+            out[name] = _checked_method_section(value, source)
+            continue
         if not dataclasses.is_dataclass(section):
             out[name] = _checked_value(fields[name].type, value, f"{source}: {name}")
             continue
-        _require(isinstance(value, dict), f"{source}: {name} must be an object of settings, got {value!r}")
+        _require(isinstance(value, dict), f"{source}: {name} must be an object of settings, got {_short(value)}")
         known = {f.name: f for f in dataclasses.fields(section)}
         unknown = sorted(set(value) - set(known))
         _require(not unknown, f"{source}: unknown {name} setting(s) {', '.join(unknown)}; known: "

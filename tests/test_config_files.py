@@ -1,0 +1,125 @@
+"""Configuration files and part descriptions as a hostile or clumsy user writes them: every value
+checked against its declared type before anything is built, bounded messages, one line, exit 2."""
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from desupcon import data_parts
+from desupcon.cli import main
+from desupcon.data_parts import DatasetPartsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _one_line_error(capsys, code: int, *needles: str) -> str:
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err, captured.err
+    assert captured.err.count("\n") == 1, captured.err
+    for needle in needles:
+        assert needle in captured.err, captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("method:\n  method: lw-supcrd\n  alpha: big\n", "method.alpha must be float, got 'big'"),
+    ("method:\n  method: lw-supcrd\n  nosuch: 1\n", "unknown method setting 'nosuch'"),
+    ("method: 5\n", "method must be an object of method settings"),
+    ("method:\n  method: lw-supcrd\n  temperature: [1, 2]\n", "method.temperature must be float"),
+    ("method:\n  method: [kd]\n", "method.method must be a method name"),
+    ("method:\n  method: sd-kd\n  sdd_scales: [1, two]\n", "method.sdd_scales[1] must be int, got 'two'"),
+    ("optim:\n  epochs: 3\n  epochs: 4\n", "the key 'epochs' appears twice"),
+])
+def test_a_bad_yaml_configuration_is_one_line(tmp_path, capsys, text, needle):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    _one_line_error(capsys, main(["train", "--config", str(path), "--print-config"]), needle)
+
+
+def test_a_json_object_repeating_a_key_is_refused(tmp_path, capsys):
+    path = tmp_path / "cfg.json"
+    path.write_text('{"preset": "quick", "preset": "paper"}')
+    _one_line_error(capsys, main(["train", "--config", str(path), "--print-config"]), "'preset' appears twice")
+
+
+def test_a_partial_file_takes_what_it_leaves_out_from_its_preset(tmp_path, capsys):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("preset: quick\noptim:\n  epochs: 3\n")
+    assert main(["train", "--config", str(path), "--print-config"]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert main(["train", "--preset", "quick", "--epochs", "3", "--print-config"]) == 0
+    assert from_file == json.loads(capsys.readouterr().out)
+    # another method than the preset's takes its own defaults, not the preset method's values
+    path.write_text("preset: mdistiller\nmethod:\n  method: fitnet\n")
+    assert main(["train", "--config", str(path), "--print-config"]) == 0
+    method = json.loads(capsys.readouterr().out)["method"]
+    assert method == {"method": "fitnet", "ce_weight": 1.0, "feat_weight": 100.0, "hint_layer": 2}
+
+
+ALIAS_BOMB = """preset: quick
+optim:
+  milestones: [&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a],
+    &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b], &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c],
+    &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d], &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e],
+    &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f], &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g],
+    &i [*h, *h, *h, *h, *h, *h, *h, *h, *h, *h]]
+"""
+MEMORY_LIMIT = 4 << 30  # address space: the interpreter with torch fits; writing 10^9 list items out does not
+
+
+def _limited(code: str) -> subprocess.CompletedProcess:
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                                 "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_AS"), reason="no address-space limit on this platform")
+def test_a_tiny_yaml_of_nested_aliases_is_refused_within_a_memory_limit(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    assert path.stat().st_size < 600
+    done = _limited(f"from desupcon import cli; raise SystemExit(cli.main(['train', '--config', {str(path)!r}, "
+                    "'--print-config']))")
+    if "failed to map segment" in done.stderr:
+        pytest.skip("this interpreter cannot even import torch under the limit")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "optim.milestones[0] must be int, got [1, 1, 1" in done.stderr and len(done.stderr) < 400
+
+
+def _part(folder: Path, **fields) -> Path:
+    folder.mkdir(parents=True)
+    info = {"part": 1, "parts": 2, "digest": "ab" * 32, "train": 1, "test": 1, "train_total": 2, "test_total": 2,
+            **fields}
+    (folder / data_parts.PART_FILE).write_text(json.dumps(info))
+    return folder
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"parts": 10**12}, "parts is 1000000000000"),
+    ({"parts": "3"}, "parts is '3'"),
+    ({"part": 0}, "part is 0"),
+    ({"part": 3}, "part is 3"),
+    ({"train": True}, "train is True"),
+    ({"digest": 5}, "digest is 5"),
+])
+def test_a_part_description_is_checked_before_it_is_used(tmp_path, fields, needle):
+    folder = _part(tmp_path / "part-1-of-2", **fields)
+    with pytest.raises(DatasetPartsError, match=needle):
+        data_parts.join_parts([folder])
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_AS"), reason="no address-space limit on this platform")
+def test_a_part_claiming_a_trillion_parts_is_refused_within_a_memory_limit(tmp_path):
+    folder = _part(tmp_path / "part-1-of-2", parts=10**12)
+    done = _limited(f"from desupcon import cli; raise SystemExit(cli.main(['data', 'join', "
+                    f"{str(tmp_path / 'joined')!r}, {str(folder)!r}]))")
+    if "failed to map segment" in done.stderr:
+        pytest.skip("this interpreter cannot even import torch under the limit")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "parts is 1000000000000" in done.stderr and not (tmp_path / "joined").exists()
