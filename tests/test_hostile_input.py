@@ -297,6 +297,33 @@ def test_a_run_at_lr_1e3_is_flagged_collapsed(tmp_path, tiny_config, caplog):
     assert row.rstrip(" |").endswith(f"seed {cfg.optim.seed}: " + record["collapsed"][0].split(" (")[0])
 
 
+def test_a_collapsed_logit_distiller_keeps_its_record_with_nulls_and_its_mark(tmp_path, capsys):
+    """KD at lr 1e3 leaves NaN in some analysis metrics: they are stored as null with the reason,
+    the run keeps its record, and the report marks it."""
+    from desupcon import report
+    from desupcon.store.checkpoint import read_json
+    out = tmp_path / "out"
+    code = main(["train", "--preset", "quick", "--epochs", "4", "--lr", "1e3", "--method", "kd", "--train-subset",
+                 "160", "--test-subset", "64", "--batch-size", "32", "--teacher-epochs", "1", "--device", "cpu",
+                 "--output-dir", str(out)])
+    assert code == 0 and "Traceback" not in capsys.readouterr().err
+    records = read_json(next((out / "json_results").glob("comprehensive_results_*.json")))
+    (name, record), = ((k, v) for k, v in records.items() if k.startswith("student_kd_"))
+    assert record["collapsed"]
+    nulls = [k for k, v in record["metrics"]["backbone"].items() if v is None]
+    assert not nulls or any(r.startswith("analysis metrics not finite (") for r in record["collapsed"])
+    row = next(line for line in report.build_report(out).splitlines() if line.startswith("| KD "))
+    assert "seed 0: " in row and "nan" not in row
+
+
+def test_non_finite_metrics_become_nulls_named_in_the_collapse_reasons():
+    from desupcon.analysis.evaluate import finite_or_null
+    clean, bad = finite_or_null({"uniformity": -1.5, "backbone": {"uniformity": float("nan"),
+                                                                  "alignment_class": float("inf"), "k": 3}})
+    assert clean == {"uniformity": -1.5, "backbone": {"uniformity": None, "alignment_class": None, "k": 3}}
+    assert bad == ["backbone.uniformity", "backbone.alignment_class"]
+
+
 def test_nan_teacher_weights_are_refused(tmp_path, capsys):
     import torch
     from desupcon.models import build_encoder

@@ -165,6 +165,23 @@ def collapse_reasons(accuracy: dict, num_classes: int, n_test: int, metrics: dic
     return reasons
 
 
+def finite_or_null(metrics: dict, prefix: str = "") -> tuple[dict, list[str]]:
+    """The metrics with every non-finite number replaced by None (null in the records), and the
+    names of those replaced (`backbone.uniformity`): a run whose embeddings went NaN keeps its
+    record, marked, instead of losing it to the records' refusal of NaN."""
+    clean, bad = {}, []
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            clean[key], inner = finite_or_null(value, f"{prefix}{key}.")
+            bad += inner
+        elif isinstance(value, float) and not math.isfinite(value):
+            clean[key] = None
+            bad.append(f"{prefix}{key}")
+        else:
+            clean[key] = value
+    return clean, bad
+
+
 def _warn_if_collapsed(record: dict) -> None:
     if record["collapsed"]:
         log.warning(f"[{record['run']}] COLLAPSED: {'; '.join(record['collapsed'])} (the run is kept and "
@@ -173,9 +190,13 @@ def _warn_if_collapsed(record: dict) -> None:
 
 def _analysed_record(ckpt: dict, kind: str, metrics: dict, pictures: dict, teacher_info: dict,
                      predictions: list[int], dataset: ImageDataset) -> dict:
+    metrics, not_finite = finite_or_null(metrics)
     record = records.build_record(ckpt, kind, analysis=metrics, pictures=pictures, teacher=teacher_info)
     record["collapsed"] = collapse_reasons(record["accuracy"], dataset.num_classes, len(dataset.test_labels),
                                            metrics)
+    if not_finite:
+        record["collapsed"].append(f"analysis metrics not finite ({', '.join(not_finite[:4])}"
+                                   f"{', ...' if len(not_finite) > 4 else ''}: stored as null)")
     _warn_if_collapsed(record)
     # per-image predictions (and the labels, in the dataset's order): the report's agreement with the
     # teacher and McNemar tests between runs come from them
@@ -230,10 +251,15 @@ def analyze_student_checkpoint(path: Path, dataset: ImageDataset, device: torch.
         tracker = RunTracker(ckpt["name"], paths.root, cfg.tensorboard, cfg.wandb, cfg.to_dict())
         tracker.final({"test_acc": ckpt["metrics"].get("test_acc"), **metrics})
         tracker.close()
-    log.info(f"[{ckpt['name']}] alignment {metrics['alignment_class']:.4f} "
-             f"uniformity {metrics['uniformity']:.4f} (projection head); backbone alignment "
-             f"{metrics['backbone']['alignment_class']:.4f} uniformity {metrics['backbone']['uniformity']:.4f}")
+    shown = finite_or_null(metrics)[0]
+    log.info(f"[{ckpt['name']}] alignment {_number(shown['alignment_class'])} "
+             f"uniformity {_number(shown['uniformity'])} (projection head); backbone alignment "
+             f"{_number(shown['backbone']['alignment_class'])} uniformity {_number(shown['backbone']['uniformity'])}")
     return metrics
+
+
+def _number(value) -> str:
+    return "not finite" if value is None else f"{value:.4f}"
 
 
 def analyze_teacher(teacher: Teacher, cfg: RunConfig, teacher_metrics: dict, dataset: ImageDataset,
