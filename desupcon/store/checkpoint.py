@@ -278,6 +278,9 @@ def read_json(path: str | Path):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); it is left untouched: restore it "
                               "from a backup, or delete it to start a new one") from exc
+    except RecursionError:
+        raise CheckpointError(f"{path} nests its JSON too deeply to be a desupcon file; it is left untouched: "
+                              "restore it from a backup, or delete it to start a new one") from None
 
 
 def describe_load_failure(path: Path, exc: Exception) -> str:

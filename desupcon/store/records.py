@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import reprlib
 from pathlib import Path
 
 import torch
@@ -100,13 +102,69 @@ def add_probe_result(ckpt: dict, kind: str, entry: dict, root) -> dict:
     return change_json_record(records_path_of(cfg, root), ckpt["name"], add)[ckpt["name"]]
 
 
+CONFIG_SECTIONS = ("data", "model", "method", "optim", "teacher")
+
+
+def record_problem(record) -> str | None:
+    """What makes a stored record unusable by the report (None: nothing): its shape, its kind and
+    seed, a configuration that is complete and valid (no section guessed), finite accuracies."""
+    from desupcon.config import method_class
+    from desupcon.config.validation import checked_config_dict
+    if not isinstance(record, dict):
+        return f"the record is a {type(record).__name__}, not an object"
+    if record.get("kind") not in ("student", "teacher"):
+        return f"kind is {reprlib.repr(record.get('kind'))}, not student or teacher"
+    seed = record.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return f"seed is {reprlib.repr(seed)}, not an integer"
+    config = record.get("config")
+    if not isinstance(config, dict):
+        return f"config is {reprlib.repr(config)}, not an object"
+    missing = [section for section in CONFIG_SECTIONS if section not in config]
+    if missing:
+        return f"config has no {', '.join(missing)} section (nothing is guessed for it)"
+    try:
+        cfg = RunConfig.from_dict(checked_config_dict({k: v for k, v in config.items() if k != "two_stage"},
+                                                      "config"))
+    except (ValueError, TypeError) as exc:
+        return str(exc).splitlines()[0][:200]
+    if record["kind"] == "student" and method_class(cfg.method.method) is None:
+        return f"method {reprlib.repr(cfg.method.method)} is unknown to this version of desupcon"
+    accuracy = record.get("accuracy")
+    if not isinstance(accuracy, dict):
+        return f"accuracy is {reprlib.repr(accuracy)}, not an object"
+    for key in ACCURACY_KEYS:
+        value = accuracy.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            return f"accuracy.{key} is {reprlib.repr(value)}, not a finite number"
+    if not isinstance(record.get("metrics", {}), dict):
+        return "metrics is not an object"
+    return None
+
+
 def records_under(root: Path) -> dict[str, dict]:
-    """Every record of an output folder, and one (`build_record`, not written) for every
-    student checkpoint that has none yet: the report's one source."""
+    """Every usable record of an output folder, and one (`build_record`, not written) for every
+    student checkpoint that has none yet: the report's one source. A records file or record that
+    cannot be used is skipped with one line naming the file and what is wrong."""
     root = Path(root)
     records: dict[str, dict] = {}
     for path in sorted((root / "json_results").glob("comprehensive_results_*.json")):
-        records.update(read_json(path))
+        try:
+            stored = read_json(path)
+        except CheckpointError as exc:
+            log.warning(f"report: skipping {path}: {str(exc).splitlines()[0][:200]}")
+            continue
+        if not isinstance(stored, dict):
+            log.warning(f"report: skipping {path}: it holds a JSON {type(stored).__name__}, not records keyed by "
+                        "run name")
+            continue
+        for name, record in stored.items():
+            problem = record_problem(record)
+            if problem is None:
+                records[name] = record
+            else:
+                log.warning(f"report: skipping record {reprlib.repr(name)} of {path}: {problem}")
     models = root / "pth_models"
     for path in sorted([*models.glob("*.pth"), *models.glob("imported/*.pth")]):
         if path.stem in records:
