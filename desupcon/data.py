@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -520,10 +522,22 @@ def per_class_subset(dataset: ImageDataset, train_per_class: int | None, test_pe
     return subsample(dataset, sizes.get("train"), sizes.get("test"), seed=seed, sampling="stratified")
 
 
+NPZ_FOLDER_FILES = ("train.npz", "test.npz", "classes.json")
+
+
 def write_npz_dataset(dataset: ImageDataset, directory: str | Path) -> Path:
     """Write `dataset` as an npz folder (train.npz, test.npz, classes.json) that `load_npz_dataset`
-    reads back unchanged; each file is written atomically."""
+    reads back unchanged. The files are written into a hidden sibling folder (with copies of any
+    other files of the folder) that then takes the folder's place (a folder being replaced is moved
+    aside first and removed after), so a kill at
+    any moment leaves the old folder, the new one or neither, never a mix of the two; hidden
+    folders left by killed writers are removed first."""
     directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(directory)
+    partial = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
     for split in ("train", "test"):
         arrays = {"images": getattr(dataset, f"{split}_images").cpu().permute(0, 2, 3, 1).contiguous().numpy(),
                   "labels": getattr(dataset, f"{split}_labels").cpu().numpy().astype(np.int64)}
@@ -532,12 +546,43 @@ def write_npz_dataset(dataset: ImageDataset, directory: str | Path) -> Path:
             arrays["coarse_labels"] = coarse.cpu().numpy().astype(np.int64)
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
-        atomic_write_bytes(directory / f"{split}.npz", buffer.getvalue())
+        atomic_write_bytes(partial / f"{split}.npz", buffer.getvalue())
     names = {"classes": list(dataset.classes)}
     if dataset.coarse_classes is not None:
         names["coarse_classes"] = list(dataset.coarse_classes)
-    atomic_write_json(directory / "classes.json", names)
+    atomic_write_json(partial / "classes.json", names)
+    if directory.exists() and any(directory.iterdir()):
+        for other in directory.iterdir():  # what is not the dataset's own stays (a part's part.json)
+            if other.name not in NPZ_FOLDER_FILES:
+                (shutil.copytree if other.is_dir() else shutil.copy2)(other, partial / other.name)
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+        os.replace(directory, old)
+        os.replace(partial, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if directory.exists():
+            directory.rmdir()
+        os.replace(partial, directory)
     return directory
+
+
+def _remove_stale_partials(directory: Path) -> None:
+    """Remove the hidden folders that writers of `directory` killed before the end left behind."""
+    for stale in [*directory.parent.glob(f".{directory.name}.partial-*"),
+                  *directory.parent.glob(f".{directory.name}.old-*")]:
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

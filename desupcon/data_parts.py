@@ -98,15 +98,22 @@ def _read_part(folder: Path) -> dict:
         info = {key: info[key] for key in ("part", "parts", "digest", "train", "test", "train_total", "test_total")}
     except (ValueError, KeyError, TypeError) as exc:
         raise DatasetPartsError(f"{path} is unreadable ({reprlib.repr(exc)}); carry that part again") from None
-    counts = ("part", "parts", "train", "test", "train_total", "test_total")
-    bad = next((k for k in counts if not isinstance(info[k], int) or isinstance(info[k], bool) or info[k] < 0), None)
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    bad = next((k for k in ("part", "parts", "train_total", "test_total") if not count(info[k])), None)
     if bad is None and not 1 <= info["part"] <= info["parts"] <= MAX_PARTS:
         bad = "part" if info["parts"] <= MAX_PARTS else "parts"
+    for split in ("train", "test"):  # the slice [start, stop) of the split this part holds
+        span = info[split]
+        if bad is None and not (isinstance(span, list) and len(span) == 2 and all(map(count, span))
+                                and span[0] <= span[1] <= info[f"{split}_total"]):
+            bad = split
     if bad is None and not isinstance(info["digest"], str):
         bad = "digest"
     if bad is not None:
         raise DatasetPartsError(f"{path}: {bad} is {reprlib.repr(info[bad])}, not what `desupcon data split` "
-                                f"writes (parts 1..{MAX_PARTS}, counts >= 0, a digest string); carry that part again")
+                                f"writes (parts 1..{MAX_PARTS}, slices [start, stop] within the totals, a digest "
+                                "string); carry that part again")
     return info
 
 

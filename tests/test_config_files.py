@@ -94,7 +94,8 @@ def test_a_tiny_yaml_of_nested_aliases_is_refused_within_a_memory_limit(tmp_path
 
 def _part(folder: Path, **fields) -> Path:
     folder.mkdir(parents=True)
-    info = {"part": 1, "parts": 2, "digest": "ab" * 32, "train": 1, "test": 1, "train_total": 2, "test_total": 2,
+    info = {"part": 1, "parts": 2, "digest": "ab" * 32, "train": [0, 1], "test": [0, 1], "train_total": 2,
+            "test_total": 2,
             **fields}
     (folder / data_parts.PART_FILE).write_text(json.dumps(info))
     return folder
@@ -106,6 +107,7 @@ def _part(folder: Path, **fields) -> Path:
     ({"part": 0}, "part is 0"),
     ({"part": 3}, "part is 3"),
     ({"train": True}, "train is True"),
+    ({"test": [0, 3]}, r"test is \[0, 3\]"),
     ({"digest": 5}, "digest is 5"),
 ])
 def test_a_part_description_is_checked_before_it_is_used(tmp_path, fields, needle):

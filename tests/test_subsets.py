@@ -224,3 +224,35 @@ def test_a_run_on_an_npz_folder_records_superclass_structure_in_both_spaces(tmp_
         for space in (record["metrics"], record["metrics"]["backbone"]):
             assert -2 <= space["superclass_margin"] <= 2
             assert space["superclass_nearest_rate"] in [k / 6 for k in range(7)]
+
+
+@pytest.mark.parametrize("killed_at", ["test.npz", "classes.json"])
+def test_a_writer_killed_between_files_leaves_the_old_folder_whole(tmp_path, monkeypatch, killed_at):
+    """`data subset --overwrite` killed before its second or third file: the folder still holds the
+    old dataset entirely (never the new train.npz beside the old test.npz), and the rerun replaces it
+    and clears what the killed writer left."""
+    from desupcon import data as data_mod
+    old = _dataset(torch.arange(60) % 3, torch.arange(30) % 3)
+    write_npz_dataset(old, tmp_path / "out")
+    new = per_class_subset(old, 4, 2, seed=1)
+    real = {name: getattr(data_mod, name) for name in ("atomic_write_bytes", "atomic_write_json")}
+
+    def killing(name):
+        def write(path, payload):
+            if Path(path).name == killed_at:
+                raise KeyboardInterrupt
+            real[name](path, payload)
+        return write
+    for name in real:
+        monkeypatch.setattr(data_mod, name, killing(name))
+    monkeypatch.setattr(data_mod, "_process_alive", lambda pid: False)  # the killed writer is gone
+    with pytest.raises(KeyboardInterrupt):
+        write_npz_dataset(new, tmp_path / "out")
+    back = load_npz_dataset(tmp_path / "out")
+    assert torch.equal(back.train_labels, old.train_labels) and torch.equal(back.test_labels, old.test_labels)
+    for name, function in real.items():
+        monkeypatch.setattr(data_mod, name, function)
+    write_npz_dataset(new, tmp_path / "out")
+    back = load_npz_dataset(tmp_path / "out")
+    assert torch.equal(back.train_labels, new.train_labels) and torch.equal(back.test_labels, new.test_labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
