@@ -43,7 +43,7 @@ from desupcon.store.weights import fingerprint
 
 
 __all__ = ["knn_predict", "knn_accuracy", "topk_accuracy", "ProbeConfig", "FrozenEncoderProbe",
-           "KDProbeMethod", "last_stage_name", "fit_probe", "linear_probe", "kd_probe", "knn_probe",
+           "KDProbeMethod", "fit_probe", "linear_probe", "kd_probe", "knn_probe",
            "probe_checkpoint", "probe_identity", "PROBE_KINDS"]
 
 log = logging.getLogger("desupcon")
@@ -157,14 +157,6 @@ class ProbeConfig:
             raise ConfigError("probe: " + "; ".join(problems))
 
 
-def last_stage_name(encoder: nn.Module) -> str:
-    """The encoder's last stage: `layer4` (torchvision ResNets) or `layer3` (small CIFAR ResNets)."""
-    for name in ("layer4", "layer3"):
-        if isinstance(getattr(encoder, name, None), nn.Module):
-            return name
-    raise ValueError(f"{type(encoder).__name__} has no layer4/layer3 stage to fine-tune")
-
-
 def _encoder_of(student: nn.Module) -> nn.Module:
     """A `Student`'s encoder, or the module itself when it is an encoder (has forward_features)."""
     encoder = getattr(student, "encoder", None)
@@ -178,7 +170,8 @@ class FrozenEncoderProbe(nn.Module):
     and its parameters get no gradient (requires_grad False). `head` is a fresh
     `nn.Linear(feature_dim, num_classes)` unless one is given (the two-stage protocol passes the
     student's own, still initial, classifier). With `finetune_last_stage` the encoder's last stage
-    (`last_stage_name`) trains too, its BatchNorm in train mode while the probe trains.
+    (`last_stage_modules`, as the encoder declares it) trains too, its BatchNorm in train mode while
+    the probe trains.
     """
 
     def __init__(self, encoder: nn.Module, num_classes: int | None = None, head: nn.Linear | None = None,
@@ -192,25 +185,26 @@ class FrozenEncoderProbe(nn.Module):
         self.encoder = encoder
         self.head = head.to(device)
         self.finetune_last_stage = finetune_last_stage
-        self.last_stage = last_stage_name(encoder) if finetune_last_stage else None  # a name, not a module
+        # the encoder's declared last stage (not submodules of the probe: the encoder holds them)
+        self.__dict__["last_stage"] = encoder.last_stage_modules() if finetune_last_stage else []
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         if finetune_last_stage:
-            for p in self.last_stage_module.parameters():
+            for p in self.last_stage_parameters():
                 p.requires_grad_(True)
         for p in self.head.parameters():
             p.requires_grad_(True)
         self.train(False)
 
-    @property
-    def last_stage_module(self) -> nn.Module | None:
-        return getattr(self.encoder, self.last_stage) if self.last_stage else None
+    def last_stage_parameters(self) -> list[nn.Parameter]:
+        return [p for module in self.last_stage for p in module.parameters()]
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.encoder.eval()
         if mode and self.finetune_last_stage:
-            self.last_stage_module.train()
+            for module in self.last_stage:
+                module.train()
         return self
 
     def forward(self, x: torch.Tensor, detach_classifier: bool = False):
@@ -227,7 +221,7 @@ class FrozenEncoderProbe(nn.Module):
         weight decay."""
         groups = [{"params": list(self.head.parameters()), "lr": config.lr, "weight_decay": 0.0}]
         if self.finetune_last_stage:
-            groups.append({"params": list(self.last_stage_module.parameters()), "lr": config.finetune_lr,
+            groups.append({"params": self.last_stage_parameters(), "lr": config.finetune_lr,
                            "weight_decay": 0.0})
         return groups
 

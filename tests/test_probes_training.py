@@ -115,7 +115,7 @@ def test_finetune_last_stage_changes_only_the_last_stage(session):
     teacher, _ = session.teacher()
     student, _ = load_student(_student_path(session))
     encoder = student.encoder
-    assert probes.last_stage_name(encoder) == "layer3"  # small CIFAR ResNet
+    assert encoder.last_stage_modules() == [encoder.layer3]  # small CIFAR ResNet
     before = _state(encoder)
     probe = FrozenEncoderProbe(encoder, session.dataset.num_classes, finetune_last_stage=True)
     probe.train()

@@ -106,3 +106,25 @@ def test_the_folded_teachers_stages_equal_the_unfolded(arch):
         a, b = encoder.forward_stages(x, preact=True), folded.forward_stages(x, preact=True)
     for i, (u, f) in enumerate(zip(a.feats + a.preact, b.feats + b.preact)):
         assert torch.allclose(u, f, atol=1e-4, rtol=1e-4), f"entry {i}: {(u - f).abs().max():.2e}"
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES, key=str.lower))
+def test_the_declared_last_stage_is_what_follows_the_last_but_one_stage(arch):
+    """The encoder's parameters fall into those that compute feats[n-1], the declared last stage and
+    the classifier, with no overlap; fine-tuning the last stage in a probe trains exactly it."""
+    from desupcon.probes import FrozenEncoderProbe
+    encoder = build_encoder(arch, 10).eval()
+    names = {id(p): n for n, p in encoder.named_parameters()}
+    last = {id(p) for module in encoder.last_stage_modules() for p in module.parameters()}
+    classifier = {id(p) for p in encoder.fc.parameters()}
+    encoder.forward_stages(torch.randn(2, 3, 32, 32)).feats[-2].sum().backward()
+    earlier = {id(p) for p in encoder.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert last and not last & earlier and not last & classifier
+    uncovered = set(names) - earlier - last - classifier
+    assert not uncovered, f"parameters in no part: {[names[i] for i in uncovered][:5]}"
+    encoder.zero_grad(set_to_none=True)
+    probe = FrozenEncoderProbe(encoder, 10, finetune_last_stage=True)
+    probe.train()
+    probe(torch.randn(4, 3, 32, 32)).logits.sum().backward()
+    trained = {id(p) for p in encoder.parameters() if p.grad is not None}
+    assert trained == last

@@ -73,5 +73,9 @@ class MobileNetV2(ZooEncoder):
                 feats.append(x)
         return self.stages(feats, list(feats) if preact else None, self.conv2(x))
 
+    def last_stage_modules(self) -> list[nn.Module]:
+        """The block groups after the last but one stage's, and the final 1x1 convolution."""
+        return [*self.blocks[self.STAGE_BLOCKS[-2] + 1:], self.conv2]
+
     def stage_batchnorms(self) -> list[nn.BatchNorm2d]:
         return [self.blocks[k][-1].conv[-1] for k in self.STAGE_BLOCKS]

@@ -135,6 +135,9 @@ class ShuffleNetV2(ZooEncoder):
         self.feature_dim = out_channels[3]
         self.declared_stage_channels = [24, *out_channels[:3]]
 
+    def last_stage_modules(self) -> list[nn.Module]:
+        return [self.layer3, self.conv2, self.bn2]
+
     def forward_stages(self, x: torch.Tensor, preact: bool = False) -> Stages:
         """feats: the stem, then each stage's output (after its shuffle); preact: see the block's
         `forward_preact`; the final map is the 1x1 conv to 1024 after the stages."""

@@ -126,6 +126,15 @@ class StagedEncoder:
             self.train(was_training)
         return [tuple(f.shape[1:]) for f in out.feats]
 
+    def last_stage_modules(self) -> list[nn.Module]:
+        """The modules that compute the final map from feats[n-1] (the last stage and whatever
+        follows it before the pooling): what fine-tuning "the last stage" trains. Residual encoders
+        (stages `layer1..n`): the last of them."""
+        i = 1
+        while hasattr(self, f"layer{i + 1}"):
+            i += 1
+        return [getattr(self, f"layer{i}")]
+
     def stage_batchnorms(self) -> list[nn.BatchNorm2d] | None:
         """The BatchNorm whose output is, or feeds, preact[i] for i = 1..n (None: no such single
         BatchNorm)."""

@@ -56,5 +56,8 @@ class VGG(ZooEncoder):
             preacts.append(pre)
         return self.stages(feats, [feats[0], *preacts[1:]] if preact else None, feats[-1])
 
+    def last_stage_modules(self) -> list[nn.Module]:
+        return [self.block4]
+
     def stage_batchnorms(self) -> list[nn.BatchNorm2d]:
         return [getattr(self, f"block{i}")[-1] for i in range(1, 5)]

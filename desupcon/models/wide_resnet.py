@@ -72,5 +72,8 @@ class WideResNet(ZooEncoder):
             preacts = [feats[0], *(batchnorm_without_update(bn, f) for bn, f in zip(self.stage_batchnorms(), feats[1:]))]
         return self.stages(feats, preacts, final_map)
 
+    def last_stage_modules(self) -> list[nn.Module]:
+        return [self.block3, self.bn1]
+
     def stage_batchnorms(self) -> list[nn.BatchNorm2d]:
         return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
