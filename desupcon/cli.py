@@ -283,7 +283,14 @@ def preflight(cfgs: list[RunConfig], teacher: bool = True) -> None:
         raise MissingInputsError(f"{len(missing)} inputs are missing:\n" + "\n".join(f"  - {e}" for e in missing))
 
 
+# the commands that train (an interrupt keeps their finished epochs); the others only read or write once
+TRAINING_COMMANDS = ("quickstart", "teacher", "train", "probe", "sweep")
+
+
 def print_config(cfgs) -> None:
+    """The configurations as JSON, each range-checked first (what is printed would run)."""
+    for cfg in cfgs if isinstance(cfgs, list) else [cfgs]:
+        validate_config(cfg)
     print(config_json(cfgs))
 
 
@@ -461,9 +468,10 @@ def cmd_probe(args) -> None:
     from desupcon.probes import ProbeConfig, probe_checkpoint
     from desupcon.engine.dataset import prepare_dataset
     check_analysis_settings(args)
-    path = _saved_run_path(args.run, args.output_dir)
+    root = args.output_dir or "."
+    path = _saved_run_path(args.run, root)
     ckpt = load_checkpoint(path, expected_kind="student")
-    cfg = RunConfig.from_dict(ckpt["config"]).replace(device=args.device, output_dir=str(args.output_dir),
+    cfg = RunConfig.from_dict(ckpt["config"]).replace(device=args.device, output_dir=str(root),
                                                       **({"data": {"data_root": args.data_root}}
                                                          if args.data_root else {}))
     teacher = None
@@ -478,7 +486,8 @@ def cmd_probe(args) -> None:
         raise ConfigError(f"--k {args.k} is out of range for {n_train} training images; it must be in [1, {n_train}]")
     config = ProbeConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                          finetune_last_stage=args.finetune_last_stage)
-    result = probe_checkpoint(path, args.kind, dataset, policy, teacher=teacher, config=config, k=args.k)
+    result = probe_checkpoint(path, args.kind, dataset, policy, teacher=teacher, config=config, k=args.k,
+                              output_root=Path(args.output_dir) if args.output_dir else None)
     print(f"{ckpt['name']}: {args.kind} probe top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"(online classifier, unchanged: {ckpt['metrics']['test_acc']:.2f}%)")
 
@@ -527,14 +536,21 @@ def cmd_sweep(args) -> None:
     bases = sweep_bases(args)
     if args.seeds and getattr(args, "seed", None) is not None:
         raise ConfigError("--seeds sets the seed of every run; give --seed or --seeds, not both")
+    if args.seeds and len(set(args.seeds)) < len(args.seeds):
+        repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
+        raise ConfigError(f"--seeds repeats {', '.join(map(str, repeated))}; give each seed once")
     if args.lockstep_size is not None and args.lockstep_size < 1:
         raise ConfigError(f"--lockstep-size must be >= 1, got {args.lockstep_size}")
     for base in bases:
         for group in (experiments.GROUPS if args.group == "all" else [args.group]):
             reject_overridden_flags(args, base, [e.cfg for e in experiments.group_plan(base, group)],
                                     f"the {group} sweep", {"--method": "`train` runs one method"})
-    if args.print_config:
-        planned = [(base, e) for base in bases for e in experiments.plan(base, args.group, args.seeds)]
+    if args.print_config:  # what this process would run: its shard of each base's plan, range-checked
+        planned = [(base, e) for base in bases
+                   for e in experiments.shard_plan(experiments.plan(base, args.group, args.seeds),
+                                                   parse_shard(args.shard), args.lockstep, args.lockstep_size)]
+        for _, e in planned:
+            validate_config(e.cfg)
         print(json.dumps([{"group": e.group, "label": e.label, "pair": f"{base.model.teacher_arch}:"
                            f"{base.model.student_arch}", "run": run_name(e.cfg), "preset": e.cfg.preset,
                            "config": e.cfg.to_dict()} for base, e in planned], indent=2))
@@ -720,7 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20, help="neighbours of the k-NN probe")
     p.add_argument("--finetune-last-stage", action="store_true",
                    help="also fine-tune the encoder's last stage (lr 1e-5, BatchNorm in train mode)")
-    p.add_argument("--output-dir", default=".", help="root of pth_models/ and json_results/")
+    p.add_argument("--output-dir", default=None,
+                   help="root of pth_models/ and json_results/: where a run name is found and the result is "
+                        "recorded (default: a run name under ., a checkpoint's result beside it)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the run's own)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.set_defaults(func=cmd_probe)
@@ -869,7 +887,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        print("interrupted: finished epochs are kept; rerun the same command to resume", file=sys.stderr)
+        note = ("finished epochs are kept; rerun the same command to resume"
+                if getattr(args, "command", None) in TRAINING_COMMANDS else "nothing was changed by it")
+        print(f"interrupted: {note}", file=sys.stderr)
         return 130
     except Exception:
         traceback.print_exc()

@@ -268,3 +268,42 @@ def test_compile_mode_implies_compile_and_reaches_torch_compile(tmp_path, monkey
     build.make_student_run(tiny_config(tmp_path).replace(compile=True, compile_mode="max-autotune"),
                            session.dataset, teacher, "cpu")
     assert modes == ["max-autotune"]
+
+
+def test_repeated_seeds_are_refused_and_print_config_range_checks_and_shards(capsys):
+    assert main(["sweep", "baselines", "--preset", "quick", "--seeds", "3", "3", "--print-config"]) == 2
+    assert "--seeds repeats 3; give each seed once" in capsys.readouterr().err
+    assert main(["train", "--preset", "quick", "--lr", "-1", "--print-config"]) == 2
+    assert "--lr must be > 0" in capsys.readouterr().err
+    assert main(["sweep", "baselines", "--preset", "quick", "--print-config"]) == 0
+    every = [e["run"] for e in json.loads(capsys.readouterr().out)]
+    parts = []
+    for i in range(1, 5):
+        assert main(["sweep", "baselines", "--preset", "quick", "--shard", f"{i}/4", "--print-config"]) == 0
+        parts.append([e["run"] for e in json.loads(capsys.readouterr().out)])
+    assert sorted(r for part in parts for r in part) == sorted(every) and all(len(p) < len(every) for p in parts)
+
+
+def test_an_interrupted_report_does_not_speak_of_epochs(tmp_path, monkeypatch, capsys):
+    from desupcon import session
+
+    def interrupted(root):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(session, "report", interrupted)
+    assert main(["report", "--output-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted: nothing was changed by it"
+
+
+def test_a_probe_records_its_result_under_the_output_dir_given(tmp_path, capsys):
+    from desupcon.store.checkpoint import read_json
+    trained = tmp_path / "trained"
+    assert main(["train", "--preset", "quick", "--method", "ce", "--epochs", "1", "--train-subset", "64",
+                 "--test-subset", "32", "--batch-size", "32", "--device", "cpu", "--output-dir", str(trained)]) == 0
+    (ckpt,) = (trained / "pth_models").glob("student_*.pth")
+    records = next((trained / "json_results").glob("comprehensive_results_*.json"))
+    before = records.read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    assert main(["probe", str(ckpt), "--kind", "knn", "--k", "5", "--device", "cpu", "--output-dir", str(elsewhere)]) == 0
+    probed = read_json(next((elsewhere / "json_results").glob("comprehensive_results_*.json")))
+    assert "knn" in probed[ckpt.stem]["probes"] and records.read_bytes() == before

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from desupcon.config.settings import AT_LEAST_ONE, FRACTION, method_setting, POSITIVE, WEIGHT
 from desupcon.engine import distributed
 from desupcon.methods.base import CE_WEIGHT, Method, Needs, register_method, StepOutputs
+
+log = logging.getLogger("desupcon")
 
 
 @register_method
@@ -43,6 +47,9 @@ class CRDNCEMethod(Method):
                                 generator=self.generator)
         # more negatives than the training set holds bring nothing new (they repeat)
         self.negatives = min(c.nce_negatives, len(dataset.train_labels))
+        if self.negatives < c.nce_negatives:
+            log.warning(f"crd-nce: --nce-negatives {c.nce_negatives} is more than the {self.negatives} training "
+                        f"images; each anchor draws {self.negatives} (the run's name keeps the setting as given)")
         self._pending = None
 
     def representation_losses(self, out):
