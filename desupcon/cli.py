@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import stat
 import sys
 from pathlib import Path
 
@@ -94,6 +95,9 @@ def add_common_flags(p: argparse.ArgumentParser, with_run_flags: bool = True) ->
                         "of loading weights")
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a configuration is a few kilobytes of JSON or YAML
+
+
 class _DuplicateKey(ValueError):
     pass
 
@@ -131,10 +135,21 @@ def read_config_file(path: str) -> dict:
     epoch checkpoint: its stored configuration). A two-stage run's settings come as `two_stage`."""
     source, file = f"--config {path}", Path(path).expanduser()
     try:
+        info = file.stat()  # (through a link: what is read)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block, a device never end
+            raise InputFileError(f"{source} is not a regular file; give a configuration file or a checkpoint")
+        if info.st_size == 0:
+            raise ConfigError(f"{source} is empty; give a configuration as `train --print-config` writes it")
         with open(file, "rb") as f:
             head = f.read(64).lstrip()
         is_yaml = file.suffix.lower() in (".yaml", ".yml")
-        text = file.read_bytes() if head[:1] in (b"{", b"[") or is_yaml else None
+        is_text = head[:1] in (b"{", b"[") or is_yaml
+        if is_text and info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{source} is {info.st_size} bytes, more than a configuration file holds (at most "
+                              f"{MAX_CONFIG_BYTES}); give the file `train --print-config` writes")
+        text = file.read_bytes() if is_text else None
+    except InputFileError:
+        raise
     except FileNotFoundError as exc:
         raise InputFileError(f"{source}: file not found") from exc
     except OSError as exc:
@@ -145,6 +160,8 @@ def read_config_file(path: str) -> dict:
             data = yaml.load(text.decode("utf-8"), Loader=_unique_key_yaml_loader())
         except (UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"{source} is not valid YAML ({' '.join(str(exc).split())[:160]})") from None
+        except RecursionError:
+            raise ConfigError(f"{source} nests too deeply to be a configuration") from None
     elif text is not None:
         try:
             data = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
@@ -152,6 +169,8 @@ def read_config_file(path: str) -> dict:
             raise ConfigError(f"{source} is not valid JSON ({exc})") from exc
         except _DuplicateKey as exc:
             raise ConfigError(f"{source}: the key {exc} appears twice in one object; keep one") from None
+        except RecursionError:
+            raise ConfigError(f"{source} nests too deeply to be a configuration") from None
     else:
         try:
             ckpt = load_checkpoint(file)

@@ -125,3 +125,32 @@ def test_a_part_claiming_a_trillion_parts_is_refused_within_a_memory_limit(tmp_p
         pytest.skip("this interpreter cannot even import torch under the limit")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "parts is 1000000000000" in done.stderr and not (tmp_path / "joined").exists()
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path, capsys):
+    import os
+    fifo = tmp_path / "cfg.json"
+    os.mkfifo(fifo)  # opening it would block until a writer came
+    _one_line_error(capsys, main(["train", "--config", str(fifo), "--print-config"]), "is not a regular file")
+    zero = tmp_path / "zero.json"
+    zero.symlink_to("/dev/zero")  # reading it would never end
+    _one_line_error(capsys, main(["train", "--config", str(zero), "--print-config"]), "is not a regular file")
+    _one_line_error(capsys, main(["train", "--config", "/dev/null", "--print-config"]), "is not a regular file")
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    _one_line_error(capsys, main(["train", "--config", str(empty), "--print-config"]), "is empty")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_deeply_nested_config_is_one_line(tmp_path, capsys, suffix):
+    path = tmp_path / f"deep{suffix}"
+    path.write_text(("a: " if suffix == ".yaml" else "") + "[" * 100_000 + "]" * 100_000)
+    _one_line_error(capsys, main(["train", "--config", str(path), "--print-config"]), "nests too deeply")
+
+
+def test_an_oversized_config_and_a_device_not_to_train_on_are_refused(tmp_path, capsys):
+    path = tmp_path / "big.json"
+    path.write_text('{"preset": "quick", "pad": "' + "x" * (2 << 20) + '"}')
+    _one_line_error(capsys, main(["train", "--config", str(path), "--print-config"]), "more than a configuration")
+    _one_line_error(capsys, main(["train", "--preset", "quick", "--device", "meta", "--print-config"]),
+                    "--device 'meta' is not a device to train on")

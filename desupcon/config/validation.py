@@ -29,6 +29,8 @@ def _check_device(name: str) -> None:
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise ConfigError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    _require(device.type in ("cpu", "cuda", "mps"),
+             f"--device {name!r} is not a device to train on; use auto, cpu, cuda or cuda:N")
     _require(device.type != "cuda" or torch.cuda.is_available(),
              f"--device {name}: CUDA is not available on this machine; use --device cpu")
 
