@@ -171,13 +171,17 @@ def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.25, seed:
 
 def _npz_array(path: Path, npz, key: str) -> np.ndarray:
     try:
-        return npz[key]
+        value = npz[key]
     except ValueError as exc:  # object arrays: refused without unpickling
         raise DatasetFormatError(f"{path}: array `{key}` holds Python objects ({exc}); store plain numeric "
                                  "arrays (numpy.savez with uint8 images and int64 labels)") from None
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetFormatError(f"{path}: array `{key}` is truncated or damaged ({exc}); write the file "
                                  "again") from None
+    if not isinstance(value, np.ndarray):  # a member that is not an .npy array reads back as raw bytes
+        raise DatasetFormatError(f"{path}: member `{key}` is not a numpy array (it reads as {type(value).__name__}); "
+                                 "write the file with numpy.savez(path, images=..., labels=...)")
+    return value
 
 
 def _checked_labels(path: Path, values: np.ndarray, key: str, n_images: int) -> torch.Tensor:

@@ -154,3 +154,33 @@ def test_an_oversized_config_and_a_device_not_to_train_on_are_refused(tmp_path, 
     _one_line_error(capsys, main(["train", "--config", str(path), "--print-config"]), "more than a configuration")
     _one_line_error(capsys, main(["train", "--preset", "quick", "--device", "meta", "--print-config"]),
                     "--device 'meta' is not a device to train on")
+
+
+def test_an_npz_member_that_is_not_an_array_is_one_line(tmp_path):
+    import zipfile
+    from desupcon.data import DatasetFormatError, load_npz_dataset
+    for split in ("train", "test"):
+        with zipfile.ZipFile(tmp_path / f"{split}.npz", "w") as z:
+            z.writestr("images.npy", b"not an array at all")
+            z.writestr("labels.npy", b"")
+    (tmp_path / "classes.json").write_text('{"classes": ["a", "b"]}')
+    with pytest.raises(DatasetFormatError, match="member `images` is not a numpy array"):
+        load_npz_dataset(tmp_path)
+
+
+def test_a_long_dataset_folder_name_is_cut_in_run_names_and_stays_distinct():
+    from desupcon.config import run_name, preset
+    from desupcon.config.naming import MAX_TAG
+    names = [run_name(preset("quick").replace(data={"dataset": f"npz:/data/{'n' * 240}{end}"})) for end in "ab"]
+    assert all(len(n) < 200 for n in names) and names[0] != names[1]
+    short = run_name(preset("quick").replace(data={"dataset": "npz:/data/cifar100"}))
+    assert "npz-cifar100-" in short and MAX_TAG >= len("cifar100")
+
+
+@pytest.mark.parametrize("folder, needle", [("e" * 300, "is 300 bytes, more than"),
+                                            ("/".join(["d" * 200] * 20), "path limit")])
+def test_an_output_folder_past_the_path_limits_is_one_line(tmp_path, capsys, folder, needle):
+    out = tmp_path / folder
+    _one_line_error(capsys, main(["train", "--preset", "quick", "--method", "ce", "--epochs", "1", "--device", "cpu",
+                                  "--output-dir", str(out)]), needle)
+    assert list(tmp_path.iterdir()) == []  # nothing created

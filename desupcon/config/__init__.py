@@ -89,7 +89,7 @@ class MethodConfig:
     method declares too), so this holds whatever the registered methods declare: `cfg.alpha` reads
     a value, and a setting not given takes the chosen method's default, else the declared one. Only
     the chosen method's settings are part of the configuration: they are what `to_dict` writes
-    (configuration files, checkpoints, records), compares and carries into `replace`."""
+    (configuration files, checkpoints, records) and what equality compares."""
 
     def __init__(self, method: str = "lw-supcrd", **values):
         declared = method_settings()
@@ -115,7 +115,10 @@ class MethodConfig:
                                           for name in method_fields(self.method)}}
 
     def replace(self, **changes) -> "MethodConfig":
-        return MethodConfig(**{**self.to_dict(), **changes})
+        """A copy with `changes`; the values of settings the method does not read travel along (a
+        flag given for a sweep reaches the swept methods that read it)."""
+        values = {name: copy.deepcopy(getattr(self, name)) for name in method_settings()}
+        return MethodConfig(**{"method": self.method, **values, **changes})
 
     def __eq__(self, other) -> bool:
         return isinstance(other, MethodConfig) and self.to_dict() == other.to_dict()
@@ -212,7 +215,7 @@ class RunConfig:
 
     def replace(self, **sections) -> "RunConfig":
         """Copy with some fields changed: `cfg.replace(method={"alpha": 2.0}, optim={"seed": 1})`."""
-        out = RunConfig.from_dict(self.to_dict())
+        out = copy.deepcopy(self)  # (not through to_dict: the method's other settings travel along)
         for section, changes in sections.items():
             if isinstance(changes, dict) and section == "method":
                 out.method = out.method.replace(**changes)

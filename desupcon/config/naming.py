@@ -29,20 +29,32 @@ _TEACHER_TRAINING = ("epochs", "optimizer", "lr", "batch_size", "weight_decay", 
 _TEACHER_PROBE = ("probe_epochs", "probe_lr", "probe_temperature")
 
 
+MAX_TAG = 48  # a user-chosen name inside a run name: file names stay under the file system's 255 bytes
+
+
+def bounded_tag(text: str) -> str:
+    """`text` as it is up to MAX_TAG characters; a longer one cut, with 6 hex of the whole after it."""
+    if len(text) <= MAX_TAG:
+        return text
+    import hashlib
+    return f"{text[:MAX_TAG - 7]}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+
+
 def dataset_tag(dataset: str) -> str:
     """The dataset's part of run names: `npz-<folder>-<6 hex of the folder's absolute path>` for an
-    npz folder (two folders of one name never share a teacher's or a run's file), else the name."""
+    npz folder (two folders of one name never share a teacher's or a run's file; a long folder name
+    is cut, `bounded_tag`), else the name."""
     if dataset.startswith("npz:"):
         import hashlib
         from pathlib import Path
         folder = dataset[len("npz:"):].rstrip("/")
         where = hashlib.sha1(str(Path(folder).expanduser().resolve()).encode()).hexdigest()[:6]
-        return f"npz-{folder.split('/')[-1]}-{where}"
+        return f"npz-{bounded_tag(folder.split('/')[-1])}-{where}"
     return dataset
 
 
 def _weights_tag(weights: str) -> str:
-    return weights.rstrip("/").split("/")[-1].split(":")[-1].split(".")[0]
+    return bounded_tag(weights.rstrip("/").split("/")[-1].split(":")[-1].split(".")[0])
 
 
 def _differing(cfg: RunConfig, ref: RunConfig, section: str, keys) -> list[str]:

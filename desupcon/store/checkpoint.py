@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import reprlib
 import tempfile
 import time
 from pathlib import Path
@@ -162,6 +163,31 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> N
     remove_stale_temporaries(path)
 
 
+# room under an output folder for its subfolders and the longest file name a run writes there
+ROOM_UNDER_OUTPUT = 400
+
+
+def _check_path_lengths(directory: Path, existing: Path) -> None:
+    """The folder's path, and the files a run writes under it, within the limits of the file system
+    at `existing` (one name at most NAME_MAX bytes, a whole path at most PATH_MAX)."""
+    def limit(name: str, default: int) -> int:
+        try:
+            return os.pathconf(existing, name)
+        except (OSError, ValueError, AttributeError):
+            return default
+    name_max, path_max = limit("PC_NAME_MAX", 255), limit("PC_PATH_MAX", 4096)
+    long = next((part for part in directory.parts if len(os.fsencode(part)) > name_max), None)
+    if long is not None:
+        raise OutputWriteError(errno.ENAMETOOLONG, f"output directory {reprlib.repr(str(directory))}: the folder "
+                               f"name {reprlib.repr(long)} is {len(os.fsencode(long))} bytes, more than this system's "
+                               f"{name_max}; choose a shorter one")
+    total = len(os.fsencode(str(directory.absolute())))
+    if total + ROOM_UNDER_OUTPUT > path_max:
+        raise OutputWriteError(errno.ENAMETOOLONG, f"output directory {reprlib.repr(str(directory))} is {total} bytes "
+                               f"long; the files under it would pass this system's {path_max}-byte path limit: "
+                               f"choose a folder of at most {path_max - ROOM_UNDER_OUTPUT} bytes")
+
+
 def check_writable(directory: str | Path) -> None:
     """Prove a file can be written in `directory` (or, when it does not exist yet, could be
     created in its nearest existing parent), creating nothing that stays behind.
@@ -170,6 +196,7 @@ def check_writable(directory: str | Path) -> None:
     hours of training; raises `OutputWriteError` naming the folder.
     """
     directory = Path(directory)
+    _check_path_lengths(directory, Path(directory.absolute().anchor))
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
