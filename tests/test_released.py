@@ -117,3 +117,50 @@ def test_offline_fetch_is_one_line_naming_where_to_put_the_file(tmp_path, capsys
     assert "cannot download http://127.0.0.1:9/cifar_teachers.tar" in err
     assert f"--archive {tmp_path / 'dl' / 'cifar_teachers.tar'}" in err
     assert not (tmp_path / "dl" / "cifar_teachers.tar.partial").exists()
+
+
+def test_a_compressed_bomb_and_oversized_members_are_refused_before_unpacking(tmp_path, monkeypatch):
+    import gzip
+    from desupcon.store import released
+    bomb = tmp_path / "bomb.tar"  # a gzip stream (100 MB of zeros, 100 kB on disk) named like the release
+    with gzip.open(bomb, "wb") as f:
+        for _ in range(100):
+            f.write(bytes(1 << 20))
+    with pytest.raises(ReleaseArchiveError, match="not a readable tar archive"):
+        fetch_released_teachers(tmp_path / "dl", archive=bomb)
+    monkeypatch.setattr(released, "MAX_UNPACKED_BYTES", 1000)
+    big = _archive(tmp_path / "big.tar", {"cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth": bytes(2000)})
+    with pytest.raises(ReleaseArchiveError, match="would unpack to 2000 bytes"):
+        fetch_released_teachers(tmp_path / "dl", archive=big)
+    assert list((tmp_path / "dl").iterdir()) == []
+
+
+def test_an_unwritable_dest_is_one_line(tmp_path, resnet56_release, capsys):
+    archive = _archive(tmp_path / "t.tar", {"cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth":
+                                            resnet56_release[1]})
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert cli.main(["teachers", "fetch", "--dest", str(a_file), "--archive", str(archive)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert cli.main(["teachers", "fetch", "--dest", str(a_file / "below"), "--archive", str(archive)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the teachers under --dest" in err and err.count("\n") == 1
+    import os
+    if os.geteuid() != 0:  # (root writes anywhere)
+        read_only = tmp_path / "ro"
+        read_only.mkdir(mode=0o500)
+        assert cli.main(["teachers", "fetch", "--dest", str(read_only), "--archive", str(archive)]) == 2
+        assert "cannot write the teachers under --dest" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_unpacking_is_one_line(tmp_path, resnet56_release, monkeypatch):
+    import errno
+    archive = _archive(tmp_path / "t.tar", {"cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth":
+                                            resnet56_release[1]})
+
+    def full(self, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full)
+    with pytest.raises(ReleaseArchiveError, match="No space left on device"):
+        fetch_released_teachers(tmp_path / "dl", archive=archive)
+    assert not (tmp_path / "dl" / "cifar_teachers").exists()

@@ -65,9 +65,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+MAX_MEMBERS = 1_000  # the release holds a few dozen files
+MAX_UNPACKED_BYTES = 4 << 30  # the release unpacks to well under a gigabyte
+
+
 def checked_members(archive: tarfile.TarFile, source: Path) -> list[tarfile.TarInfo]:
-    """The archive's members, each a regular file or folder inside `cifar_teachers/`."""
-    members = archive.getmembers()
+    """The archive's members, each a regular file or folder inside `cifar_teachers/`, within the
+    bounds of the release (count, total size) before anything is unpacked."""
+    members = []
+    for m in archive:
+        members.append(m)
+        if len(members) > MAX_MEMBERS:
+            raise ReleaseArchiveError(f"{source} holds more than {MAX_MEMBERS} members; not mdistiller's archive, "
+                                      "nothing was unpacked")
+    total = sum(m.size for m in members if m.isfile())
+    if total > MAX_UNPACKED_BYTES:
+        raise ReleaseArchiveError(f"{source} would unpack to {total} bytes, more than the release's "
+                                  f"{MAX_UNPACKED_BYTES}; not mdistiller's archive, nothing was unpacked")
     for m in members:
         parts = Path(m.name).parts
         if m.name.startswith(("/", "\\")) or ".." in parts or not parts or parts[0] != ARCHIVE_ROOT:
@@ -107,9 +121,20 @@ def fetch_released_teachers(dest: str | Path = DEFAULT_DEST, url: str = RELEASE_
     """Download (or take `archive`), check and unpack the released teachers into
     `<dest>/cifar_teachers`. Returns {"folder", "sha256", "teachers": {arch: path}, "missing"}."""
     dest = Path(dest).expanduser()
+    try:
+        return _fetch(dest, url, archive, sha256, overwrite)
+    except OSError as exc:  # a full disk, a read-only or missing folder, a --dest that is a file
+        where = exc.filename or dest
+        raise ReleaseArchiveError(f"cannot write the teachers under --dest {dest} ({exc.strerror or exc}: "
+                                  f"{where}); choose another --dest, or make room there") from None
+
+
+def _fetch(dest: Path, url: str, archive: str | Path | None, sha256: str | None, overwrite: bool) -> dict:
     final = dest / ARCHIVE_ROOT
     if final.exists() and not overwrite:
         raise ReleaseArchiveError(f"{final} exists already; pass --overwrite to replace it")
+    if dest.exists() and not dest.is_dir():
+        raise ReleaseArchiveError(f"--dest {dest} is a file, not a folder; give a folder")
     dest.mkdir(parents=True, exist_ok=True)
     if archive is None:
         archive = dest / "cifar_teachers.tar"
@@ -123,7 +148,7 @@ def fetch_released_teachers(dest: str | Path = DEFAULT_DEST, url: str = RELEASE_
         raise ReleaseArchiveError(f"{archive}: SHA-256 {digest} differs from the expected {sha256}; "
                                   "the download is damaged or not the release: delete it and fetch again")
     try:
-        with tarfile.open(archive) as tar:
+        with tarfile.open(archive, "r:") as tar:  # the release is a plain tar: no decompression bomb
             members = checked_members(tar, archive)
             with tempfile.TemporaryDirectory(dir=dest, prefix=".cifar_teachers.") as tmp:
                 tar.extractall(tmp, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
