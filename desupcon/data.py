@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -71,9 +72,7 @@ class ImageDataset:
                 raise DatasetFormatError(f"{self.name} {split} labels must lie in [0, {len(self.classes)}), "
                                          f"got [{int(labels.min())}, {int(labels.max())}]")
         self._check_coarse_labels()
-        pixels = self.train_images.to(torch.float64).div_(255)
-        self.mean = pixels.mean(dim=(0, 2, 3)).float()
-        self.std = pixels.std(dim=(0, 2, 3)).clamp(min=1e-3).float()
+        self.mean, self.std = channel_statistics(self.train_images)
 
     def _check_coarse_labels(self) -> None:
         """Superclass labels, when present, cover both splits and give each class one superclass."""
@@ -169,7 +168,40 @@ def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.25, seed:
                         labels[test_idx], [str(d) for d in range(10)])
 
 
+def available_memory() -> int | None:
+    """Bytes of physical memory of this machine (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_npy_header(path: Path, npz, key: str) -> None:
+    """The member's header, read before its array: the shape it claims must fit in the bytes the
+    member holds and in this machine's memory (else a 1 kB file could ask for terabytes)."""
+    name = f"{key}.npy"
+    if name not in npz.zip.namelist():
+        return
+    try:
+        with npz.zip.open(name) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        return  # not an .npy header: `_npz_array` names the member
+    needed = math.prod(shape) * dtype.itemsize
+    held = npz.zip.getinfo(name).file_size
+    if needed > held:
+        raise DatasetFormatError(f"{path}: member `{key}` claims shape {shape} of {dtype} ({needed} bytes) but holds "
+                                 f"{held} bytes; the file is damaged or forged: write it again")
+    memory = available_memory()
+    if memory is not None and needed > memory:
+        raise DatasetFormatError(f"{path}: member `{key}` ({shape} of {dtype}) needs {needed / 2**30:.1f} GiB, more "
+                                 f"than this machine's {memory / 2**30:.1f} GiB; use a subset of it")
+
+
 def _npz_array(path: Path, npz, key: str) -> np.ndarray:
+    _check_npy_header(path, npz, key)
     try:
         value = npz[key]
     except ValueError as exc:  # object arrays: refused without unpickling
@@ -442,6 +474,12 @@ def load_dataset(name: str, root: str | Path = "data", download: bool = True,
     else:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     if image_size is not None and image_size != dataset.image_size:
+        needed = 3 * image_size ** 2 * (len(dataset.train_labels) + len(dataset.test_labels))
+        memory = available_memory()
+        if memory is not None and 2 * needed > memory:  # (the resize holds a float copy of a chunk too)
+            raise DatasetFormatError(f"--image-size {image_size}: {dataset.name} resized would take "
+                                     f"{needed / 2**30:.1f} GiB, more than half of this machine's {memory / 2**30:.1f} "
+                                     "GiB; choose a smaller size or a subset")
         dataset.train_images = resize_images(dataset.train_images, image_size)
         dataset.test_images = resize_images(dataset.test_images, image_size)
     return dataset
@@ -592,6 +630,21 @@ def _process_alive(pid: int) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Augmentation
 # ----------------------------------------------------------------------------------------------
+
+def channel_statistics(images: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation (n - 1) of uint8 images (N, 3, H, W) scaled to [0, 1],
+    from exact integer sums over chunks of images: no float64 copy of the whole set (8x its size)."""
+    total = torch.zeros(3, dtype=torch.int64)
+    squares = torch.zeros(3, dtype=torch.int64)
+    for part in images.split(chunk):
+        values = part.to(torch.int64)
+        total += values.sum(dim=(0, 2, 3))
+        squares += values.square().sum(dim=(0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total.double() / n
+    var = (squares.double() - total.double() * mean) / max(n - 1, 1)
+    return (mean / 255).float(), (var.clamp(min=0).sqrt() / 255).clamp(min=1e-3).float()
+
 
 @dataclass
 class AugmentParams:

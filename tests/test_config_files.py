@@ -184,3 +184,43 @@ def test_an_output_folder_past_the_path_limits_is_one_line(tmp_path, capsys, fol
     _one_line_error(capsys, main(["train", "--preset", "quick", "--method", "ce", "--epochs", "1", "--device", "cpu",
                                   "--output-dir", str(out)]), needle)
     assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_an_npz_header_claiming_more_than_the_member_holds_is_refused_before_allocating(tmp_path):
+    import io
+    import zipfile
+    import numpy as np
+    from desupcon.data import DatasetFormatError, load_npz_dataset
+    header = io.BytesIO()  # 30 GB of images claimed, 100 bytes held
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10**7, 32, 32, 3)})
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(4, np.int64))
+    for split in ("train", "test"):
+        with zipfile.ZipFile(tmp_path / f"{split}.npz", "w") as z:
+            z.writestr("images.npy", header.getvalue() + bytes(100))
+            z.writestr("labels.npy", labels.getvalue())
+    (tmp_path / "classes.json").write_text('{"classes": ["a"]}')
+    with pytest.raises(DatasetFormatError, match=r"claims shape \(10000000, 32, 32, 3\) of uint8 \(30720000000 bytes\) "
+                                                 r"but holds 228 bytes"):
+        load_npz_dataset(tmp_path)
+
+
+def test_an_image_size_past_the_bound_or_the_memory_is_refused(tmp_path, capsys, monkeypatch):
+    from desupcon import data
+    _one_line_error(capsys, main(["train", "--preset", "quick", "--image-size", "1000000", "--print-config"]),
+                    "--image-size must be in [1, 1024]")
+    data.write_npz_dataset(data.load_digits_dataset(16), tmp_path / "digits")
+    monkeypatch.setattr(data, "available_memory", lambda: 1 << 20)  # a machine of 1 MiB
+    with pytest.raises(data.DatasetFormatError, match="resized would take .* GiB, more than half"):
+        data.load_dataset(f"npz:{tmp_path / 'digits'}", image_size=64)
+
+
+def test_channel_statistics_equal_a_float64_evaluation_without_its_copy():
+    import torch
+    from desupcon.data import channel_statistics
+    images = torch.randint(0, 256, (300, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixels = images.to(torch.float64) / 255
+    mean, std = channel_statistics(images, chunk=7)
+    torch.testing.assert_close(mean.double(), pixels.mean(dim=(0, 2, 3)), rtol=0, atol=1e-7)
+    torch.testing.assert_close(std.double(), pixels.std(dim=(0, 2, 3)), rtol=0, atol=1e-7)

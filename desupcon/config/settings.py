@@ -32,6 +32,7 @@ AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 UNIT_INTERVAL = (lambda v: 0 <= v <= 1, "in [0, 1]")
 POSITIVE_OR_NONE = (lambda v: v is None or v > 0, "> 0")
+MAX_IMAGE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("data", "subset_sampling", "--subset-sampling", str,
       "how --train-subset/--test-subset draw: stratified (default) or random (uniform over images, as "
       "runs before stratified subsets)", "sampling", choices=SUBSET_SAMPLINGS),
-    S("data", "image_size", "--image-size", int, "resize every image to N x N pixels", "img", POSITIVE_OR_NONE),
+    S("data", "image_size", "--image-size", int, "resize every image to N x N pixels", "img",
+      (lambda v: v is None or 0 < v <= MAX_IMAGE_SIZE, f"in [1, {MAX_IMAGE_SIZE}] (the zoo's models run at 32 to 224)")),
     S("data", "color_jitter", "--color-jitter", float, "colour-jitter strength j (factors in [1-j, 1+j]; 0: "
       "none, as the mdistiller protocol)", "jitter", NON_NEGATIVE),
     # model
