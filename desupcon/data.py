@@ -243,6 +243,14 @@ def _read_npz_split(path: Path) -> dict:
         raise DatasetNotFoundError(
             f"{path} not found: an npz dataset folder needs train.npz and test.npz with arrays "
             "`images` (uint8, N x H x W x 3) and `labels` (int64, N)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"\x93NUM":
+        raise DatasetFormatError(f"{path} is a single .npy array, not an .npz archive; write it with "
+                                 "numpy.savez(path, images=..., labels=...)")
+    if head != b"PK\x03\x04":  # every .npz is a zip archive; numpy would guess a pickle and offer to load it
+        raise DatasetFormatError(f"{path} is not a readable .npz archive (it does not start as a zip archive "
+                                 "does); write it with numpy.savez(path, images=..., labels=...)")
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:

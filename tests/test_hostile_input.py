@@ -133,7 +133,7 @@ BAD_FOLDERS = {
     "empty train.npz": (dict(raw={"train": b""}), "not a readable .npz archive"),
     "truncated train.npz": (dict(raw={"train": b"PK\x03\x04" + b"\x00" * 40}), "not a readable .npz archive"),
     "random bytes": (dict(raw={"train": bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8))}),
-                     "not a readable .npz archive"),
+                     "not a readable .npz archive (it does not start as a zip archive does)"),
     "a .npy named train.npz": (dict(raw={"train": _npy_bytes(np.zeros((2, 8, 8, 3), np.uint8))}),
                                "single .npy array"),
 }
