@@ -880,6 +880,12 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (DesupconError,)
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocator's failure (CUDA's OutOfMemoryError, the CPU allocator's RuntimeError)."""
+    text = str(exc).lower()
+    return type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -910,6 +916,17 @@ def main(argv: list[str] | None = None) -> int:
                 if getattr(args, "command", None) in TRAINING_COMMANDS else "nothing was changed by it")
         print(f"interrupted: {note}", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and not out_of_memory(exc):
+            traceback.print_exc()
+            print("internal error: the traceback above is a bug in desupcon, not a problem with your "
+                  "settings or files; please report it", file=sys.stderr)
+            return 1
+        if debug:
+            traceback.print_exc()
+        print(f"error: out of memory ({' '.join(str(exc).split())[:160] or type(exc).__name__}); use a smaller "
+              "--batch-size, --image-size or --lockstep-size (finished epochs are kept)", file=sys.stderr)
+        return 2
     except Exception:
         traceback.print_exc()
         print("internal error: the traceback above is a bug in desupcon, not a problem with your "

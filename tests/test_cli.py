@@ -307,3 +307,30 @@ def test_a_probe_records_its_result_under_the_output_dir_given(tmp_path, capsys)
     assert main(["probe", str(ckpt), "--kind", "knn", "--k", "5", "--device", "cpu", "--output-dir", str(elsewhere)]) == 0
     probed = read_json(next((elsewhere / "json_results").glob("comprehensive_results_*.json")))
     assert "knn" in probed[ckpt.stem]["probes"] and records.read_bytes() == before
+
+
+@pytest.mark.parametrize("failure", ["DefaultCPUAllocator: can't allocate memory: you tried to allocate 3 GB",
+                                     "CUDA out of memory. Tried to allocate 2.00 GiB"])
+def test_a_batch_that_does_not_fit_is_one_line(tmp_path, monkeypatch, capsys, failure):
+    from desupcon.engine import graphs
+
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError(failure)
+    monkeypatch.setattr(graphs, "train_step", allocation_fails)
+    code = main(["train", "--preset", "quick", "--method", "ce", "--epochs", "1", "--train-subset", "64",
+                 "--test-subset", "32", "--batch-size", "32", "--device", "cpu", "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1  # (progress bars end in \r)
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("error: out of memory (") and "--batch-size" in last
+
+
+def test_another_runtime_error_is_still_an_internal_error(tmp_path, monkeypatch, capsys):
+    from desupcon.engine import graphs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(graphs, "train_step", broken)
+    code = main(["train", "--preset", "quick", "--method", "ce", "--epochs", "1", "--train-subset", "64",
+                 "--test-subset", "32", "--batch-size", "32", "--device", "cpu", "--output-dir", str(tmp_path)])
+    assert code == 1 and "internal error" in capsys.readouterr().err
