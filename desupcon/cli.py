@@ -647,6 +647,15 @@ def _data_source(source: str) -> str:
 
 
 def _writable_folder(out: Path, overwrite: bool) -> None:
+    """OUT can be written (checked before any work) and is new or empty, unless --overwrite."""
+    from desupcon.store.checkpoint import OutputWriteError
+    try:
+        check_writable(out.parent if not out.exists() else out)
+    except OutputWriteError as exc:
+        raise OutputWriteError(exc.errno, str(exc).replace("choose another --output-dir", "choose another OUT "
+                                                                                          "folder")) from None
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder; choose a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass --overwrite")
 

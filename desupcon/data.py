@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from desupcon.store.checkpoint import atomic_write_bytes, atomic_write_json
+from desupcon.store.checkpoint import atomic_write_bytes, atomic_write_json, OutputWriteError
 from desupcon.engine.devices import to_device
 from desupcon.errors import DesupconError
 from desupcon.config.settings import SUBSET_SAMPLINGS
@@ -583,9 +583,18 @@ def write_npz_dataset(dataset: ImageDataset, directory: str | Path) -> Path:
     any moment leaves the old folder, the new one or neither, never a mix of the two; hidden
     folders left by killed writers are removed first."""
     directory = Path(directory)
+    partial = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    try:
+        return _write_npz_folder(dataset, directory, partial)
+    except OSError as exc:  # a full disk, a folder that cannot be written: the old folder stays
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OutputWriteError(exc.errno, f"cannot write the dataset to {directory} ({exc.strerror or exc}: "
+                                          f"{exc.filename or directory}); choose another folder or make room") from None
+
+
+def _write_npz_folder(dataset: ImageDataset, directory: Path, partial: Path) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(directory)
-    partial = directory.parent / f".{directory.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     for split in ("train", "test"):

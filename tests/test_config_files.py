@@ -224,3 +224,28 @@ def test_channel_statistics_equal_a_float64_evaluation_without_its_copy():
     mean, std = channel_statistics(images, chunk=7)
     torch.testing.assert_close(mean.double(), pixels.mean(dim=(0, 2, 3)), rtol=0, atol=1e-7)
     torch.testing.assert_close(std.double(), pixels.std(dim=(0, 2, 3)), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("out", ["a_file/sub", "a_file"])
+def test_a_data_command_into_an_unwritable_folder_is_one_line(tmp_path, capsys, out):
+    from desupcon import data
+    data.write_npz_dataset(data.load_digits_dataset(16), tmp_path / "src")
+    (tmp_path / "a_file").write_text("x")
+    code = main(["data", "split", str(tmp_path / "src"), str(tmp_path / out), "--parts", "2"])
+    _one_line_error(capsys, code, str(tmp_path / "a_file"))
+
+
+def test_a_full_disk_while_writing_a_dataset_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+    from desupcon import data
+    from desupcon.store.checkpoint import OutputWriteError
+    digits = data.load_digits_dataset(16)
+    data.write_npz_dataset(digits, tmp_path / "out")
+
+    def full(path, payload):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(data, "atomic_write_bytes", full)
+    with pytest.raises(OutputWriteError, match="No space left on device"):
+        data.write_npz_dataset(digits, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert data.load_npz_dataset(tmp_path / "out").train_labels.tolist() == digits.train_labels.tolist()
