@@ -453,3 +453,55 @@ def hint_loss(regressed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"hint_loss: the regressed student map {tuple(regressed.shape)} and the teacher's map "
                          f"{tuple(target.shape)} must have one shape")
     return (regressed - target.detach()).pow(2).mean()
+
+
+def match_spatial(student_map: torch.Tensor, teacher_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two maps at one spatial size: the one of greater height average-pooled to the other's
+    H x H (as the originals do, comparing heights only)."""
+    hs, ht = student_map.shape[2], teacher_map.shape[2]
+    if hs > ht:
+        student_map = F.adaptive_avg_pool2d(student_map, (ht, ht))
+    elif ht > hs:
+        teacher_map = F.adaptive_avg_pool2d(teacher_map, (hs, hs))
+    return student_map, teacher_map
+
+
+def attention_map(feature_map: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """a(f) = normalize(mean_c f_c^p), flattened over H x W per sample: (B, H*W), unit L2 rows."""
+    return F.normalize(feature_map.pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_transfer_loss(student_maps, teacher_maps, p: float = 2.0) -> torch.Tensor:
+    """AT: sum over stage pairs i of mean over B * H * W of (a(s_i) - a(t_i))^2, the two maps of a
+    pair brought to one size (`match_spatial`), a(f) = `attention_map` (the teacher's detached)."""
+    total = 0.0
+    for s, t in zip(student_maps, teacher_maps):
+        s, t = match_spatial(s, t.detach())
+        total = total + (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
+    return total
+
+
+def similarity_preserving_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """SP: G = x x^T over the batch's flattened maps (B x B), each row L2-normalised (G^);
+    L = || G^_t - G^_s ||_F^2 / B^2 (the teacher's detached)."""
+    b = student_map.shape[0]
+    g_s = F.normalize(student_map.flatten(1) @ student_map.flatten(1).T, dim=1)
+    t = teacher_map.detach().flatten(1)
+    g_t = F.normalize(t @ t.T, dim=1)
+    return (g_t - g_s).pow(2).sum() / (b * b)
+
+
+def _pkt_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x / (x.norm(dim=1, keepdim=True) + eps)
+    x = torch.nan_to_num(x, nan=0.0)
+    similarity = (x @ x.T + 1.0) / 2.0
+    return similarity / similarity.sum(dim=1, keepdim=True)
+
+
+def pkt_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """PKT: x^ = x / (||x|| + eps) (NaN set to 0), S = (x^ x^^T + 1) / 2, P = S / rowsum(S) for each
+    model; L = mean over all B^2 entries (the diagonal too) of P_t log((P_t + eps) / (P_s + eps)),
+    the teacher's detached."""
+    p_s = _pkt_probabilities(student_features, eps)
+    p_t = _pkt_probabilities(teacher_features.detach(), eps)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()

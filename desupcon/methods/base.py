@@ -94,7 +94,8 @@ CE_WEIGHT = method_setting("ce_weight", "--ce-weight", float,
 # The feature distillers' weight of their feature term beside CE; each method sets its own default
 # (`defaults`), the originals' weight for it.
 FEAT_WEIGHT = method_setting("feat_weight", "--feat-weight", float,
-                             "weight of a feature distiller's feature term beside CE (FitNet 100)", "fw", WEIGHT, 1.0)
+                             "weight of a feature distiller's feature term beside CE (each method has its own "
+                             "default, the originals': --print-config shows it)", "fw", WEIGHT, 1.0)
 KD_WEIGHT = method_setting("kd_weight", "--kd-weight", float, "weight of the KD term (kd: 0.9; kd-ls: 9)", "kdw",
                            WEIGHT, 0.9)
 LOGIT_TEMPERATURE = method_setting("logit_temperature", "--logit-temperature", float,

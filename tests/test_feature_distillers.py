@@ -1,0 +1,95 @@
+"""The feature distillers' losses against float64 evaluations written out here sample by sample,
+their gradients (gradcheck), the originals' weights, and one epoch of each through the engine."""
+
+import math
+
+import pytest
+import torch
+
+from desupcon import losses
+from desupcon.config import preset
+from desupcon.methods import build_method
+
+
+def _maps(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _naive_attention(f, p):
+    b, c, h, w = f.shape
+    out = []
+    for i in range(b):
+        a = [sum(float(f[i, k, y, x]) ** p for k in range(c)) / c for y in range(h) for x in range(w)]
+        norm = max(math.sqrt(sum(v * v for v in a)), 1e-12)
+        out.append([v / norm for v in a])
+    return out
+
+
+def test_attention_transfer_equals_a_per_sample_evaluation_with_pooling_to_the_smaller_map():
+    s_maps = [_maps(3, 4, 8, 8, seed=1), _maps(3, 5, 4, 4, seed=2)]
+    t_maps = [_maps(3, 6, 4, 4, seed=3), _maps(3, 2, 4, 4, seed=4)]  # stage 1: the student's map is larger
+    got = losses.attention_transfer_loss(s_maps, t_maps, p=2.0)
+    expected = 0.0
+    for s, t in zip(s_maps, t_maps):
+        if s.shape[2] > t.shape[2]:  # average pooling of 2x2 blocks, written out
+            s = s.reshape(3, s.shape[1], t.shape[2], 2, t.shape[2], 2).mean(dim=(3, 5))
+        a_s, a_t = _naive_attention(s, 2.0), _naive_attention(t, 2.0)
+        diffs = [(x - y) ** 2 for row_s, row_t in zip(a_s, a_t) for x, y in zip(row_s, row_t)]
+        expected += sum(diffs) / len(diffs)
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+
+
+def test_similarity_preserving_equals_a_per_pair_evaluation():
+    s, t = _maps(4, 3, 2, 2, seed=5), _maps(4, 7, 2, 2, seed=6)
+    xs, xt = s.flatten(1).tolist(), t.flatten(1).tolist()
+
+    def normalised_gram(x):
+        g = [[sum(a * b for a, b in zip(u, v)) for v in x] for u in x]
+        return [[v / math.sqrt(sum(w * w for w in row)) for v in row] for row in g]
+    gs, gt = normalised_gram(xs), normalised_gram(xt)
+    expected = sum((gt[i][j] - gs[i][j]) ** 2 for i in range(4) for j in range(4)) / 16
+    assert float(losses.similarity_preserving_loss(s, t)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_pkt_equals_a_per_pair_evaluation_and_vanishes_for_equal_features():
+    s, t, eps = _maps(5, 6, seed=7) - 0.5, _maps(5, 3, seed=8) - 0.5, 1e-7
+
+    def probabilities(x):
+        unit = [[v / (math.sqrt(sum(w * w for w in row)) + eps) for v in row] for row in x]
+        sim = [[(sum(a * b for a, b in zip(u, v)) + 1) / 2 for v in unit] for u in unit]
+        return [[v / sum(row) for v in row] for row in sim]
+    ps, pt = probabilities(s.tolist()), probabilities(t.tolist())
+    expected = sum(pt[i][j] * math.log((pt[i][j] + eps) / (ps[i][j] + eps)) for i in range(5) for j in range(5)) / 25
+    assert float(losses.pkt_loss(s, t)) == pytest.approx(expected, rel=1e-10)
+    assert float(losses.pkt_loss(t, t)) == 0.0
+
+
+@pytest.mark.parametrize("loss", ["at", "sp", "pkt"])
+def test_gradcheck(loss):
+    if loss == "at":
+        s, t = _maps(2, 3, 4, 4, seed=9).requires_grad_(), _maps(2, 5, 2, 2, seed=10)
+        fn = lambda x: losses.attention_transfer_loss([x], [t])  # noqa: E731
+    elif loss == "sp":
+        s, t = _maps(3, 2, 2, 2, seed=11).requires_grad_(), _maps(3, 4, 2, 2, seed=12)
+        fn = lambda x: losses.similarity_preserving_loss(x, t)  # noqa: E731
+    else:
+        s, t = (_maps(4, 5, seed=13) - 0.5).requires_grad_(), _maps(4, 3, seed=14) - 0.5
+        fn = lambda x: losses.pkt_loss(x, t)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (s,))
+
+
+@pytest.mark.parametrize("method, weight", [("fitnet", 100.0), ("at", 1000.0), ("sp", 3000.0), ("pkt", 30000.0)])
+def test_the_originals_weights_are_the_defaults(method, weight):
+    m = preset("mdistiller").with_method(method).method
+    assert m.feat_weight == weight and m.ce_weight == 1.0
+    assert build_method(m).needs.views == 1
+
+
+@pytest.mark.parametrize("method", ["at", "sp", "pkt"])
+def test_an_epoch_of_each_through_the_engine(tmp_path, tiny_config, method):
+    from desupcon.session import Session
+    from desupcon.store.checkpoint import load_checkpoint
+    cfg = tiny_config(tmp_path, epochs=1).replace(model={"teacher_arch": "resnet14"}).with_method(method)
+    result = Session(cfg, analyze=False).run(cfg)
+    log = load_checkpoint(result.checkpoint)["log"][0]
+    assert set(log["losses"]) == {"ce", method} and log["losses"][method] > 0 and math.isfinite(log["loss"])
