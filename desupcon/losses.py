@@ -505,3 +505,53 @@ def pkt_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, eps
     p_s = _pkt_probabilities(student_features, eps)
     p_t = _pkt_probabilities(teacher_features.detach(), eps)
     return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def _pairwise_distances(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """psi_ij = sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i . x_j, eps)), the diagonal set to 0."""
+    square = x.pow(2).sum(dim=1)
+    d = (square[:, None] + square[None, :] - 2 * x @ x.T).clamp(min=eps).sqrt()
+    return d * (1 - torch.eye(x.shape[0], dtype=x.dtype, device=x.device))
+
+
+def _angles(x: torch.Tensor) -> torch.Tensor:
+    """psi_ijk = u_ij . u_ik with u_ij = normalize(x_j - x_i) (the zero vector for i = j): (B, B, B)."""
+    u = F.normalize(x[None, :, :] - x[:, None, :], dim=2)
+    return u @ u.transpose(1, 2)
+
+
+def rkd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor, distance_weight: float = 25.0,
+             angle_weight: float = 50.0, eps: float = 1e-12) -> torch.Tensor:
+    """RKD: distance_weight * L_D + angle_weight * L_A. L_D: SmoothL1 (beta 1, mean over B^2) between
+    the two models' pairwise distance matrices (`_pairwise_distances`), each divided by the mean of its
+    positive entries; L_A: SmoothL1 (mean over B^3) between their angle tensors (`_angles`). The
+    teacher's are computed without gradient."""
+    with torch.no_grad():
+        t_dist = _pairwise_distances(teacher_features, eps)
+        t_dist = t_dist / t_dist[t_dist > 0].mean()
+        t_angle = _angles(teacher_features)
+    s_dist = _pairwise_distances(student_features, eps)
+    s_dist = s_dist / s_dist[s_dist > 0].mean()
+    distance = F.smooth_l1_loss(s_dist, t_dist)
+    angle = F.smooth_l1_loss(_angles(student_features), t_angle)
+    return distance_weight * distance + angle_weight * angle
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
+    """rho(a, b) = (a - mean a) . (b - mean b) / (||a - mean a|| ||b - mean b|| + eps) along `dim`
+    (the eps added to the product of the two norms, as DIST's original does)."""
+    a = a - a.mean(dim=dim, keepdim=True)
+    b = b - b.mean(dim=dim, keepdim=True)
+    return (a * b).sum(dim=dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
+
+
+def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
+              inter_weight: float = 1.0, intra_weight: float = 1.0, eps: float = 1e-8) -> torch.Tensor:
+    """DIST: Y = softmax(z / T) per model; inter = T^2 (1 - mean over samples of rho(Y_s[i, :], Y_t[i, :]))
+    and intra = T^2 (1 - mean over classes of rho(Y_s[:, c], Y_t[:, c])) (`_pearson`; the columns run
+    over the batch); L = inter_weight * inter + intra_weight * intra (the teacher's detached)."""
+    y_s = F.softmax(_at_least_float32(student_logits) / temperature, dim=1)
+    y_t = F.softmax(_at_least_float32(teacher_logits).detach() / temperature, dim=1)
+    inter = temperature ** 2 * (1 - _pearson(y_s, y_t, 1, eps).mean())
+    intra = temperature ** 2 * (1 - _pearson(y_s, y_t, 0, eps).mean())
+    return inter_weight * inter + intra_weight * intra

@@ -64,7 +64,58 @@ def test_pkt_equals_a_per_pair_evaluation_and_vanishes_for_equal_features():
     assert float(losses.pkt_loss(t, t)) == 0.0
 
 
-@pytest.mark.parametrize("loss", ["at", "sp", "pkt"])
+def _smooth_l1(a, b):
+    d = abs(a - b)
+    return 0.5 * d * d if d < 1 else d - 0.5
+
+
+def test_rkd_equals_a_per_pair_and_per_triplet_evaluation():
+    s, t = _maps(5, 4, seed=15), _maps(5, 6, seed=16)
+
+    def distances(x):
+        d = [[math.sqrt(max(sum((a - b) ** 2 for a, b in zip(u, v)), 1e-12)) if i != j else 0.0
+              for j, v in enumerate(x)] for i, u in enumerate(x)]
+        positive = [v for row in d for v in row if v > 0]
+        mean = sum(positive) / len(positive)
+        return [[v / mean for v in row] for row in d]
+
+    def angles(x):
+        def unit(i, j):
+            diff = [b - a for a, b in zip(x[i], x[j])]
+            n = math.sqrt(sum(v * v for v in diff))
+            return [v / max(n, 1e-12) for v in diff]
+        n = len(x)
+        return [[[sum(a * b for a, b in zip(unit(i, j), unit(i, k))) for k in range(n)] for j in range(n)]
+                for i in range(n)]
+    ds, dt = distances(s.tolist()), distances(t.tolist())
+    as_, at = angles(s.tolist()), angles(t.tolist())
+    l_d = sum(_smooth_l1(ds[i][j], dt[i][j]) for i in range(5) for j in range(5)) / 25
+    l_a = sum(_smooth_l1(as_[i][j][k], at[i][j][k]) for i in range(5) for j in range(5) for k in range(5)) / 125
+    assert float(losses.rkd_loss(s, t, 25.0, 50.0)) == pytest.approx(25 * l_d + 50 * l_a, rel=1e-10)
+
+
+def test_dist_equals_a_per_row_and_per_column_evaluation():
+    z_s, z_t, tau = _maps(6, 5, seed=17) * 6, _maps(6, 5, seed=18) * 6, 4.0
+
+    def softmax(row):
+        e = [math.exp(v / tau) for v in row]
+        return [v / sum(e) for v in e]
+
+    def pearson(a, b):
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        a, b = [v - ma for v in a], [v - mb for v in b]
+        return sum(x * y for x, y in zip(a, b)) / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+                                                  + 1e-8)
+    ys, yt = [softmax(r) for r in z_s.tolist()], [softmax(r) for r in z_t.tolist()]
+    inter = tau ** 2 * (1 - sum(pearson(a, b) for a, b in zip(ys, yt)) / 6)
+    cols = lambda y: [[row[c] for row in y] for c in range(5)]  # noqa: E731
+    intra = tau ** 2 * (1 - sum(pearson(a, b) for a, b in zip(cols(ys), cols(yt))) / 5)
+    assert float(losses.dist_loss(z_s, z_t, tau, 1.0, 1.0)) == pytest.approx(inter + intra, rel=1e-10)
+    # equal logits: rho = |a|^2 / (|a|^2 + 1e-8), just below 1 (the centred probabilities have small norms)
+    assert 0 < float(losses.dist_loss(z_t, z_t, tau)) < 1e-4
+
+
+@pytest.mark.parametrize("loss", ["at", "sp", "pkt", "rkd", "dist"])
 def test_gradcheck(loss):
     if loss == "at":
         s, t = _maps(2, 3, 4, 4, seed=9).requires_grad_(), _maps(2, 5, 2, 2, seed=10)
@@ -72,20 +123,34 @@ def test_gradcheck(loss):
     elif loss == "sp":
         s, t = _maps(3, 2, 2, 2, seed=11).requires_grad_(), _maps(3, 4, 2, 2, seed=12)
         fn = lambda x: losses.similarity_preserving_loss(x, t)  # noqa: E731
-    else:
+    elif loss == "pkt":
         s, t = (_maps(4, 5, seed=13) - 0.5).requires_grad_(), _maps(4, 3, seed=14) - 0.5
         fn = lambda x: losses.pkt_loss(x, t)  # noqa: E731
+    elif loss == "rkd":
+        s, t = _maps(4, 3, seed=19).requires_grad_(), _maps(4, 5, seed=20)
+        fn = lambda x: losses.rkd_loss(x, t)  # noqa: E731
+    else:
+        s, t = (_maps(5, 4, seed=21) * 3).requires_grad_(), _maps(5, 4, seed=22) * 3
+        fn = lambda x: losses.dist_loss(x, t)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (s,))
 
 
-@pytest.mark.parametrize("method, weight", [("fitnet", 100.0), ("at", 1000.0), ("sp", 3000.0), ("pkt", 30000.0)])
+@pytest.mark.parametrize("method, weight", [("fitnet", 100.0), ("at", 1000.0), ("sp", 3000.0), ("pkt", 30000.0),
+                                            ("rkd", 1.0)])
 def test_the_originals_weights_are_the_defaults(method, weight):
     m = preset("mdistiller").with_method(method).method
     assert m.feat_weight == weight and m.ce_weight == 1.0
+    if method == "rkd":
+        assert (m.rkd_distance, m.rkd_angle) == (25.0, 50.0)
     assert build_method(m).needs.views == 1
 
 
-@pytest.mark.parametrize("method", ["at", "sp", "pkt"])
+def test_dists_cifar_settings_are_the_defaults():
+    m = preset("mdistiller").with_method("dist").method
+    assert (m.ce_weight, m.kd_weight, m.logit_temperature, m.dist_inter, m.dist_intra) == (1.0, 2.0, 4.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("method", ["at", "sp", "pkt", "rkd", "dist"])
 def test_an_epoch_of_each_through_the_engine(tmp_path, tiny_config, method):
     from desupcon.session import Session
     from desupcon.store.checkpoint import load_checkpoint
