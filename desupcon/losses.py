@@ -555,3 +555,26 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     inter = temperature ** 2 * (1 - _pearson(y_s, y_t, 1, eps).mean())
     intra = temperature ** 2 * (1 - _pearson(y_s, y_t, 0, eps).mean())
     return inter_weight * inter + intra_weight * intra
+
+
+def nst_loss(student_maps, teacher_maps) -> torch.Tensor:
+    """NST: for each stage pair (brought to one size, `match_spatial`), each channel's map flattened
+    over H x W and L2-normalised, k(u, v) = (u . v)^2; L_i = mean k(t_j, t_j') + mean k(s_j, s_j')
+    - 2 mean k(s_j, t_j') (means over the batch and both channel indices); L = sum_i L_i (the
+    teacher's detached)."""
+    total = 0.0
+    for s, t in zip(student_maps, teacher_maps):
+        s, t = match_spatial(s, t.detach())
+        s = F.normalize(s.flatten(2), dim=2)
+        t = F.normalize(t.flatten(2), dim=2)
+        total = total + ((t @ t.transpose(1, 2)).pow(2).mean() + (s @ s.transpose(1, 2)).pow(2).mean()
+                         - 2 * (s @ t.transpose(1, 2)).pow(2).mean())
+    return total
+
+
+def vid_loss(predicted_mean: torch.Tensor, target: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """VID's negative log-likelihood (without its constant) of the teacher's map t under a Gaussian
+    of the regressed mean mu and one variance per channel: mean over B * C * H * W of
+    0.5 * ((mu - t)^2 / var_c + log var_c) (the teacher's detached)."""
+    var = variance.view(1, -1, 1, 1)
+    return (0.5 * ((predicted_mean - target.detach()).pow(2) / var + var.log())).mean()

@@ -115,7 +115,52 @@ def test_dist_equals_a_per_row_and_per_column_evaluation():
     assert 0 < float(losses.dist_loss(z_t, z_t, tau)) < 1e-4
 
 
-@pytest.mark.parametrize("loss", ["at", "sp", "pkt", "rkd", "dist"])
+def test_nst_equals_a_per_channel_evaluation():
+    s, t = _maps(2, 3, 4, 4, seed=23), _maps(2, 4, 2, 2, seed=24)  # the student's map pooled to 2x2
+    s = s.reshape(2, 3, 2, 2, 2, 2).mean(dim=(3, 5))
+
+    def channels(x):
+        out = []
+        for b in range(x.shape[0]):
+            rows = [x[b, c].flatten().tolist() for c in range(x.shape[1])]
+            out.append([[v / math.sqrt(sum(w * w for w in r)) for v in r] for r in rows])
+        return out
+
+    def kernel_mean(a, b):
+        values = [sum(x * y for x, y in zip(u, v)) ** 2 for i in range(len(a)) for u in a[i] for v in b[i]]
+        return sum(values) / len(values)
+    cs, ct = channels(s), channels(t)
+    expected = kernel_mean(ct, ct) + kernel_mean(cs, cs) - 2 * kernel_mean(cs, ct)
+    got = losses.nst_loss([_maps(2, 3, 4, 4, seed=23)], [t])
+    assert float(got) == pytest.approx(expected, rel=1e-10)
+
+
+def test_vid_loss_equals_an_element_by_element_evaluation_and_starts_at_variance_five():
+    from desupcon.methods.vid import VariationalRegressor
+    mu, t = _maps(2, 3, 2, 2, seed=25), _maps(2, 3, 2, 2, seed=26)
+    var = torch.tensor([0.5, 2.0, 5.0], dtype=torch.float64)
+    expected = sum(0.5 * ((float(mu[b, c, y, x]) - float(t[b, c, y, x])) ** 2 / float(var[c]) + math.log(var[c]))
+                   for b in range(2) for c in range(3) for y in range(2) for x in range(2)) / 24
+    assert float(losses.vid_loss(mu, t, var)) == pytest.approx(expected, rel=1e-12)
+    regressor = VariationalRegressor(4, 3, initial_variance=5.0)
+    torch.testing.assert_close(regressor.variance(), torch.full((3,), 5.0), rtol=0, atol=1e-6)
+    assert [type(m).__name__ for m in regressor.mean] == ["Conv2d", "ReLU", "Conv2d", "ReLU", "Conv2d"]
+    assert all(m.bias is None for m in regressor.mean if isinstance(m, torch.nn.Conv2d))
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_vids_variances_train_unless_fixed(tmp_path, tiny_config, learn):
+    from desupcon.session import Session
+    from desupcon.store.checkpoint import load_checkpoint
+    cfg = tiny_config(tmp_path, epochs=1).with_method("vid", vid_learn_variance=learn)
+    ckpt = load_checkpoint(Session(cfg, analyze=False).run(cfg).checkpoint)
+    alphas = [v for k, v in ckpt["method_state"].items() if k.endswith(".alpha")]
+    start = math.log(math.expm1(5.0 - 1e-5))
+    moved = [not torch.allclose(a, torch.full_like(a, start)) for a in alphas]
+    assert len(alphas) == 3 and (all(moved) if learn else not any(moved))
+
+
+@pytest.mark.parametrize("loss", ["at", "sp", "pkt", "rkd", "dist", "nst"])
 def test_gradcheck(loss):
     if loss == "at":
         s, t = _maps(2, 3, 4, 4, seed=9).requires_grad_(), _maps(2, 5, 2, 2, seed=10)
@@ -129,9 +174,12 @@ def test_gradcheck(loss):
     elif loss == "rkd":
         s, t = _maps(4, 3, seed=19).requires_grad_(), _maps(4, 5, seed=20)
         fn = lambda x: losses.rkd_loss(x, t)  # noqa: E731
-    else:
+    elif loss == "dist":
         s, t = (_maps(5, 4, seed=21) * 3).requires_grad_(), _maps(5, 4, seed=22) * 3
         fn = lambda x: losses.dist_loss(x, t)  # noqa: E731
+    else:
+        s, t = _maps(2, 3, 2, 2, seed=27).requires_grad_(), _maps(2, 2, 2, 2, seed=28)
+        fn = lambda x: losses.nst_loss([x], [t])  # noqa: E731
     assert torch.autograd.gradcheck(fn, (s,))
 
 
@@ -150,7 +198,7 @@ def test_dists_cifar_settings_are_the_defaults():
     assert (m.ce_weight, m.kd_weight, m.logit_temperature, m.dist_inter, m.dist_intra) == (1.0, 2.0, 4.0, 1.0, 1.0)
 
 
-@pytest.mark.parametrize("method", ["at", "sp", "pkt", "rkd", "dist"])
+@pytest.mark.parametrize("method", ["at", "sp", "pkt", "rkd", "dist", "nst", "vid"])
 def test_an_epoch_of_each_through_the_engine(tmp_path, tiny_config, method):
     from desupcon.session import Session
     from desupcon.store.checkpoint import load_checkpoint
