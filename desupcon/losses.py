@@ -578,3 +578,29 @@ def vid_loss(predicted_mean: torch.Tensor, target: torch.Tensor, variance: torch
     0.5 * ((mu - t)^2 / var_c + log var_c) (the teacher's detached)."""
     var = variance.view(1, -1, 1, 1)
     return (0.5 * ((predicted_mean - target.detach()).pow(2) / var + var.log())).mean()
+
+
+def _transformed_teacher(teacher_logits: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """p~ = softmax(z_t)^gamma / Z and the power sum Z = sum_c softmax(z_t)_c^gamma, per sample."""
+    powered = F.softmax(_at_least_float32(teacher_logits).detach(), dim=1).pow(gamma)
+    z = powered.sum(dim=1)
+    return powered / z[:, None], z
+
+
+def ttm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gamma: float = 0.1,
+             weighted: bool = False) -> torch.Tensor:
+    """TTM: mean over samples of KL(p~ || softmax(z_s)) = sum_c p~ (log p~ - log_softmax(z_s)), the
+    teacher's probabilities raised to gamma (= 1 / T) and renormalised (`_transformed_teacher`); the
+    student is not temperature-scaled and there is no T^2. WTTM (`weighted`): each sample's KL
+    weighted by its power sum Z."""
+    target, z = _transformed_teacher(teacher_logits, gamma)
+    log_student = F.log_softmax(_at_least_float32(student_logits), dim=1)
+    kl = (target * (torch.log(target.clamp_min(torch.finfo(target.dtype).tiny)) - log_student)).sum(dim=1)
+    return (z * kl).mean() if weighted else kl.mean()
+
+
+def correlation_congruence_loss(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) -> torch.Tensor:
+    """CC as RepDistiller runs it: delta = |e_s - e_t| (B x D); L = (1 / (B - 1)) sum_{i<B} sum_d
+    delta_{i,d} delta_{i+1,d}, over consecutive samples of the batch."""
+    delta = (student_embedding - teacher_embedding).abs()
+    return (delta[:-1] * delta[1:]).sum() / (delta.shape[0] - 1)

@@ -160,7 +160,29 @@ def test_vids_variances_train_unless_fixed(tmp_path, tiny_config, learn):
     assert len(alphas) == 3 and (all(moved) if learn else not any(moved))
 
 
-@pytest.mark.parametrize("loss", ["at", "sp", "pkt", "rkd", "dist", "nst"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ttm_and_wttm_equal_a_per_sample_evaluation(weighted):
+    z_s, z_t, gamma = _maps(4, 5, seed=29) * 5, _maps(4, 5, seed=30) * 5, 0.1
+    total = 0.0
+    for row_s, row_t in zip(z_s.tolist(), z_t.tolist()):
+        p_t = [math.exp(v) / sum(math.exp(w) for w in row_t) for v in row_t]
+        powered = [v ** gamma for v in p_t]
+        z = sum(powered)
+        target = [v / z for v in powered]
+        log_s = [v - math.log(sum(math.exp(w) for w in row_s)) for v in row_s]
+        kl = sum(q * (math.log(q) - ls) for q, ls in zip(target, log_s))
+        total += z * kl if weighted else kl
+    assert float(losses.ttm_loss(z_s, z_t, gamma, weighted)) == pytest.approx(total / 4, rel=1e-10)
+
+
+def test_cc_equals_a_consecutive_pairs_evaluation():
+    e_s, e_t = _maps(5, 3, seed=31), _maps(5, 3, seed=32)
+    d = [[abs(a - b) for a, b in zip(u, v)] for u, v in zip(e_s.tolist(), e_t.tolist())]
+    expected = sum(d[i][k] * d[i + 1][k] for i in range(4) for k in range(3)) / 4
+    assert float(losses.correlation_congruence_loss(e_s, e_t)) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["at", "sp", "pkt", "rkd", "dist", "nst", "ttm", "cc"])
 def test_gradcheck(loss):
     if loss == "at":
         s, t = _maps(2, 3, 4, 4, seed=9).requires_grad_(), _maps(2, 5, 2, 2, seed=10)
@@ -177,14 +199,20 @@ def test_gradcheck(loss):
     elif loss == "dist":
         s, t = (_maps(5, 4, seed=21) * 3).requires_grad_(), _maps(5, 4, seed=22) * 3
         fn = lambda x: losses.dist_loss(x, t)  # noqa: E731
-    else:
+    elif loss == "nst":
         s, t = _maps(2, 3, 2, 2, seed=27).requires_grad_(), _maps(2, 2, 2, 2, seed=28)
         fn = lambda x: losses.nst_loss([x], [t])  # noqa: E731
+    elif loss == "ttm":
+        s, t = (_maps(3, 4, seed=33) * 3).requires_grad_(), _maps(3, 4, seed=34) * 3
+        fn = lambda x: losses.ttm_loss(x, t, 0.2, weighted=True)  # noqa: E731
+    else:
+        s, t = _maps(4, 3, seed=35).requires_grad_(), _maps(4, 3, seed=36)
+        fn = lambda x: losses.correlation_congruence_loss(x, t)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (s,))
 
 
 @pytest.mark.parametrize("method, weight", [("fitnet", 100.0), ("at", 1000.0), ("sp", 3000.0), ("pkt", 30000.0),
-                                            ("rkd", 1.0)])
+                                            ("rkd", 1.0), ("nst", 50.0), ("vid", 1.0), ("cc", 0.02)])
 def test_the_originals_weights_are_the_defaults(method, weight):
     m = preset("mdistiller").with_method(method).method
     assert m.feat_weight == weight and m.ce_weight == 1.0
@@ -198,7 +226,7 @@ def test_dists_cifar_settings_are_the_defaults():
     assert (m.ce_weight, m.kd_weight, m.logit_temperature, m.dist_inter, m.dist_intra) == (1.0, 2.0, 4.0, 1.0, 1.0)
 
 
-@pytest.mark.parametrize("method", ["at", "sp", "pkt", "rkd", "dist", "nst", "vid"])
+@pytest.mark.parametrize("method", ["at", "sp", "pkt", "rkd", "dist", "nst", "vid", "ttm", "wttm", "cc"])
 def test_an_epoch_of_each_through_the_engine(tmp_path, tiny_config, method):
     from desupcon.session import Session
     from desupcon.store.checkpoint import load_checkpoint
