@@ -604,3 +604,35 @@ def correlation_congruence_loss(student_embedding: torch.Tensor, teacher_embeddi
     delta_{i,d} delta_{i+1,d}, over consecutive samples of the batch."""
     delta = (student_embedding - teacher_embedding).abs()
     return (delta[:-1] * delta[1:]).sum() / (delta.shape[0] - 1)
+
+
+class _GradientReversal(torch.autograd.Function):
+    """The identity going forward; the gradient multiplied by `scale` going back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.scale * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x going forward; `scale` times the gradient going back (a negative scale reverses it)."""
+    return _GradientReversal.apply(x, scale)
+
+
+def curriculum_temperature(theta: torch.Tensor, reversal: float, start: float = 1.0,
+                           span: float = 20.0) -> torch.Tensor:
+    """CTKD's temperature T = start + span * sigmoid(theta), its gradient to theta multiplied by
+    `reversal` (negative: the temperature is learnt adversarially, to make distillation harder)."""
+    return start + span * torch.sigmoid(reverse_gradient(theta, reversal))
+
+
+def cosine_reversal(epoch: int, epochs: int = 10, smallest: float = -1.0) -> float:
+    """CTKD's reversal schedule: (cos(pi * min(e, E) / E) + 1) / 2 * (0 - smallest) + smallest for the
+    1-based epoch e, from near 0 at the start to `smallest` from epoch E on."""
+    progress = min(epoch, epochs) / epochs
+    return (math.cos(math.pi * progress) + 1) / 2 * (0.0 - smallest) + smallest

@@ -226,7 +226,7 @@ def test_dists_cifar_settings_are_the_defaults():
     assert (m.ce_weight, m.kd_weight, m.logit_temperature, m.dist_inter, m.dist_intra) == (1.0, 2.0, 4.0, 1.0, 1.0)
 
 
-@pytest.mark.parametrize("method", ["at", "sp", "pkt", "rkd", "dist", "nst", "vid", "ttm", "wttm", "cc"])
+@pytest.mark.parametrize("method", ["at", "sp", "pkt", "rkd", "dist", "nst", "vid", "ttm", "wttm", "cc", "ctkd"])
 def test_an_epoch_of_each_through_the_engine(tmp_path, tiny_config, method):
     from desupcon.session import Session
     from desupcon.store.checkpoint import load_checkpoint
@@ -234,3 +234,19 @@ def test_an_epoch_of_each_through_the_engine(tmp_path, tiny_config, method):
     result = Session(cfg, analyze=False).run(cfg)
     log = load_checkpoint(result.checkpoint)["log"][0]
     assert set(log["losses"]) == {"ce", method} and log["losses"][method] > 0 and math.isfinite(log["loss"])
+
+
+def test_ctkd_temperature_schedule_and_reversed_gradient():
+    assert losses.cosine_reversal(1) == pytest.approx((math.cos(math.pi / 10) + 1) / 2 - 1)
+    assert losses.cosine_reversal(1) == pytest.approx(-0.0245, abs=1e-4)
+    assert losses.cosine_reversal(10) == losses.cosine_reversal(30) == -1.0
+    theta = torch.ones((), dtype=torch.float64, requires_grad=True)
+    t = losses.curriculum_temperature(theta, -0.5)
+    sig = 1 / (1 + math.exp(-1.0))
+    assert t.item() == pytest.approx(1 + 20 * sig) and t.item() == pytest.approx(15.62, abs=0.01)
+    t.backward()
+    assert float(theta.grad) == pytest.approx(-0.5 * 20 * sig * (1 - sig))  # the plain gradient, times -0.5
+    m = preset("mdistiller").with_method("ctkd").method
+    assert (m.ce_weight, m.kd_weight, m.ctkd_start, m.ctkd_span, m.ctkd_epochs) == (0.1, 0.9, 1.0, 20.0, 10)
+    method = build_method(m)
+    assert [n for n, _ in method.named_parameters()] == ["theta"] and method.theta.item() == 1.0
