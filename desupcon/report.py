@@ -16,7 +16,7 @@ from pathlib import Path
 import statistics
 
 from desupcon.config import HUB_TEACHER, protocol_of, RunConfig
-from desupcon.config.pairs import published_figures
+from desupcon.config.pairs import published_epoch, published_figures
 from desupcon.methods import COMPARISONS, comparison_members, method_label
 from desupcon.store.checkpoint import atomic_write_text
 from desupcon.store.published import PUBLISHED_SOURCE
@@ -245,13 +245,14 @@ def _published(table: str, key: str | None, c: Configuration):
     if table in COMPARISONS:
         if not mdistiller_protocol(c.cfg):
             return None
-        # SPEC 13 and 17: best epoch over training, not the last epoch
+        # each figure marked with the epoch its source reports (RepDistiller's last, the others best)
         figures = published_figures(c.cfg.model.teacher_arch, c.cfg.model.student_arch)
         m = c.cfg.method
         if m.method == "sd-kd" and list(m.sdd_scales) != [1, 2]:
             return None  # the published SD-KD used M = [1, 2]
-        acc = figures.get("teacher" if c.kind == "teacher" else m.method)
-        return None if acc is None else (acc, None, None, None)
+        which = "teacher" if c.kind == "teacher" else m.method
+        acc = figures.get(which)
+        return None if acc is None else (acc, None, None, None, published_epoch(which))
     protocol = c.protocol
     if protocol not in ("paper", "paper-bank") or not has_published_teacher(c.first):
         return None
@@ -269,8 +270,9 @@ def _published(table: str, key: str | None, c: Configuration):
 def _published_cell(pub) -> str:
     if not pub:
         return ""
-    acc, train, align, unif = pub
-    parts = [f"{acc:g}" + (f" (train {train:g})" if train is not None else "")]
+    acc, train, align, unif, *epoch = pub
+    parts = [f"{acc:g}" + (f" (train {train:g})" if train is not None else "")
+             + (f" ({epoch[0]} epoch)" if epoch and epoch[0] else "")]
     parts += ["" if v is None else f"{v:g}" for v in (align, unif)]
     return " / ".join(parts)
 

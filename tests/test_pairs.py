@@ -109,3 +109,13 @@ def test_published_figures_beside_the_matching_pair_only():
     assert report._published("logit", None, kd)[0] == 74.45
     unpublished = cfg.replace(model={"teacher_arch": "vgg13"})  # vgg13 -> ShuffleV2 is no standard pair
     assert report._published("logit", None, report.Configuration("y", unpublished, "student", {0: {}})) is None
+
+
+def test_published_figures_say_which_epoch_their_source_reports():
+    cfg = _cfg("--preset", "mdistiller", "--teacher-arch", "resnet32x4", "--student-arch", "ShuffleV2",
+               "--method", "dkd")
+    cells = {m: report._published_cell(report._published("feature" if m in ("fitnet", "nst") else "logit", None,
+                                                         report.Configuration(m, cfg.with_method(m), "student", {0: {}})))
+             for m in ("dkd", "kd", "fitnet", "nst")}
+    assert cells == {"dkd": "77.07 (best epoch) /  / ", "kd": "74.45 (last epoch) /  / ",
+                     "fitnet": "73.54 (last epoch) /  / ", "nst": "74.68 (last epoch) /  / "}

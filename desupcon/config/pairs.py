@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class StandardPair:
-    """One row of SPEC 17: published top-1 (best epoch; DKD a 5-run mean). None: not published."""
+    """One row of SPEC 17: published top-1 (KD and CRD: RepDistiller's runs, last epoch; DKD and the
+    logit-standardised forms: best epoch, DKD a 5-run mean). None: not published."""
 
     teacher: str
     student: str
@@ -60,6 +61,22 @@ PAIRS = {(p.teacher, p.student): p for p in STANDARD_PAIRS}
 # SPEC 13's SDD figures of seed 003's pair (resnet32x4 -> resnet8x4; SD-KD with M = [1, 2]).
 PUBLISHED_SDD = {("resnet32x4", "resnet8x4"): {"sd-kd": 76.63, "sd-dkd": 76.63}}
 
+# RepDistiller's README tables of the feature distillers, in the pairs' order above (None: not run).
+# Its training script ends by saying that its published figures are last-epoch accuracies.
+REPDISTILLER_FEATURE_FIGURES = {
+    "fitnet": (69.21, 71.06, 73.50, 73.58, 72.24, 71.02, 73.59, 73.73, 64.14, 63.16, 73.54, 68.99, 70.69),
+    "at": (70.55, 72.31, 73.44, 74.08, 72.77, 71.43, 71.73, 73.32, 59.40, 58.58, 72.73, 70.22, 71.84),
+    "sp": (69.67, 72.69, 72.94, 73.83, 72.43, 72.68, 73.48, 74.52, 66.30, 68.08, 74.56, 70.04, 73.34),
+    "cc": (69.63, 71.48, 72.97, 73.56, 72.21, 70.71, 71.14, 71.38, 64.86, 65.43, 71.29, 69.48, 70.25),
+    "vid": (70.38, 72.61, 73.09, 74.11, 73.30, 71.23, 73.38, 73.61, 65.56, 67.57, 73.40, 70.16, 70.30),
+    "rkd": (69.61, 71.82, 71.90, 73.35, 72.22, 71.48, 72.28, 72.21, 64.52, 64.43, 73.21, 69.25, 71.50),
+    "pkt": (70.34, 72.61, 73.64, 74.54, 73.45, 72.88, 74.10, 73.89, 67.13, 66.52, 74.69, 70.25, 73.01),
+    "nst": (69.60, 71.96, 73.30, 73.68, 72.24, 71.53, 74.12, 74.89, 58.16, 64.96, 74.68, 69.53, 71.28),
+}
+# Which epoch each published figure is: RepDistiller's runs (KD, CRD and its feature distillers)
+# report the last epoch; the DKD, logit-standardisation and SDD papers (mdistiller's trainer) the best.
+LAST_EPOCH_FIGURES = ("kd", "crd-nce", *REPDISTILLER_FEATURE_FIGURES)
+
 LIGHT_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 LIGHT_STUDENT_LR = 0.01
 PAIR_LR_PRESETS = ("mdistiller",)  # the protocols whose student lr follows the pair
@@ -71,9 +88,22 @@ def standard_pair(teacher: str, student: str) -> StandardPair | None:
 
 
 def published_figures(teacher: str, student: str) -> dict[str, float]:
-    """Every published top-1 of the pair under the mdistiller protocol (SPEC 13 and 17)."""
+    """Every published top-1 of the pair under the mdistiller protocol (SPEC 13 and 17), the
+    feature distillers' from RepDistiller's tables."""
     pair = standard_pair(teacher, student)
-    return {**(pair.published() if pair else {}), **PUBLISHED_SDD.get((teacher, student), {})}
+    if pair is None:
+        return dict(PUBLISHED_SDD.get((teacher, student), {}))
+    index = STANDARD_PAIRS.index(pair)
+    feature = {m: figures[index] for m, figures in REPDISTILLER_FEATURE_FIGURES.items() if figures[index] is not None}
+    return {**pair.published(), **feature, **PUBLISHED_SDD.get((teacher, student), {})}
+
+
+def published_epoch(method: str) -> str | None:
+    """"last" or "best": which epoch a method's published figure reports (None for the teacher and
+    the plain student, whose figures are the models' own)."""
+    if method in ("teacher", "ce"):
+        return None
+    return "last" if method in LAST_EPOCH_FIGURES else "best"
 
 
 def dkd_beta(teacher: str, student: str) -> float:

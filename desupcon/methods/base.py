@@ -138,9 +138,9 @@ class Comparison:
 
 
 COMPARISONS = {c.name: c for c in (
-    Comparison("logit", "Logit distillers (published figures are best-epoch: compare the best-epoch column)",
-               "kd", ("ce", "lw-supcrd")),
-    Comparison("feature", "Feature distillers (published figures are best-epoch: compare the best-epoch column)",
+    Comparison("logit", "Logit distillers (each published figure says which epoch its source reports: compare it "
+                        "with that column)", "kd", ("ce", "lw-supcrd")),
+    Comparison("feature", "Feature distillers (published figures of RepDistiller's runs: last epoch)",
                "kd", ("ce", "kd", "crd-nce", "lw-supcrd")),
 )}
 
