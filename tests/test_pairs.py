@@ -27,7 +27,11 @@ def test_pair_table_is_spec_17():
     assert betas["wrn_40_2:wrn_16_2"] == betas["vgg13:vgg8"] == betas["vgg13:MobileNetV2"] == 6
     assert betas["wrn_40_2:ShuffleV1"] == betas["ResNet50:vgg8"] == betas["resnet32x4:ShuffleV2"] == 8
     assert published_figures("resnet32x4", "ShuffleV2") == {
-        "teacher": 79.42, "ce": 71.82, "kd": 74.45, "crd-nce": 75.65, "dkd": 77.07, "kd-ls": 75.56, "dkd-ls": 77.37}
+        "teacher": 79.42, "ce": 71.82, "kd": 74.45, "crd-nce": 75.65, "dkd": 77.07, "kd-ls": 75.56, "dkd-ls": 77.37,
+        "fitnet": 73.54, "at": 72.73, "sp": 74.56, "cc": 71.29, "vid": 73.40, "rkd": 73.21, "pkt": 74.69, "nst": 74.68}
+    # RepDistiller's first and last pairs, read from the tables' corners
+    assert published_figures("resnet56", "resnet20")["fitnet"] == 69.21
+    assert published_figures("ResNet50", "vgg8")["nst"] == 71.28
     assert "dkd" not in published_figures("ResNet50", "vgg8")
     assert published_figures("resnet32x4", "resnet8x4")["sd-kd"] == 76.63
 
