@@ -34,3 +34,16 @@ def test_a_run_through_the_public_api(tmp_path, tiny_config):
     student, ckpt = desupcon.load_student(result.checkpoint)
     assert isinstance(student, desupcon.Student) and ckpt["name"] == result.name == desupcon.run_name(cfg)
     assert result.name in desupcon.build_report(tmp_path)
+
+
+@pytest.mark.parametrize("module", ["desupcon.methods", "desupcon.methods.fitnet", "desupcon.data",
+                                    "desupcon.store.records"])
+def test_any_module_can_be_imported_first(module):
+    """The methods and the configuration need each other's declarations: whichever is imported
+    first, every method ends up registered, in the same order."""
+    code = (f"import {module}; from desupcon.methods import METHODS; "
+            "from desupcon.config import preset; print(','.join(METHODS)); print(preset('quick').method.method)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names, method = done.stdout.split()
+    assert names.startswith("ce,supcon,crd,lw-supcrd,hybrid,kd,") and "fitnet" in names and method == "lw-supcrd"

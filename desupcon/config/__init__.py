@@ -26,12 +26,14 @@ HUB_TEACHER = "hf-hub:edadaltocg/resnet50_cifar100"
 # defaults, its label, what it needs, its losses); these look them up.
 def method_class(name: str):
     """The class declaring method `name` (None for an unknown name)."""
-    from desupcon.methods import METHODS as declared  # methods/ imports this module: looked up when needed
+    from desupcon.methods.base import METHODS as declared, import_method_modules  # (methods/ imports this module)
+    import_method_modules()
     return declared.get(name)
 
 
 def method_names() -> tuple[str, ...]:
-    from desupcon.methods import METHODS as declared
+    from desupcon.methods.base import METHODS as declared, import_method_modules
+    import_method_modules()
     return tuple(declared)
 
 
@@ -43,7 +45,8 @@ def method_fields(name: str) -> tuple[str, ...]:
 
 def method_settings() -> dict:
     """field -> declaration of every method setting of the registered methods."""
-    from desupcon.methods import declared_settings
+    from desupcon.methods.base import declared_settings, import_method_modules
+    import_method_modules()  # (when methods/ is imported first, its package is not initialised yet)
     return declared_settings()
 
 

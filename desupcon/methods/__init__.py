@@ -11,21 +11,16 @@ touches no other module.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from desupcon.config import MethodConfig
-from desupcon.methods.base import (COMPARISONS, comparison_members, METHODS, Method, Needs, StepOutputs,
-                                   declared_settings, logit_term, register_method, two_stage_phase1_methods,
-                                   warmup_factor)
+from desupcon.methods.base import (COMPARISONS, comparison_members, import_method_modules, METHODS, Method, Needs,
+                                   StepOutputs, declared_settings, logit_term, register_method,
+                                   two_stage_phase1_methods, warmup_factor)
 
-BUILT_IN = ("ce", "supcon", "crd", "lw_supcrd", "hybrid", "logit", "sdd", "crd_nce")
-for _module in (*BUILT_IN, *sorted(m.name for m in pkgutil.iter_modules(__path__)
-                                   if m.name not in (*BUILT_IN, "base"))):
-    importlib.import_module(f"{__name__}.{_module}")
+import_method_modules()
 
-__all__ = ["COMPARISONS", "comparison_members", "METHODS", "Method", "Needs", "StepOutputs", "two_stage_phase1_methods", "build_method", "declared_settings",
-           "logit_term", "method_label", "register_method", "warmup_factor"]
+__all__ = ["COMPARISONS", "comparison_members", "METHODS", "Method", "Needs", "StepOutputs", "build_method",
+           "declared_settings", "logit_term", "method_label", "register_method", "two_stage_phase1_methods",
+           "warmup_factor"]
 
 
 def method_label(cfg: MethodConfig) -> str:

@@ -122,6 +122,27 @@ DKD = (CE_WEIGHT, DKD_ALPHA, DKD_BETA, LOGIT_TEMPERATURE, WARMUP)
 # Every method by its `--method` name, in the order of tables and help texts (`register_method`).
 METHODS: dict[str, type] = {}
 
+# The modules of this folder imported first, in the order of tables and help texts; any other file after
+# them, by name: a new method is a new file and nothing else.
+BUILT_IN = ("ce", "supcon", "crd", "lw_supcrd", "hybrid", "logit", "sdd", "crd_nce")
+_IMPORTED: list[bool] = []
+
+
+def import_method_modules() -> None:
+    """Import (and so register) every method module of this folder, once. Called by the package and
+    by the configuration layer, whichever is imported first: each needs every method declared."""
+    if _IMPORTED:
+        return
+    import importlib
+    import pkgutil
+    from pathlib import Path
+    package = __name__.rsplit(".", 1)[0]
+    others = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
+                    if m.name not in (*BUILT_IN, "base"))
+    for module in (*BUILT_IN, *others):
+        importlib.import_module(f"{package}.{module}")
+    _IMPORTED.append(True)
+
 
 @dataclass(frozen=True)
 class Comparison:
