@@ -739,9 +739,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help=f"train one student run (methods: {', '.join(method_names())}, two-stage)")
     add_common_flags(p)
+    from desupcon.methods.base import two_stage_phase1_methods
     p.add_argument("--phase1-method", default=None,
-                   help="two-stage: the representation method of phase 1 (crd, supcon, lw-supcrd, hybrid, "
-                        "crd-nce; default crd)")
+                   help=f"two-stage: the representation method of phase 1 ({', '.join(two_stage_phase1_methods())}; "
+                        "default crd)")
     p.add_argument("--phase1-optimizer", choices=("run", "adam", "sgd"), default=None,
                    help="two-stage: phase 1 with the run's own optimiser (default), the run's settings with "
                         "Adam, or the seed's SGD (0.05, momentum 0.9, weight decay 5e-4, batch 64)")

@@ -181,9 +181,8 @@ class FrozenEncoderProbe(nn.Module):
             if num_classes is None:
                 raise ValueError("FrozenEncoderProbe needs num_classes or a head")
             head = nn.Linear(encoder.feature_dim, num_classes)
-        device = next(encoder.parameters(), torch.empty(0)).device
         self.encoder = encoder
-        self.head = head.to(device)
+        self.head = head  # (on the encoder's device once `fit_probe`, or its caller, prepares the probe)
         self.finetune_last_stage = finetune_last_stage
         # the encoder's declared last stage (not submodules of the probe: the encoder holds them)
         self.__dict__["last_stage"] = encoder.last_stage_modules() if finetune_last_stage else []
@@ -273,6 +272,7 @@ def fit_probe(probe: FrozenEncoderProbe, kind: str, dataset: data_mod.ImageDatas
     Returns {"top1", "top5", "train_acc", "epochs", "seconds", "log"} (percentages).
     """
     policy = as_policy(policy)
+    probe = policy.prepare(probe)
     config = config.resolved(kind, run_config.optim.seed if run_config is not None else 0)
     config.check()
     method = _probe_method(kind, config)
