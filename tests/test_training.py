@@ -16,7 +16,7 @@ from desupcon.engine.build import make_student_run
 from desupcon.store.checkpoint import CheckpointError, load_checkpoint
 from desupcon.cli import build_parser, config_from_args, run_flags
 from desupcon.config import RunConfig, method_fields, preset, run_name, teacher_run_name
-from desupcon.methods import StepOutputs
+from desupcon.methods import METHODS, StepOutputs
 from desupcon.session import Session
 
 METHOD_VARIANTS = [("ce", 0), ("supcon", 0), ("crd", 0), ("crd", 64), ("lw-supcrd", 0),
@@ -190,7 +190,7 @@ def test_every_flag_changes_the_run():
         changed = ref.replace(**{section: {key: _flag_value(flag, current)}})
         # Method-specific settings only matter to a method that reads them.
         if section == "method" and key not in ("method",):
-            reader = next(m for m in ("hybrid", "sdd-lskd", "sd-kd", "crd-nce") if key in method_fields(m))
+            reader = next(m for m in ("hybrid", "sdd-lskd", "sd-kd", "crd-nce", *METHODS) if key in method_fields(m))
             changed = changed.replace(method={"method": reader, "bank_size": changed.method.bank_size})
             base_cmp = ref.replace(method={"method": reader})
         else:
