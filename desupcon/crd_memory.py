@@ -48,8 +48,8 @@ class CRDMemory(nn.Module):
         stdv = 1.0 / math.sqrt(dim / 3)
         super().__init__()
         self.momentum = float(momentum)
-        self.register_buffer("student_bank", (torch.rand(size, dim, generator=generator) * (2 * stdv) - stdv).to(device))
-        self.register_buffer("teacher_bank", (torch.rand(size, dim, generator=generator) * (2 * stdv) - stdv).to(device))
+        for bank in ("student_bank", "teacher_bank"):  # (student first: the draws' order is the original's)
+            self.register_buffer(bank, (torch.rand(size, dim, generator=generator) * (2 * stdv) - stdv).to(device))
         self.z_student: float | None = None
         self.z_teacher: float | None = None
         self.last_negatives = torch.zeros(0, 0, dtype=torch.long)

@@ -47,7 +47,6 @@ PUBLISHED = {
 }
 PUBLISHED_TEACHER_SOURCES = (HUB_TEACHER, PUBLISHED_SOURCE)
 
-LOGIT_TABLE_METHODS = comparison_members("logit")  # its rows in order (the methods declare them)
 
 
 def mdistiller_protocol(cfg: RunConfig) -> bool:

@@ -15,7 +15,7 @@ from desupcon.engine.step import train_step
 from desupcon.store import weights as tw
 from desupcon.store.checkpoint import load_checkpoint
 from desupcon.config import preset, run_name
-from desupcon.methods import METHODS
+from desupcon.methods import comparison_members, METHODS
 from desupcon.methods.logit import LogitDistillationMethod
 from desupcon.models import build_encoder
 from desupcon.session import Session
@@ -104,7 +104,7 @@ def test_warmup_ramps_the_distillation_term():
 def test_logit_sweep_runs_the_table_end_to_end(tmp_path, tiny_config):
     base = tiny_config(tmp_path, train_images=96, test_images=32, epochs=1)
     results, text = experiments.sweep(base, "logit", pictures=False)
-    assert {e.cfg.method.method for e, _ in results} == set(report.LOGIT_TABLE_METHODS)
+    assert {e.cfg.method.method for e, _ in results} == set(comparison_members("logit"))
     table = report.build_report(tmp_path, tables=["logit"])
     for label in ("| KD |", "| DKD |", "| KD+LS |", "| DKD+LS |", "| SD-KD |", "| SD-DKD |", "| SDD-LSKD |",
                   "| CRD (NCE, Tian et al.) |", "| LW-SupCRD |", "| CE student |"):

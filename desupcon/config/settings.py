@@ -88,7 +88,8 @@ SETTINGS: tuple[Setting, ...] = (
       "how --train-subset/--test-subset draw: stratified (default) or random (uniform over images, as "
       "runs before stratified subsets)", "sampling", choices=SUBSET_SAMPLINGS),
     S("data", "image_size", "--image-size", int, "resize every image to N x N pixels", "img",
-      (lambda v: v is None or 0 < v <= MAX_IMAGE_SIZE, f"in [1, {MAX_IMAGE_SIZE}] (the zoo's models run at 32 to 224)")),
+      (lambda v: v is None or 0 < v <= MAX_IMAGE_SIZE,
+       f"in [1, {MAX_IMAGE_SIZE}] (the zoo's models run at 32 to 224)")),
     S("data", "color_jitter", "--color-jitter", float, "colour-jitter strength j (factors in [1-j, 1+j]; 0: "
       "none, as the mdistiller protocol)", "jitter", NON_NEGATIVE),
     # model

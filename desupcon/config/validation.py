@@ -11,7 +11,7 @@ import torch
 from desupcon.config import COMPILE_MODES, RunConfig
 from desupcon.engine.devices import PRECISIONS
 from desupcon.data import DATASETS
-from desupcon.errors import ConfigError, DesupconError  # noqa: F401  (ConfigError: re-exported)
+from desupcon.errors import ConfigError  # noqa: F401  (re-exported: the configuration layer raises it)
 from desupcon.models import ARCHITECTURES
 from desupcon.config.settings import all_settings
 

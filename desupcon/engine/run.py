@@ -33,8 +33,9 @@ class Run:
     """Everything one run owns during training: model, optimiser, teacher head, bank, log.
 
     `model(x, detach_classifier=...)` returns `ModelOutputs` (features, logits, normalised
-    projection, and the maps the method's needs ask for): a `Student`, or the teacher's cosine probe. `data_views` is how many augmented views of each
-    image the loop draws for it (2 for students, 1 for teacher training and probes).
+    projection, and the maps the method's needs ask for): a `Student`, or the teacher's cosine
+    probe. `data_views` is how many augmented views of each image the loop draws for it (2 for
+    students, 1 for teacher training and probes).
     """
 
     cfg: RunConfig

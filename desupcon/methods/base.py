@@ -169,8 +169,11 @@ COMPARISONS = {c.name: c for c in (
 def comparison_members(comparison: str) -> tuple[str, ...]:
     """The methods of a comparison in their declared positions (a class's own declaration: a
     subclass is a method of its own and declares its own)."""
-    members = [(cls.__dict__.get("comparisons", {})[comparison], i, name) for i, (name, cls) in enumerate(METHODS.items())
-               if comparison in cls.__dict__.get("comparisons", {})]
+    members = []
+    for i, (name, cls) in enumerate(METHODS.items()):
+        own = cls.__dict__.get("comparisons", {})
+        if comparison in own:
+            members.append((own[comparison], i, name))
     return tuple(name for _, _, name in sorted(members))
 
 

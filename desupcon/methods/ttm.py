@@ -11,7 +11,8 @@ from desupcon.methods.base import CE_WEIGHT, KD_WEIGHT, register_method, StepOut
 from desupcon.methods.logit import LogitDistillationMethod
 
 TTM_GAMMA = method_setting("ttm_gamma", "--ttm-gamma", float,
-                           "TTM/WTTM's power gamma (= 1/T) of the teacher's probabilities (0.1)", "gamma", POSITIVE, 0.1)
+                           "TTM/WTTM's power gamma (= 1/T) of the teacher's probabilities (0.1)", "gamma",
+                           POSITIVE, 0.1)
 
 
 @register_method
