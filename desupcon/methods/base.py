@@ -296,6 +296,34 @@ class Method(nn.Module, abc.ABC):
         """The method's own losses (the online classifier's is added by `losses`)."""
 
 
+class FeatureDistillationMethod(Method):
+    """Feature distillers: ce_weight * CE on the student's own classifier plus feat_weight times the
+    method's feature term (`feature_loss`, named after the method), one view. They read the stage
+    maps of both models; one that reads only the pooled features declares `POOLED_FEATURES`."""
+
+    settings = (CE_WEIGHT, FEAT_WEIGHT)
+    needs = Needs(views=1, teacher_head=False, online_classifier=False, gathers_batch=False, every_parameter=False,
+                  student_stages=StageNeeds(stages=True), teacher_stages=StageNeeds(stages=True))
+
+    @abc.abstractmethod
+    def feature_loss(self, out: StepOutputs) -> torch.Tensor:
+        """The feature term before its weight."""
+
+    def representation_losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        return {"ce": c.ce_weight * F.cross_entropy(out.student_logits, out.labels),
+                self.name.replace("-", "_"): c.feat_weight * self.feature_loss(out)}
+
+
+# what a feature distiller reading only the pooled features (always in the step's outputs) needs
+POOLED_FEATURES = replace(FeatureDistillationMethod.needs, student_stages=NO_STAGES, teacher_stages=NO_STAGES)
+
+
+def stage_outputs(out: StepOutputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The stage outputs feats[1..n] of the student and the teacher, in float32."""
+    return ([f.float() for f in out.student_stages.feats[1:]], [f.float() for f in out.teacher_stages.feats[1:]])
+
+
 class BankMixin:
     """Methods that read the memory bank when `bank_size` > 0."""
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from desupcon import losses
 from desupcon.config.settings import AT_LEAST_ONE, method_setting
-from desupcon.methods.base import CE_WEIGHT, FEAT_WEIGHT, Method, Needs, register_method, StepOutputs
+from desupcon.methods.base import (CE_WEIGHT, FEAT_WEIGHT, FeatureDistillationMethod, POOLED_FEATURES,
+                                   register_method, StepOutputs)
 
 
 @register_method
-class CorrelationCongruenceMethod(Method):
+class CorrelationCongruenceMethod(FeatureDistillationMethod):
     """ce_weight * CE + feat_weight * (1 / (B - 1)) sum_i sum_d |e_s - e_t|_{i,d} |e_s - e_t|_{i+1,d},
     e = Linear(D -> cc_dim) of each model's pooled features, both embeddings trained (the teacher's
     features detached): RepDistiller's form, which made the published figures (the paper's kernel
@@ -24,14 +24,12 @@ class CorrelationCongruenceMethod(Method):
                 method_setting("cc_dim", None, int, "CC's embedding size (128)", "ccd", AT_LEAST_ONE, 128))
     defaults = {"ce_weight": 1.0, "feat_weight": 0.02}
     comparisons = {"feature": 9}
-    needs = Needs(views=1, teacher_head=False, online_classifier=False, gathers_batch=False, every_parameter=False)
+    needs = POOLED_FEATURES
 
     def setup(self, dataset, student, teacher) -> None:
         self.embed_student = nn.Linear(student.encoder.feature_dim, self.cfg.cc_dim)
         self.embed_teacher = nn.Linear(teacher.encoder.feature_dim, self.cfg.cc_dim)
 
-    def representation_losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        c = self.cfg
-        loss = losses.correlation_congruence_loss(self.embed_student(out.student_features),
+    def feature_loss(self, out: StepOutputs) -> torch.Tensor:
+        return losses.correlation_congruence_loss(self.embed_student(out.student_features),
                                                   self.embed_teacher(out.teacher_features.detach()))
-        return {"ce": c.ce_weight * F.cross_entropy(out.student_logits, out.labels), "cc": c.feat_weight * loss}

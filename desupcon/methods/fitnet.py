@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from desupcon import losses
 from desupcon.config.settings import method_setting
 from desupcon.errors import ConfigError
-from desupcon.methods.base import CE_WEIGHT, FEAT_WEIGHT, Method, Needs, register_method, StepOutputs
-from desupcon.models.stages import StageNeeds
+from desupcon.methods.base import CE_WEIGHT, FEAT_WEIGHT, FeatureDistillationMethod, register_method, StepOutputs
 
 
 class HintRegressor(nn.Module):
@@ -43,7 +42,7 @@ class HintRegressor(nn.Module):
 
 
 @register_method
-class FitNetMethod(Method):
+class FitNetMethod(FeatureDistillationMethod):
     """ce_weight * CE + feat_weight * mean((regressor(f_s[h]) - f_t[h])^2), with f[h] the stage-h
     output of each model (post-ReLU; WRN's raw residual stream) and h = `hint_layer`. One view; the
     regressor trains with the student's optimiser settings, weight decay included, as in the
@@ -57,8 +56,6 @@ class FitNetMethod(Method):
     )
     defaults = {"ce_weight": 1.0, "feat_weight": 100.0}
     comparisons = {"feature": 2}
-    needs = Needs(views=1, teacher_head=False, online_classifier=False, gathers_batch=False, every_parameter=False,
-                  student_stages=StageNeeds(stages=True), teacher_stages=StageNeeds(stages=True))
 
     def setup(self, dataset, student, teacher) -> None:
         h, size = self.cfg.hint_layer, (dataset.image_size, dataset.image_size)
@@ -71,8 +68,7 @@ class FitNetMethod(Method):
             shapes.append(stages[h])
         self.regressor = HintRegressor(*shapes)
 
-    def representation_losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        c, h = self.cfg, self.cfg.hint_layer
+    def feature_loss(self, out: StepOutputs) -> torch.Tensor:
+        h = self.cfg.hint_layer
         hint = self.regressor(out.student_stages.feats[h].float())
-        return {"ce": c.ce_weight * F.cross_entropy(out.student_logits, out.labels),
-                "fitnet": c.feat_weight * losses.hint_loss(hint, out.teacher_stages.feats[h].float())}
+        return losses.hint_loss(hint, out.teacher_stages.feats[h].float())

@@ -4,15 +4,15 @@ distances and angles between the batch's pooled features matched to the teacher'
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from desupcon import losses
 from desupcon.config.settings import method_setting, WEIGHT
-from desupcon.methods.base import CE_WEIGHT, FEAT_WEIGHT, Method, Needs, register_method, StepOutputs
+from desupcon.methods.base import (CE_WEIGHT, FEAT_WEIGHT, FeatureDistillationMethod, POOLED_FEATURES,
+                                   register_method, StepOutputs)
 
 
 @register_method
-class RelationalDistillationMethod(Method):
+class RelationalDistillationMethod(FeatureDistillationMethod):
     """ce_weight * CE + feat_weight * (rkd_distance * L_D + rkd_angle * L_A) on the pooled features:
     L_D compares the batch's normalised pairwise distances, L_A its triplet angles (SmoothL1, means).
     It couples the samples of each process's batch (the originals ran on one GPU). One view."""
@@ -25,9 +25,7 @@ class RelationalDistillationMethod(Method):
                                WEIGHT, 50.0))
     defaults = {"ce_weight": 1.0, "feat_weight": 1.0}
     comparisons = {"feature": 6}
-    needs = Needs(views=1, teacher_head=False, online_classifier=False, gathers_batch=False, every_parameter=False)
+    needs = POOLED_FEATURES
 
-    def representation_losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        c = self.cfg
-        rkd = losses.rkd_loss(out.student_features, out.teacher_features, c.rkd_distance, c.rkd_angle)
-        return {"ce": c.ce_weight * F.cross_entropy(out.student_logits, out.labels), "rkd": c.feat_weight * rkd}
+    def feature_loss(self, out: StepOutputs) -> torch.Tensor:
+        return losses.rkd_loss(out.student_features, out.teacher_features, self.cfg.rkd_distance, self.cfg.rkd_angle)

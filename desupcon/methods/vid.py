@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from desupcon import losses
 from desupcon.config.settings import method_setting, POSITIVE
-from desupcon.methods.base import CE_WEIGHT, FEAT_WEIGHT, Method, Needs, register_method, StepOutputs
-from desupcon.models.stages import StageNeeds
+from desupcon.methods.base import (CE_WEIGHT, FEAT_WEIGHT, FeatureDistillationMethod, register_method, stage_outputs,
+                                   StepOutputs)
 
 VARIANCE_EPS = 1e-5
 
@@ -35,7 +35,7 @@ class VariationalRegressor(nn.Module):
 
 
 @register_method
-class VIDMethod(Method):
+class VIDMethod(FeatureDistillationMethod):
     """ce_weight * CE + feat_weight * sum_i mean(0.5 ((mu_i - t_i)^2 / var_i + log var_i)) over the
     stage outputs feats[1..n] (paired in order, brought to one size before the regression). The
     variances train with the regressors, as RepDistiller and the paper do; mdistiller's runs kept
@@ -51,8 +51,6 @@ class VIDMethod(Method):
                                off_help="VID's variances stay at their start (mdistiller's runs)"))
     defaults = {"ce_weight": 1.0, "feat_weight": 1.0}
     comparisons = {"feature": 8}
-    needs = Needs(views=1, teacher_head=False, online_classifier=False, gathers_batch=False, every_parameter=False,
-                  student_stages=StageNeeds(stages=True), teacher_stages=StageNeeds(stages=True))
 
     def setup(self, dataset, student, teacher) -> None:
         size = (dataset.image_size, dataset.image_size)
@@ -62,10 +60,9 @@ class VIDMethod(Method):
         for regressor in self.regressors:
             regressor.alpha.requires_grad_(self.cfg.vid_learn_variance)
 
-    def representation_losses(self, out: StepOutputs) -> dict[str, torch.Tensor]:
-        c = self.cfg
+    def feature_loss(self, out: StepOutputs) -> torch.Tensor:
         total = 0.0
-        for regressor, s, t in zip(self.regressors, out.student_stages.feats[1:], out.teacher_stages.feats[1:]):
-            s, t = losses.match_spatial(s.float(), t.float())
+        for regressor, s, t in zip(self.regressors, *stage_outputs(out)):
+            s, t = losses.match_spatial(s, t)
             total = total + losses.vid_loss(regressor.mean(s), t, regressor.variance())
-        return {"ce": c.ce_weight * F.cross_entropy(out.student_logits, out.labels), "vid": c.feat_weight * total}
+        return total
